@@ -1,0 +1,67 @@
+"""Dataset rows -> prompt batches, with a resumable position.
+
+The built-in `reverse_digits` task: the prompt is a digit string and "=", the answer is the
+digits reversed, then "." (the stop token). Rows are a pure function of (seed, index), so a
+run is reproducible and its data position is a single integer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from controller.config import DataConfig
+from controller.tokenizer import CharTokenizer
+
+DIGITS_ALPHABET = "0123456789=."
+
+
+def digits_tokenizer() -> CharTokenizer:
+    return CharTokenizer(DIGITS_ALPHABET, stop=".")
+
+
+def reverse_digits_row(seed: int, index: int, min_digits: int, max_digits: int
+                       ) -> dict[str, Any]:
+    rng = np.random.default_rng([seed, index])
+    n = int(rng.integers(min_digits, max_digits + 1))
+    digits = "".join(str(d) for d in rng.integers(0, 10, size=n))
+    return {"index": index, "prompt": f"{digits}=", "target": digits[::-1]}
+
+
+@dataclass
+class PromptBatch:
+    rows: list[dict[str, Any]]
+    tokens_PxL: np.ndarray  # left-padded prompt ids
+    mask_PxL: np.ndarray  # True at real tokens
+
+
+class TaskDataset:
+    """Deterministic rows from a seed; `position` is how many rows were handed out."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: CharTokenizer, position: int = 0):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.position = position
+
+    def row(self, index: int) -> dict[str, Any]:
+        c = self.cfg
+        return reverse_digits_row(c.seed, index, c.min_digits, c.max_digits)
+
+    def next_batch(self, n: int | None = None) -> PromptBatch:
+        n = n or self.cfg.prompts_per_step
+        rows = [self.row(self.position + i) for i in range(n)]
+        self.position += n
+        return encode_prompts(rows, self.tokenizer)
+
+
+def encode_prompts(rows: list[dict[str, Any]], tokenizer: CharTokenizer) -> PromptBatch:
+    ids = [tokenizer.encode(r["prompt"]) for r in rows]
+    width = max(len(x) for x in ids)
+    tokens = np.full((len(ids), width), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(ids), width), bool)
+    for i, x in enumerate(ids):
+        tokens[i, width - len(x):] = x
+        mask[i, width - len(x):] = True
+    return PromptBatch(rows, tokens, mask)
