@@ -31,7 +31,7 @@ class Job:
         initialize_pathways()  # no-op unless JAX_PLATFORMS=proxy; must precede jax.devices()
         configure_devices(cfg.topology)  # before anything touches jax.devices()
 
-        from controller.data import TaskDataset, digits_tokenizer
+        from controller.data import build_dataset, build_tokenizer
         from controller.loop import SyncLoop
         from controller.topology import build_meshes
         from reshard.transfer import Resharder
@@ -42,7 +42,7 @@ class Job:
         from trainer.trainer import Trainer
 
         self.meshes = build_meshes(cfg.topology)
-        self.tokenizer = digits_tokenizer()
+        self.tokenizer = build_tokenizer(cfg)
         self.rewards = RewardSet(cfg.rewards.functions, cfg.rewards.weights)
         spec = ModelSpec.from_config(cfg.model, self.tokenizer.vocab_size)
         self.model_def = define_model(spec)
@@ -53,7 +53,7 @@ class Job:
         self.sampler = JaxSampler(self.model_def, self.meshes.sampler, cfg.sampling,
                                   pad_id=self.tokenizer.pad_id,
                                   stop_ids=(self.tokenizer.stop_id,))
-        self.dataset = TaskDataset(cfg.data, self.tokenizer)
+        self.dataset = build_dataset(cfg, self.tokenizer)
         self.loop = SyncLoop(cfg, self.tokenizer, self.dataset, self.trainer, self.sampler,
                              Resharder(), self.rewards)
         self.loop.push_weights()  # the sampler starts from the trainer's initial weights

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from controller.config import DataConfig
+from controller.config import DataConfig, JobConfig
 from controller.tokenizer import CharTokenizer
 
 DIGITS_ALPHABET = "0123456789=."
@@ -54,6 +54,16 @@ class TaskDataset:
         rows = [self.row(self.position + i) for i in range(n)]
         self.position += n
         return encode_prompts(rows, self.tokenizer)
+
+
+def build_tokenizer(cfg: JobConfig) -> CharTokenizer:
+    """The tokenizer the job's model and task use."""
+    return digits_tokenizer()
+
+
+def build_dataset(cfg: JobConfig, tokenizer: CharTokenizer, position: int = 0) -> TaskDataset:
+    """The prompt source named by `data.task`, starting at `position` rows."""
+    return TaskDataset(cfg.data, tokenizer, position)
 
 
 def encode_prompts(rows: list[dict[str, Any]], tokenizer: CharTokenizer) -> PromptBatch:
