@@ -14,13 +14,20 @@ In CPU-proxy simulation (the default) the Job makes JAX's CPU backend expose
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-from controller.config import JobConfig
+from controller.config import ConfigError, JobConfig
 from controller.metrics import MetricsLog
 from controller.topology import configure_devices
 from deploy.pathways import initialize_pathways
+
+log = logging.getLogger(__name__)
 
 
 class Job:
@@ -56,13 +63,87 @@ class Job:
         self.dataset = build_dataset(cfg, self.tokenizer)
         self.loop = SyncLoop(cfg, self.tokenizer, self.dataset, self.trainer, self.sampler,
                              Resharder(), self.rewards)
-        self.loop.push_weights()  # the sampler starts from the trainer's initial weights
-        self.log = MetricsLog(cfg.run.output_dir)
-        if cfg.run.output_dir:
-            from pathlib import Path
-
-            (Path(cfg.run.output_dir) / "config.yaml").write_text(cfg.to_yaml())
         self.steps_done = 0
+        self.resumed_from: int | None = None
+        self._stop_requested = False
+        self._checkpoint_requested = False
+        self.checkpointer = self._open_checkpoints()
+        # The sampler starts from the trainer's weights (initial, or just restored).
+        self.loop.push_weights()
+        self.log = MetricsLog(cfg.run.output_dir, resume_step=self.resumed_from)
+        if cfg.run.output_dir:
+            (Path(cfg.run.output_dir) / "config.yaml").write_text(cfg.to_yaml())
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def _open_checkpoints(self) -> Any:
+        """Opens the checkpoint directory; on run.resume restores the newest good checkpoint."""
+        cfg = self.config
+        directory = cfg.checkpoint_dir
+        if directory is None:
+            if cfg.run.resume:
+                raise ConfigError(
+                    "run.resume=true but there is no checkpoint directory (fix: set "
+                    "run.output_dir or checkpoint.dir to the run to resume)")
+            return None
+        from trainer.checkpoint import Checkpointer, abstract_like
+
+        ckpt = Checkpointer(directory, keep_last=cfg.checkpoint.keep_last,
+                            async_save=cfg.checkpoint.async_save)
+        metrics_file = Path(cfg.run.output_dir or directory) / "metrics.jsonl"
+        if not cfg.run.resume:
+            if ckpt.steps() or (metrics_file.exists() and metrics_file.stat().st_size):
+                raise ConfigError(
+                    f"{directory} already holds a run (checkpoints {ckpt.steps()}); nothing is "
+                    f"overwritten (fix: run.resume=true to continue it, or a new "
+                    f"run.output_dir)")
+            return ckpt
+        found = ckpt.restore_latest(abstract_like(self.trainer.state))
+        if found is None:
+            log.warning("run.resume=true but %s has no usable checkpoint: starting fresh",
+                        directory)
+            return ckpt
+        _, state, meta = found
+        self.trainer.restore_state(state)
+        self.dataset.position = int(meta["data_position"])
+        self.steps_done = self.resumed_from = int(meta["step"])
+        return ckpt
+
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        import jax
+
+        return {
+            "step": self.steps_done,
+            "policy_version": self.steps_done,  # sync schedule: one version per step
+            "data_position": self.dataset.position,
+            # Sampling keys are fold_in(key(run.seed), step): the seed and step are the state.
+            "rng": {"seed": self.config.run.seed,
+                    "key_data": jax.random.key_data(self.loop.rng).tolist()},
+            "config": self.config.model_dump(mode="json"),
+            "config_digest": self.config.digest(),
+        }
+
+    def save_checkpoint(self, *, wait: bool = False) -> bool:
+        """Saves the current state (asynchronously unless `wait`). False if not configured."""
+        if self.checkpointer is None:
+            return False
+        if self.checkpointer.steps()[-1:] == [self.steps_done]:
+            return True  # this step is already saved
+        self.checkpointer.save(self.steps_done, self.trainer.state, self._checkpoint_meta(),
+                               wait=wait)
+        return True
+
+    def request_checkpoint(self) -> None:
+        """Asks for a checkpoint after the current step (safe from any thread)."""
+        self._checkpoint_requested = True
+
+    def request_stop(self) -> None:
+        """Asks the job to stop after the current step, with a checkpoint (any thread)."""
+        self._stop_requested = True
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
 
     @property
     def metrics(self) -> list[dict[str, float]]:
@@ -74,22 +155,31 @@ class Job:
         m = self.loop.step(self.steps_done + 1)
         self.steps_done += 1
         self.log.append(m)
+        every = self.config.checkpoint.every_steps
+        if self._checkpoint_requested or (every and self.steps_done % every == 0):
+            self._checkpoint_requested = False
+            self.save_checkpoint()
         return m
 
     def run(self, steps: int | None = None,
             on_step: Callable[[dict[str, float]], Any] | None = None) -> list[dict[str, float]]:
         """Runs until `steps` steps (default: run.steps) are done in total."""
         target = steps if steps is not None else self.config.run.steps
-        while self.steps_done < target:
-            m = self.step()
-            if on_step is not None:
-                on_step(m)
+        with _graceful_signals(self):
+            while self.steps_done < target and not self._stop_requested:
+                m = self.step()
+                if on_step is not None:
+                    on_step(m)
+        # The end of a run, or a stop: a complete checkpoint of where it got to.
+        self.save_checkpoint(wait=True)
         return self.metrics
 
     def summary(self) -> dict[str, Any]:
         return self.log.summary()
 
     def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()  # waits for background saves to finish
         self.log.close()
 
     def __enter__(self) -> Job:
@@ -97,3 +187,26 @@ class Job:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _graceful_signals(job: Job) -> Iterator[None]:
+    """SIGTERM / SIGINT ask the job to stop after the current step (and save); a second
+    SIGINT interrupts at once. Cluster preemption sends SIGTERM first, so this is the path
+    that keeps a preempted run's progress."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and job.stop_requested:
+            raise KeyboardInterrupt
+        log.warning("%s: stopping after the current step", signal.Signals(signum).name)
+        job.request_stop()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from controller.config import ConfigError, load_config
+from controller.config import ConfigError, JobConfig, load_config
 
 RUN_EPILOG = """\
 examples:
@@ -39,6 +39,14 @@ def cmd_run(ns: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        return _run(cfg, ns)
+    except ConfigError as e:  # device split, existing run directory, ...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
     if ns.print_config:
         print(cfg.to_yaml())
         return 0
@@ -52,6 +60,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
     console.print(f"[bold]tandem[/bold] run '{cfg.run.name}' (config {cfg.digest()})")
     job = Job(cfg)
     console.print(f"devices: {job.meshes.describe()}")
+    if job.resumed_from is not None:
+        console.print(f"resumed from the checkpoint of step {job.resumed_from} in "
+                      f"{cfg.checkpoint_dir}")
     console.print(
         f"model: {job.num_params:,} params, {cfg.model.num_layers} layers, "
         f"d={cfg.model.hidden_size} | task: {cfg.data.task}, {cfg.data.prompts_per_step} prompts "
@@ -64,7 +75,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     )
     every = max(1, cfg.run.steps // 10)
     with job, progress:
-        bar = progress.add_task("run", total=cfg.run.steps, reward=0.0, dt=0.0)
+        bar = progress.add_task("run", total=cfg.run.steps, completed=job.steps_done,
+                                reward=0.0, dt=0.0)
 
         def on_step(m: dict[str, float]) -> None:
             progress.update(bar, advance=1, reward=m["reward/mean"], dt=m["time/step_s"])
@@ -77,6 +89,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
         job.run(on_step=on_step)
         s = job.summary()
+    if job.stop_requested:
+        console.print(f"stopped at step {job.steps_done} on request; checkpoint saved in "
+                      f"{cfg.checkpoint_dir or '(checkpointing off)'}")
+    if not s:
+        return 0
     console.print(
         f"done: {s['steps']} steps | reward first {s['window']} steps {s['reward_first']:.3f} -> "
         f"last {s['window']} steps {s['reward_last']:.3f} | {s['step_s_mean']:.3f} s/step "

@@ -195,6 +195,18 @@ class RunConfig(_Section):
     seed: int = 0  # sampling RNG
     output_dir: str | None = None  # metrics.jsonl and config.yaml go here when set
     progress: bool = True  # show a progress bar on the console
+    # Continue from the newest checkpoint in the checkpoint directory. Without it, a directory
+    # that already holds checkpoints is an error rather than silently overwritten.
+    resume: bool = False
+
+
+class CheckpointConfig(_Section):
+    """Orbax checkpoints of the trainer state, data position and RNG (see trainer/checkpoint.py)."""
+
+    dir: str | None = None  # None: <run.output_dir>/checkpoints when output_dir is set, else off
+    every_steps: int = Field(50, ge=0)  # 0: only on request, on stop and at the end
+    keep_last: int = Field(3, ge=1)
+    async_save: bool = True  # write files in the background while training goes on
 
 
 class JobConfig(_Section):
@@ -208,6 +220,7 @@ class JobConfig(_Section):
     rewards: RewardsConfig = RewardsConfig()
     data: DataConfig = DataConfig()
     run: RunConfig = RunConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @model_validator(mode="after")
     def _check_lengths(self) -> JobConfig:
@@ -220,6 +233,15 @@ class JobConfig(_Section):
                 f"(fix: sampling.max_new_tokens={need})"
             )
         return self
+
+    @property
+    def checkpoint_dir(self) -> str | None:
+        """Where checkpoints go: checkpoint.dir, else <run.output_dir>/checkpoints, else None."""
+        if self.checkpoint.dir:
+            return self.checkpoint.dir
+        if self.run.output_dir:
+            return str(Path(self.run.output_dir) / "checkpoints")
+        return None
 
     def digest(self) -> str:
         """A short stable hash of the full config (for status reports and run directories)."""

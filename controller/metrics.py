@@ -15,13 +15,27 @@ from typing import Any
 class MetricsLog:
     """Every step's metrics, in order; appended to `<output_dir>/metrics.jsonl` when set."""
 
-    def __init__(self, output_dir: str | None = None):
+    def __init__(self, output_dir: str | None = None, *, resume_step: int | None = None):
+        """With `resume_step`, keeps the logged steps <= resume_step and drops the rest (they
+        will be run again), so the log has every step exactly once."""
         self.history: list[dict[str, float]] = []
         self._file = None
         if output_dir:
             path = Path(output_dir)
             path.mkdir(parents=True, exist_ok=True)
-            self._file = (path / "metrics.jsonl").open("a")
+            file = path / "metrics.jsonl"
+            if resume_step is not None and file.exists():
+                for line in file.read_text().splitlines():
+                    try:
+                        m = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut off by a kill
+                    if m.get("step", 0) <= resume_step:
+                        self.history.append(m)
+                tmp = file.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(json.dumps(m) + "\n" for m in self.history))
+                tmp.replace(file)  # atomic: a kill here leaves the old or the new log
+            self._file = file.open("a")
 
     def append(self, metrics: dict[str, float]) -> None:
         self.history.append(metrics)

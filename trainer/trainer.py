@@ -73,6 +73,12 @@ class Trainer:
         self._update = jax.jit(self._update_step, donate_argnums=(0,),
                                out_shardings=(state_shardings, submesh.replicated()))
 
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Takes a state restored from a checkpoint (same tree, shardings on this mesh)."""
+        if jax.tree.structure(state) != jax.tree.structure(self.state):
+            raise ValueError("checkpoint state does not match the trainer's state tree")
+        self.state = state
+
     @property
     def params(self) -> Params:
         return self.state["params"]
