@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
+import jax
 
-from controller.config import load_config  # noqa: E402
+from controller.config import load_config
 
 
 def run(overrides: list[str], steps: int, every: int, mode: str) -> dict[str, float]:
