@@ -38,7 +38,7 @@ def _cli(out: Path, *extra: str) -> subprocess.Popen:
                             text=True, cwd=Path(__file__).parents[2])
 
 
-def _wait_for_steps(proc: subprocess.Popen, out: Path, n: int, timeout: float = 240) -> None:
+def _wait_for_steps(proc: subprocess.Popen, out: Path, n: int, timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     while len(_steps_logged(out)) < n:
         assert proc.poll() is None, proc.stdout.read()
@@ -81,7 +81,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
     proc = _cli(tmp_path, "run.steps=100000", "checkpoint.every_steps=0")
     _wait_for_steps(proc, tmp_path, 3)
     proc.send_signal(signal.SIGTERM)
-    text, _ = proc.communicate(timeout=120)
+    text, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, text
     assert "stopped at step" in text
     steps = _steps_logged(tmp_path)
