@@ -39,7 +39,8 @@ class Job:
         configure_devices(cfg.topology)  # before anything touches jax.devices()
 
         from controller.data import build_dataset, build_tokenizer
-        from controller.loop import SyncLoop
+        from controller.loop import build_loop
+        from controller.timeline import Timeline
         from controller.topology import build_meshes
         from reshard.transfer import Resharder
         from rewards.registry import RewardSet
@@ -48,7 +49,7 @@ class Job:
         from trainer.optim import build_optimizer
         from trainer.trainer import Trainer
 
-        self.meshes = build_meshes(cfg.topology)
+        self.meshes = build_meshes(cfg.topology, colocated=cfg.schedule.kind == "colocated")
         self.tokenizer = build_tokenizer(cfg)
         self.rewards = RewardSet(cfg.rewards.functions, cfg.rewards.weights)
         spec = ModelSpec.from_config(cfg.model, self.tokenizer.vocab_size)
@@ -56,23 +57,40 @@ class Job:
         params = init_params(spec, cfg.model.init_seed)
         self.num_params = param_count(params)
         self.trainer = Trainer(self.model_def, params, build_optimizer(cfg.optimizer),
-                               self.meshes.trainer, cfg.algorithm, cfg.sampling.temperature)
+                               self.meshes.trainer, cfg.algorithm, cfg.sampling.temperature,
+                               is_cap=cfg.schedule.is_cap)
         self.sampler = JaxSampler(self.model_def, self.meshes.sampler, cfg.sampling,
                                   pad_id=self.tokenizer.pad_id,
                                   stop_ids=(self.tokenizer.stop_id,))
         self.dataset = build_dataset(cfg, self.tokenizer)
-        self.loop = SyncLoop(cfg, self.tokenizer, self.dataset, self.trainer, self.sampler,
-                             Resharder(), self.rewards)
+        self.timeline = Timeline()
+        self.loop = build_loop(cfg, self.tokenizer, self.dataset, self.trainer, self.sampler,
+                               Resharder(), self.rewards, timeline=self.timeline)
         self.steps_done = 0
         self.resumed_from: int | None = None
         self._stop_requested = False
         self._checkpoint_requested = False
         self.checkpointer = self._open_checkpoints()
         # The sampler starts from the trainer's weights (initial, or just restored).
-        self.loop.push_weights()
-        self.log = MetricsLog(cfg.run.output_dir, resume_step=self.resumed_from)
+        self.loop.start(resumed_version=self.steps_done)
+        self.log = MetricsLog(cfg.run.output_dir, resume_step=self.resumed_from,
+                              sinks=self._extra_sinks())
         if cfg.run.output_dir:
             (Path(cfg.run.output_dir) / "config.yaml").write_text(cfg.to_yaml())
+
+    def _extra_sinks(self) -> list[Any]:
+        from controller.metrics import TensorBoardSink, WandbSink
+
+        cfg, sinks = self.config, []
+        if cfg.run.tensorboard:
+            if not cfg.run.output_dir:
+                raise ConfigError("run.tensorboard=true needs run.output_dir (fix: e.g. "
+                                  "run.output_dir=runs/my-run)")
+            sinks.append(TensorBoardSink(Path(cfg.run.output_dir) / "tensorboard"))
+        if cfg.run.wandb_project:
+            sinks.append(WandbSink(cfg.run.wandb_project, cfg.run.name,
+                                   cfg.model_dump(mode="json"), cfg.run.output_dir))
+        return sinks
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -114,8 +132,10 @@ class Job:
 
         return {
             "step": self.steps_done,
-            "policy_version": self.steps_done,  # sync schedule: one version per step
-            "data_position": self.dataset.position,
+            "policy_version": self.loop.policy_version,
+            # Rows behind the last trained batch: an async sampler may have drawn more, and
+            # those batches are sampled again after a resume.
+            "data_position": self.loop.consumed_position,
             # Sampling keys are fold_in(key(run.seed), step): the seed and step are the state.
             "rng": {"seed": self.config.run.seed,
                     "key_data": jax.random.key_data(self.loop.rng).tolist()},
@@ -175,11 +195,18 @@ class Job:
         return self.metrics
 
     def summary(self) -> dict[str, Any]:
-        return self.log.summary()
+        """First vs last reward, step time, sync bandwidth, and the timeline's busy/idle/overlap
+        fractions per mesh (from step 2 on: step 1 is mostly compilation)."""
+        return {**self.log.summary(), **self.timeline.summary(since_step=2)}
 
     def close(self) -> None:
+        """Stops the sampler thread (async), waits for saves, closes sinks; idempotent."""
+        self.loop.close()
+        if self.config.run.output_dir and self.timeline.spans:
+            self.timeline.write_chrome_trace(Path(self.config.run.output_dir) / "trace.json")
         if self.checkpointer is not None:
             self.checkpointer.close()  # waits for background saves to finish
+            self.checkpointer = None
         self.log.close()
 
     def __enter__(self) -> Job:

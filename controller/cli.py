@@ -66,7 +66,9 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
     console.print(
         f"model: {job.num_params:,} params, {cfg.model.num_layers} layers, "
         f"d={cfg.model.hidden_size} | task: {cfg.data.task}, {cfg.data.prompts_per_step} prompts "
-        f"x G={cfg.sampling.group_size} per step | schedule: sync"
+        f"x G={cfg.sampling.group_size} per step | schedule: {job.loop.schedule}"
+        + (f" (max_staleness={cfg.schedule.max_staleness})" if cfg.schedule.kind == "async"
+           else " (one mesh)" if cfg.schedule.kind == "colocated" else "")
     )
     progress = Progress(
         TextColumn("step {task.completed:>4.0f}/{task.total:.0f}"), BarColumn(),
@@ -100,8 +102,15 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
         f"(first step {s['first_step_s']:.1f}s incl. compile) | weight sync "
         f"{s['reshard_bytes'] / 1e6:.2f} MB at {s['reshard_gbps']:.2f} GB/s"
     )
+    if "timeline/overlap_frac" in s:
+        console.print(
+            f"timeline: sampler busy {s['timeline/sampler_busy_frac']:.0%}, trainer busy "
+            f"{s['timeline/trainer_busy_frac']:.0%}, both at once "
+            f"{s['timeline/overlap_frac']:.0%} of the wall time")
     if cfg.run.output_dir:
-        console.print(f"metrics: {Path(cfg.run.output_dir) / 'metrics.jsonl'}")
+        out = Path(cfg.run.output_dir)
+        console.print(f"metrics: {out / 'metrics.jsonl'} | trace: {out / 'trace.json'} "
+                      f"(open in ui.perfetto.dev)")
     return 0
 
 

@@ -195,9 +195,26 @@ class RunConfig(_Section):
     seed: int = 0  # sampling RNG
     output_dir: str | None = None  # metrics.jsonl and config.yaml go here when set
     progress: bool = True  # show a progress bar on the console
+    tensorboard: bool = False  # also write TensorBoard events to <output_dir>/tensorboard
+    wandb_project: str | None = None  # also log to Weights & Biases (needs `pip install wandb`)
     # Continue from the newest checkpoint in the checkpoint directory. Without it, a directory
     # that already holds checkpoints is an error rather than silently overwritten.
     resume: bool = False
+
+
+class ScheduleConfig(_Section):
+    """When the sampler and trainer halves of a step run (see controller/loop.py)."""
+
+    # sync: sample -> score -> update -> reshard, one after another, on disjoint meshes.
+    # async: the sampler samples and scores batch N+1 while the trainer updates on batch N.
+    # colocated: trainer and sampler share one mesh of all devices (small jobs, one slice);
+    #   the sampler uses the trainer's layout, so the weight hand-over copies nothing.
+    kind: Literal["sync", "async", "colocated"] = "sync"
+    # k: how many policy versions the sampler's weights may lag the trainer's (async only).
+    # 0 = always the latest weights (same results as sync, for the same seed).
+    max_staleness: int = Field(1, ge=0)
+    # C: cap of the truncated importance weight min(π_θ/μ, C) applied to stale batches.
+    is_cap: float = Field(2.0, ge=1.0)
 
 
 class CheckpointConfig(_Section):
@@ -221,6 +238,7 @@ class JobConfig(_Section):
     data: DataConfig = DataConfig()
     run: RunConfig = RunConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
     @model_validator(mode="after")
     def _check_lengths(self) -> JobConfig:

@@ -1,6 +1,7 @@
-"""Metric keys, the per-run history, and sinks (JSONL file, console summary).
+"""Metric keys, the per-run history, and sinks (JSONL, TensorBoard, Weights & Biases).
 
 Keys are `group/name_unit`: `reward/mean`, `loss/policy`, `time/sample_s`, `reshard/gbps`.
+The console is the CLI's job (progress bar and periodic lines); everything else is a sink.
 """
 
 from __future__ import annotations
@@ -9,17 +10,76 @@ import json
 import math
 from pathlib import Path
 from statistics import mean
-from typing import Any
+from typing import Any, Protocol
+
+
+class Sink(Protocol):
+    def write(self, step: int, metrics: dict[str, float]) -> None: ...
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """One JSON object per step, appended and flushed, to <dir>/metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        self._file = path.open("a")
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self._file.write(json.dumps(metrics) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TensorBoardSink:
+    """Scalars to TensorBoard event files (tensorboardX)."""
+
+    def __init__(self, directory: Path):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError as e:
+            raise ImportError("run.tensorboard=true needs tensorboardX: pip install "
+                              "tensorboardX") from e
+        self._writer = SummaryWriter(str(directory))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            if k != "step":
+                self._writer.add_scalar(k, v, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class WandbSink:
+    """Weights & Biases, when installed (`pip install wandb`)."""
+
+    def __init__(self, project: str, name: str, config: dict[str, Any], directory: str | None):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError(f"run.wandb_project={project!r} needs wandb: pip install wandb"
+                              ) from e
+        self._run = wandb.init(project=project, name=name, config=config, dir=directory)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self._run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
 
 
 class MetricsLog:
-    """Every step's metrics, in order; appended to `<output_dir>/metrics.jsonl` when set."""
+    """Every step's metrics, in order, fanned out to the sinks."""
 
-    def __init__(self, output_dir: str | None = None, *, resume_step: int | None = None):
+    def __init__(self, output_dir: str | None = None, *, resume_step: int | None = None,
+                 sinks: list[Sink] | None = None):
         """With `resume_step`, keeps the logged steps <= resume_step and drops the rest (they
-        will be run again), so the log has every step exactly once."""
+        will be run again), so the JSONL log has every step exactly once."""
         self.history: list[dict[str, float]] = []
-        self._file = None
+        self.sinks: list[Sink] = list(sinks or [])
         if output_dir:
             path = Path(output_dir)
             path.mkdir(parents=True, exist_ok=True)
@@ -35,18 +95,17 @@ class MetricsLog:
                 tmp = file.with_suffix(".jsonl.tmp")
                 tmp.write_text("".join(json.dumps(m) + "\n" for m in self.history))
                 tmp.replace(file)  # atomic: a kill here leaves the old or the new log
-            self._file = file.open("a")
+            self.sinks.insert(0, JsonlSink(file))
 
     def append(self, metrics: dict[str, float]) -> None:
         self.history.append(metrics)
-        if self._file is not None:
-            self._file.write(json.dumps(metrics) + "\n")
-            self._file.flush()
+        for sink in self.sinks:
+            sink.write(int(metrics.get("step", len(self.history))), metrics)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def summary(self, window: int = 10) -> dict[str, Any]:
         """First vs last `window` steps' reward, step time (compile excluded), sync bandwidth."""

@@ -158,8 +158,13 @@ def split_counts(cfg: TopologyConfig, total: int) -> tuple[int, int]:
     return n_train, total - n_train
 
 
-def build_meshes(cfg: TopologyConfig, devices: Sequence[Any] | None = None) -> Meshes:
-    """Splits `devices` (default: all of JAX's) into disjoint trainer and sampler meshes."""
+def build_meshes(cfg: TopologyConfig, devices: Sequence[Any] | None = None, *,
+                 colocated: bool = False) -> Meshes:
+    """Splits `devices` (default: all of JAX's) into disjoint trainer and sampler meshes.
+
+    colocated: one mesh of all devices (trainer_mesh's axes) serves both, with the trainer's
+    rules, so trainer and sampler hold the same layout.
+    """
     import jax
     import numpy as np
     from jax.sharding import Mesh
@@ -170,6 +175,12 @@ def build_meshes(cfg: TopologyConfig, devices: Sequence[Any] | None = None) -> M
             f"the job sees {len(devices)} device(s); a trainer/sampler split needs >= 2 "
             f"(fix: topology.backend=cpu-sim topology.simulated_devices=8)"
         )
+    if colocated:
+        shape = _resolve_shape("trainer", cfg.trainer_mesh, len(devices))
+        mesh = Mesh(np.array(devices).reshape(shape), tuple(cfg.trainer_mesh))
+        rules = dict(cfg.trainer_rules)
+        return Meshes(trainer=SubMesh("trainer", mesh, rules),
+                      sampler=SubMesh("sampler", mesh, rules))
     n_train, n_samp = split_counts(cfg, len(devices))
     t_shape = _resolve_shape("trainer", cfg.trainer_mesh, n_train)
     s_shape = _resolve_shape("sampler", cfg.sampler_mesh, n_samp)

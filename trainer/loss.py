@@ -48,7 +48,7 @@ def grpo_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns (loss, aux); aux holds stop-gradient diagnostics."""
     ratio = jnp.exp(logps_BxT - old_logps_BxT)
-    adv = adv_B[:, None]
+    adv = adv_B[:, None] if adv_B.ndim == 1 else adv_B  # per-sequence or per-token
     unclipped = ratio * adv
     clipped = jnp.clip(ratio, 1.0 - epsilon, 1.0 + epsilon) * adv
     pg_BxT = -jnp.minimum(unclipped, clipped)
@@ -65,3 +65,17 @@ def grpo_loss(
     clipped_frac = jnp.sum((unclipped != jnp.minimum(unclipped, clipped)) * m) / n
     aux["loss/clip_frac"] = jax.lax.stop_gradient(clipped_frac)
     return loss, aux
+
+
+def truncated_is_weights(logps_BxT: jax.Array, behaviour_logps_BxT: jax.Array, cap: float
+                         ) -> jax.Array:
+    """Truncated importance weights w = min(π_θ / μ, C) for off-policy (stale) batches.
+
+    μ is the behaviour policy that sampled the tokens (the sampler's logprobs), π_θ the current
+    policy (detached). Multiplying the per-token policy-gradient term by w corrects for the
+    batch having been sampled by older weights, with the truncation at C bounding its variance
+    (truncated IS as in IMPALA/V-trace and the asynchronous RLHF papers, e.g. Noukhovitch et
+    al., 2024; the "TIS" correction of Yao et al., 2025). w = 1 when π_θ = μ.
+    """
+    ratio = jnp.exp(jax.lax.stop_gradient(logps_BxT) - behaviour_logps_BxT)
+    return jnp.minimum(ratio, cap)

@@ -17,7 +17,7 @@ import optax
 
 from controller.config import AlgorithmConfig
 from trainer.logprobs import token_logprobs
-from trainer.loss import grpo_loss
+from trainer.loss import grpo_loss, truncated_is_weights
 from trainer.model import ModelDef, Params, apply_model, causal_mask, positions_from_mask
 
 
@@ -50,11 +50,13 @@ class Trainer:
     """GRPO updates on the trainer sub-mesh."""
 
     def __init__(self, mdef: ModelDef, params: Params, optimizer: optax.GradientTransformation,
-                 submesh: Any, algo: AlgorithmConfig, temperature: float):
+                 submesh: Any, algo: AlgorithmConfig, temperature: float,
+                 is_cap: float = 2.0):
         self.mdef = mdef
         self.submesh = submesh
         self.algo = algo
         self.temperature = temperature
+        self.is_cap = is_cap
         self.shardings = jax.tree.map(
             lambda axes, shape: submesh.sharding(axes, shape.shape),
             mdef.logical_axes, mdef.shapes(), is_leaf=lambda x: isinstance(x, tuple),
@@ -100,7 +102,7 @@ class Trainer:
         return sequence_logprobs(self.mdef, params, b.prompt_tokens_BxP, b.prompt_mask_BxP,
                                  b.completion_tokens_BxT, b.completion_mask_BxT, self.temperature)
 
-    def _update_step(self, state, ref_params, b: TrainBatch):
+    def _update_step(self, state, ref_params, b: TrainBatch, off_policy):
         algo = self.algo
         ref_logps = None
         if ref_params is not None:
@@ -111,9 +113,16 @@ class Trainer:
             # μ = 1: the batch was sampled from the current policy, so π_old = π_θ (detached)
             # and the ratio is exactly 1 in value; its gradient is the policy gradient.
             old = jax.lax.stop_gradient(logps)
-            loss, aux = grpo_loss(logps, old, ref_logps, b.advantages_B, b.completion_mask_BxT,
+            # A stale batch (async schedule) is reweighted by w = min(π_θ/μ, C) per token;
+            # on-policy batches use w = 1 exactly.
+            w = jnp.where(off_policy, truncated_is_weights(logps, b.sampler_logps_BxT,
+                                                           self.is_cap), 1.0)
+            adv_BxT = b.advantages_B[:, None] * w
+            loss, aux = grpo_loss(logps, old, ref_logps, adv_BxT, b.completion_mask_BxT,
                                   epsilon=algo.epsilon, beta=algo.beta,
                                   aggregation=algo.loss_aggregation)
+            aux["policy/is_weight_mean"] = jax.lax.stop_gradient(
+                jnp.sum(w * b.completion_mask_BxT) / jnp.maximum(jnp.sum(b.completion_mask_BxT), 1))
             return loss, {**aux, "_logps": logps}
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -130,9 +139,14 @@ class Trainer:
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
         return new_state, aux
 
-    def update(self, batch: TrainBatch) -> dict[str, jax.Array]:
-        """One optimizer step; returns device-side metrics (no host sync here)."""
-        self.state, aux = self._update(self.state, self.ref_params, self.place_batch(batch))
+    def update(self, batch: TrainBatch, *, off_policy: bool = False) -> dict[str, jax.Array]:
+        """One optimizer step; returns device-side metrics (no host sync here).
+
+        off_policy: the batch was sampled by older weights; apply the truncated IS correction.
+        """
+        flag = jax.device_put(np.bool_(off_policy), self.submesh.replicated())
+        self.state, aux = self._update(self.state, self.ref_params, self.place_batch(batch),
+                                       flag)
         return aux
 
     def logprobs(self, batch: TrainBatch) -> jax.Array:
