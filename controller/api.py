@@ -43,7 +43,7 @@ class Job:
 
         self.meshes = build_meshes(cfg.topology)
         self.tokenizer = build_tokenizer(cfg)
-        self.rewards = RewardSet(cfg.rewards.functions, cfg.rewards.weights)
+        self.rewards = RewardSet.from_config(cfg.rewards)  # may start worker processes
         spec = ModelSpec.from_config(cfg.model, self.tokenizer.vocab_size)
         self.model_def = define_model(spec)
         params = init_params(spec, cfg.model.init_seed)
@@ -91,6 +91,7 @@ class Job:
 
     def close(self) -> None:
         self.log.close()
+        self.rewards.close()  # stops reward worker processes / Ray actors
 
     def __enter__(self) -> Job:
         return self

@@ -64,7 +64,9 @@ class SyncLoop:
         # SCORE: text -> rewards (Python, on the host).
         rows = [r for r in prompts.rows for _ in range(g)]
         texts = [self.tokenizer.decode(t) for t in tokens]
-        rewards, components = self.rewards.score([r["prompt"] for r in rows], texts, rows)
+        ids = [t[m].tolist() for t, m in zip(tokens, mask, strict=True)]
+        rewards, reward_metrics = self.rewards.score(
+            [r["prompt"] for r in rows], texts, rows, ids)
         rewards_PxG = np.asarray(rewards, np.float32).reshape(-1, g)
         t_scored = time.perf_counter()
 
@@ -86,7 +88,7 @@ class SyncLoop:
             "step": float(step),
             "reward/mean": float(rewards_PxG.mean()),
             "reward/std": float(rewards_PxG.std()),
-            **{f"reward/{k}": float(v) for k, v in components.items()},
+            **reward_metrics,  # reward/<label>[/<component>], rewards/failures_<kind>
             "completion/len_mean": float(lengths.mean()),
             "completion/stopped_frac": float(
                 np.isin(tokens, [self.tokenizer.stop_id]).any(axis=1).mean()),

@@ -1,0 +1,44 @@
+"""User reward functions for the reward-backend tests, loaded by file path (`file.py:fn`)."""
+
+import os
+import signal
+import time
+
+
+def exact(prompt, completion, row):
+    return float(completion == row["target"])
+
+
+def with_ids(prompt, completion, row, completion_ids=None):
+    return float(len(completion_ids))
+
+
+def parts(prompt, completion, row, *, scale=1.0):
+    return {"len": scale * len(completion), "one": 1.0}
+
+
+def sleep_forever(prompt, completion, row):
+    if completion == "hang":
+        while True:
+            time.sleep(1)
+    return 1.0
+
+
+def raises(prompt, completion, row):
+    if completion == "bad":
+        raise ValueError(f"cannot score {completion!r}")
+    return 1.0
+
+
+def nan(prompt, completion, row):
+    return float("nan") if completion == "bad" else 0.5
+
+
+def not_a_number(prompt, completion, row):
+    return "high"
+
+
+def dies(prompt, completion, row):
+    if completion == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return 1.0
