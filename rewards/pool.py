@@ -50,8 +50,8 @@ def build_backend(cfg: RewardsConfig, specs: Sequence[RewardSpec]) -> Backend:
                       address=cfg.ray_address, num_cpus=cfg.ray_num_cpus)
 
 
-def resolve_all(specs: Sequence[RewardSpec]) -> list[BoundReward]:
-    return [BoundReward.resolve(s.spec, s.kwargs) for s in specs]
+def resolve_all(specs: Sequence[RewardSpec], warmup: bool = False) -> list[BoundReward]:
+    return [BoundReward.resolve(s.spec, s.kwargs, warmup=warmup) for s in specs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ class LocalBackend:
     """
 
     def __init__(self, specs: Sequence[RewardSpec], *, timeout_s: float | None = None):
-        self.fns = resolve_all(specs)
+        self.fns = resolve_all(specs, warmup=True)
         self.timeout_s = timeout_s
 
     def run(self, calls: Sequence[Call]) -> list[Outcome]:
@@ -115,7 +115,7 @@ def _worker_main(conn: Connection, specs: list[RewardSpec]) -> None:
     os.setpgrp()  # its own process group: killing the group also kills what the reward spawned
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the controller's to handle
     try:
-        fns = resolve_all(specs)
+        fns = resolve_all(specs, warmup=True)
     except BaseException as e:
         conn.send(("init_error", f"{type(e).__name__}: {e}"))
         return

@@ -29,7 +29,7 @@ class _RewardActor:
     """Holds the resolved rewards; `run` scores one call."""
 
     def __init__(self, specs: list[RewardSpec]):
-        self.fns = [BoundReward.resolve(s.spec, s.kwargs) for s in specs]
+        self.fns = [BoundReward.resolve(s.spec, s.kwargs, warmup=True) for s in specs]
 
     def ready(self) -> bool:
         return True

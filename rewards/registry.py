@@ -195,8 +195,14 @@ class BoundReward:
     pass_ids: bool = False
 
     @classmethod
-    def resolve(cls, spec: str, kwargs: Mapping[str, Any] | None = None) -> BoundReward:
+    def resolve(cls, spec: str, kwargs: Mapping[str, Any] | None = None, *,
+                warmup: bool = False) -> BoundReward:
+        """The function `spec` names; with `warmup`, also runs its `fn.warmup()` if it has one
+        (slow one-time set-up, such as imports, that must not count against a call's
+        timeout; backends call it once per worker)."""
         fn = get_reward(spec)
+        if warmup and callable(getattr(fn, "warmup", None)):
+            fn.warmup()
         return cls(fn, dict(kwargs or {}), accepts_ids(fn))
 
     def call(self, c: Call) -> Outcome:
