@@ -263,6 +263,17 @@ class JobConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_task_rewards(self) -> JobConfig:
+        # The default reward only makes sense for the default task.
+        if self.data.task != "reverse_digits" and "reverse_digits" in self.rewards.functions:
+            raise ValueError(
+                f"rewards.functions={self.rewards.functions} uses reverse_digits, the reward of "
+                f"the reverse_digits task, with data.task={self.data.task} "
+                f"(fix: e.g. rewards.functions=[gsm8k] or your own 'file.py:function')"
+            )
+        return self
+
     def digest(self) -> str:
         """A short stable hash of the full config (for status reports and run directories)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)

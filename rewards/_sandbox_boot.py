@@ -4,6 +4,7 @@ Runs as `python -I _sandbox_boot.py '<limits json>'` with the work directory as 
 library only; nothing here may be imported by the controller.
 """
 
+import contextlib
 import ctypes
 import json
 import os
@@ -13,6 +14,13 @@ import sys
 _LIMITS = json.loads(sys.argv[1])
 _ROOT = os.path.realpath(_LIMITS["dir"])
 _layers = []
+
+# PARENT DEATH: if whoever started us dies (a reward worker killed at its timeout), so do we.
+_PR_SET_PDEATHSIG = 1
+with contextlib.suppress(OSError, AttributeError):
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, 9)  # SIGKILL
+if os.getppid() != _LIMITS["parent_pid"]:  # it died before prctl took effect
+    os._exit(137)
 
 # NETWORK: a new network namespace has no interfaces but a downed loopback. Root may create one
 # directly; an ordinary user needs a user namespace with it (not every kernel allows that).

@@ -51,7 +51,8 @@ class RayBackend:
             raise RewardError(f"rewards.timeout_s={timeout_s}: must be > 0")
         for s in specs:  # fail in the controller on a typo, not in every actor
             BoundReward.resolve(s.spec, s.kwargs)
-        if not ray.is_initialized():
+        self._owns_ray = not ray.is_initialized()  # then close() shuts it down again
+        if self._owns_ray:
             ray.init(address=address, include_dashboard=False, ignore_reinit_error=True,
                      log_to_driver=False)
         self.specs = list(specs)
@@ -136,3 +137,5 @@ class RayBackend:
         for a in self._actors:
             with contextlib.suppress(Exception):
                 ray.kill(a, no_restart=True)
+        if self._owns_ray:
+            ray.shutdown()

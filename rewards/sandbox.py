@@ -3,7 +3,8 @@
 Layers, each useful alone (`SandboxResult.isolation` lists those that were active):
 
 - **time**: the process runs in its own session; at `timeout_s` (or as soon as it exits) the
-  whole process group is SIGKILLed, so nothing it started survives. RLIMIT_CPU backs this up.
+  whole process group is SIGKILLed, so nothing it started survives. RLIMIT_CPU backs this up,
+  and it is SIGKILLed if its parent (e.g. a reward worker killed at its own timeout) dies.
 - **memory and files**: RLIMIT_AS (`memory_mb`), RLIMIT_FSIZE, RLIMIT_NOFILE, no core dumps.
 - **processes**: RLIMIT_NPROC=0 (binds for non-root users: any fork fails) and an audit hook
   that refuses `os.fork`, `subprocess`, `os.system`, `os.exec*`, `posix_spawn`, signals to
@@ -72,6 +73,7 @@ def run_python(code: str, *, stdin: str = "", timeout_s: float = 5.0, memory_mb:
             "cpu_s": int(timeout_s) + 1,
             "fsize_bytes": int(max_output_bytes),
             "nofile": 64,
+            "parent_pid": os.getpid(),
         }
         # The capture files live outside the work dir: the code writes them through fds 1 and
         # 2 only. RLIMIT_FSIZE caps them, so an endless print cannot fill the disk.

@@ -42,3 +42,17 @@ def dies(prompt, completion, row):
     if completion == "die":
         os.kill(os.getpid(), signal.SIGKILL)
     return 1.0
+
+
+def always_raises(prompt, completion, row):
+    raise RuntimeError("this reward is broken")
+
+
+SANDBOX_MARKER_MB = 517  # shows up in the sandbox's command line as 517 << 20
+
+
+def sandbox_sleeps(prompt, completion, row):
+    from rewards.sandbox import run_python
+
+    return float(run_python("import time\ntime.sleep(60)", timeout_s=60,
+                            memory_mb=SANDBOX_MARKER_MB).ok)

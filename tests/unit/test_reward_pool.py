@@ -120,3 +120,28 @@ def test_config_errors_name_the_field():
         RewardSet(["gsm8k"], kwargs={"typo": {}})
     with pytest.raises(RewardError, match="rewards.component_weights keys \\['gsm8k'\\]"):
         RewardSet(["gsm8k"], component_weights={"gsm8k": 1.0})
+
+
+def _sandboxes_with_marker(marker: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "_sandbox_boot.py" in cmd and marker in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_killed_worker_takes_its_sandboxed_program_with_it():
+    marker = str(517 << 20)
+    with RewardSet([f"{USER}:sandbox_sleeps"], backend=ProcessPool(
+            build_specs([f"{USER}:sandbox_sleeps"]), num_workers=1, timeout_s=1.0),
+            max_failure_fraction=1.0) as rs:
+        _, m = rs.score(["p"], ["c"], [{}])
+    assert m["rewards/failures_timeout"] == 1.0
+    deadline = time.monotonic() + 5
+    while _sandboxes_with_marker(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _sandboxes_with_marker(marker) == []
