@@ -84,8 +84,9 @@ def main() -> None:
     if args.busy_ms > 0:
         cases.append((f"busy {args.busy_ms}ms", f"{HERE}:busy", {"busy": {"ms": args.busy_ms}}))
 
-    print(f"reward scoring, {args.n} GSM8K completions, {os.cpu_count()} CPUs "
-          f"(best of 3 after a warm-up batch)")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"reward scoring, {args.n} GSM8K completions, {os.cpu_count()} CPUs, load average "
+          f"{load} (best of 3 after a warm-up batch; a loaded machine makes these noisy)")
     header = (f"{'reward':<14}{'backend':<18}{'start s':>9}{'batch s':>10}{'calls/s':>11}"
               f"{'vs loop':>9}{'overhead/call':>15}")
     print(header)
