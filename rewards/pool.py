@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from controller.config import RewardsConfig
 
 _STARTUP_TIMEOUT_S = 120.0  # a worker that cannot import its rewards in this long is an error
+_MAX_STARTUP_DEATHS = 5  # workers dying before they are up this often is an error
 
 
 def build_backend(cfg: RewardsConfig, specs: Sequence[RewardSpec]) -> Backend:
@@ -170,6 +171,7 @@ class ProcessPool:
         self._ctx = mp.get_context("spawn")
         self.workers_started = 0
         self.workers_replaced = 0
+        self._startup_deaths = 0
         self._workers = [self._start() for _ in range(num_workers)]
         self._closed = False
 
@@ -199,13 +201,20 @@ class ProcessPool:
         self._workers[i] = self._start()
         self.workers_replaced += 1
 
-    def _on_startup_message(self, w: _Worker) -> None:
+    def _on_startup_message(self, i: int) -> None:
+        w = self._workers[i]
         try:
             kind, payload = w.conn.recv()
         except (EOFError, OSError):
+            # Killed from outside (or out of memory) before it was up: try again, a few times.
             w.proc.join(timeout=5)
-            raise RewardError(f"a reward worker died while starting (exit code "
-                              f"{w.proc.exitcode})") from None
+            self._startup_deaths += 1
+            if self._startup_deaths > _MAX_STARTUP_DEATHS:
+                raise RewardError(
+                    f"reward workers keep dying while starting ({self._startup_deaths} times, "
+                    f"last exit code {w.proc.exitcode})") from None
+            self._replace(i)
+            return
         if kind == "init_error":
             raise RewardError(f"a reward worker could not load the rewards: {payload}")
         w.ready = True
@@ -226,12 +235,17 @@ class ProcessPool:
         while pending or any(w.inflight for w in self._workers):
             now = time.monotonic()
             # DISPATCH: a chunk to every ready, idle worker.
-            for w in self._workers:
+            for i, w in enumerate(self._workers):
                 if w.ready and not w.inflight and pending:
                     ids = [pending.popleft() for _ in range(min(chunk, len(pending)))]
+                    try:
+                        w.conn.send([(j, calls[j]) for j in ids])
+                    except OSError:  # it died while idle: no call to blame, start another
+                        pending.extendleft(reversed(ids))
+                        self._replace(i)
+                        continue
                     w.inflight.extend(ids)
                     w.deadline = now + self.timeout_s
-                    w.conn.send([(j, calls[j]) for j in ids])
             # WAIT: for a result, a death (EOF) or the earliest deadline.
             waiting = [w for w in self._workers if w.inflight or not w.ready]
             soonest = min((w.deadline if w.ready else w.started_at + _STARTUP_TIMEOUT_S)
@@ -241,7 +255,7 @@ class ProcessPool:
                 if w.conn not in ready_conns:
                     continue
                 if not w.ready:
-                    self._on_startup_message(w)
+                    self._on_startup_message(i)
                     continue
                 try:
                     while w.conn.poll():  # drain every result that arrived
@@ -252,7 +266,10 @@ class ProcessPool:
                         w.calls_done += 1
                         w.deadline = time.monotonic() + self.timeout_s
                 except (EOFError, OSError):
-                    self._fail_worker(i, results, pending, "crash")
+                    if w.inflight:
+                        self._fail_worker(i, results, pending, "crash")
+                    else:  # it died after its last result: nothing lost, start another
+                        self._replace(i)
                     continue
                 if (not w.inflight and self.max_calls_per_worker is not None
                         and w.calls_done >= self.max_calls_per_worker):
