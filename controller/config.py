@@ -153,7 +153,7 @@ class OptimizerConfig(_Section):
 
 
 class RewardsConfig(_Section):
-    """Reward functions by registered name or `module:function`, summed with weights."""
+    """Reward functions (name, `module:function` or file path), weights, and where calls run."""
 
     # Each entry: a registered name (`gsm8k`), `package.module:function`, or
     # `path/to/file.py:function` (`path/to/file.py` alone means its function `reward`).
