@@ -51,7 +51,7 @@ class Job:
 
         self.meshes = build_meshes(cfg.topology, colocated=cfg.schedule.kind == "colocated")
         self.tokenizer = build_tokenizer(cfg)
-        self.rewards = RewardSet(cfg.rewards.functions, cfg.rewards.weights)
+        self.rewards = RewardSet.from_config(cfg.rewards)  # may start worker processes
         spec = ModelSpec.from_config(cfg.model, self.tokenizer.vocab_size)
         self.model_def = define_model(spec)
         params = init_params(spec, cfg.model.init_seed)
@@ -208,6 +208,7 @@ class Job:
             self.checkpointer.close()  # waits for background saves to finish
             self.checkpointer = None
         self.log.close()
+        self.rewards.close()  # stops reward worker processes / Ray actors
 
     def __enter__(self) -> Job:
         return self

@@ -153,10 +153,30 @@ class OptimizerConfig(_Section):
 
 
 class RewardsConfig(_Section):
-    """Reward functions by registered name or `module:function`, summed with weights."""
+    """Reward functions (name, `module:function` or file path), weights, and where calls run."""
 
+    # Each entry: a registered name (`gsm8k`), `package.module:function`, or
+    # `path/to/file.py:function` (`path/to/file.py` alone means its function `reward`).
     functions: list[str] = Field(default_factory=lambda: ["reverse_digits"], min_length=1)
-    weights: list[float] | None = None  # None: all 1.0
+    weights: list[float] | None = None  # w_k per function; None: all 1.0
+    # Keyword arguments per function, keyed by its label (the registered name or the function's
+    # name), e.g. {length_penalty: {max_len: 256}}.
+    kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # A reward that returns a dict of components is summed as Σ_c w_c v_c; weights are keyed
+    # "<label>/<component>" and default to 1.0.
+    component_weights: dict[str, float] = Field(default_factory=dict)
+    # Where calls run: "local" in the controller process (timeouts only for pure-Python code on
+    # the main thread), "process" in a pool of worker processes (hard per-call timeouts; a hung
+    # or crashed worker is killed and replaced), "ray" in Ray actors (same semantics).
+    backend: Literal["local", "process", "ray"] = "local"
+    timeout_s: float = Field(10.0, gt=0)  # per call; a call past it gets fallback_score
+    num_workers: int = Field(2, ge=1)  # worker processes or Ray actors
+    fallback_score: float = 0.0  # the score of a call that timed out, raised or returned NaN/inf
+    # A step stops with an error when more than this fraction of its calls failed.
+    max_failure_fraction: float = Field(0.1, ge=0, le=1)
+    worker_max_calls: int | None = Field(None, ge=1)  # recycle a worker after this many calls
+    ray_address: str | None = None  # None: an already-initialized Ray, else a local one
+    ray_num_cpus: float = Field(1.0, ge=0)  # CPUs each Ray actor reserves
 
     @model_validator(mode="after")
     def _check_weights(self) -> RewardsConfig:
@@ -171,11 +191,22 @@ class RewardsConfig(_Section):
 class DataConfig(_Section):
     """Prompts. The built-in task generates them deterministically from `seed`."""
 
-    task: Literal["reverse_digits"] = "reverse_digits"
+    # "reverse_digits": generated; "gsm8k": GSM8K word problems (bundled test split and a train
+    # subset, or `path`); "jsonl" / "parquet": your file at `path`, columns mapped by `columns`.
+    task: Literal["reverse_digits", "gsm8k", "jsonl", "parquet"] = "reverse_digits"
     prompts_per_step: int = Field(16, ge=1)  # prompts per batch; rows = prompts_per_step * G
     min_digits: int = Field(2, ge=1)
     max_digits: int = Field(4, ge=1)
     seed: int = 0
+    path: str | None = None  # the data file (gsm8k: None = the bundled split)
+    split: Literal["train", "test"] = "train"  # gsm8k: which bundled split
+    # Row field -> file column, for "prompt" and "target" (e.g. {prompt: question}).
+    columns: dict[str, str] = Field(default_factory=dict)
+    # Python format string over the row's fields, e.g. "Q: {question}\nA:"; None: the task's
+    # default (gsm8k) or the mapped "prompt" column as is.
+    prompt_template: str | None = None
+    max_prompt_tokens: int = Field(1024, ge=1)  # longer prompts are reported as bad rows
+    shuffle: bool = True  # a fresh permutation of the rows each epoch (seeded)
 
     @model_validator(mode="after")
     def _check_digits(self) -> DataConfig:
@@ -183,6 +214,17 @@ class DataConfig(_Section):
             raise ValueError(
                 f"data.min_digits={self.min_digits} > data.max_digits={self.max_digits} "
                 f"(fix: e.g. data.max_digits={self.min_digits})"
+            )
+        if self.task in ("jsonl", "parquet") and not self.path:
+            raise ValueError(
+                f"data.path is required for data.task={self.task} "
+                f"(fix: data.path=my_prompts.{self.task})"
+            )
+        unknown = set(self.columns) - {"prompt", "target"}
+        if unknown:
+            raise ValueError(
+                f"data.columns={self.columns}: unknown row fields {sorted(unknown)} "
+                f"(fix: map only prompt and target, e.g. {{prompt: question, target: answer}})"
             )
         return self
 
@@ -260,6 +302,17 @@ class JobConfig(_Section):
         if self.run.output_dir:
             return str(Path(self.run.output_dir) / "checkpoints")
         return None
+
+    @model_validator(mode="after")
+    def _check_task_rewards(self) -> JobConfig:
+        # The default reward only makes sense for the default task.
+        if self.data.task != "reverse_digits" and "reverse_digits" in self.rewards.functions:
+            raise ValueError(
+                f"rewards.functions={self.rewards.functions} uses reverse_digits, the reward of "
+                f"the reverse_digits task, with data.task={self.data.task} "
+                f"(fix: e.g. rewards.functions=[gsm8k] or your own 'file.py:function')"
+            )
+        return self
 
     def digest(self) -> str:
         """A short stable hash of the full config (for status reports and run directories)."""

@@ -58,11 +58,19 @@ class TaskDataset:
 
 def build_tokenizer(cfg: JobConfig) -> CharTokenizer:
     """The tokenizer the job's model and task use."""
+    if cfg.data.task != "reverse_digits":  # text tasks: any UTF-8 text on the built-in model
+        from controller.tokenizer import ByteTokenizer
+
+        return ByteTokenizer()  # type: ignore[return-value]  # same interface
     return digits_tokenizer()
 
 
 def build_dataset(cfg: JobConfig, tokenizer: CharTokenizer, position: int = 0) -> TaskDataset:
     """The prompt source named by `data.task`, starting at `position` rows."""
+    if cfg.data.task in ("gsm8k", "jsonl", "parquet"):
+        from controller.datasets import TextDataset
+
+        return TextDataset(cfg.data, tokenizer, position)  # type: ignore[return-value]
     return TaskDataset(cfg.data, tokenizer, position)
 
 

@@ -53,7 +53,7 @@ class Rollout:
     mask_BxT: np.ndarray
     logps_BxT: np.ndarray  # behaviour logprobs: what the sampler drew each token with
     rewards_PxG: np.ndarray
-    components: dict[str, float]
+    reward_metrics: dict[str, float]
     times: dict[str, float] = field(default_factory=dict)
 
 
@@ -116,10 +116,13 @@ class Loop:
         with tl.span("score", "host", step) as score_span:
             rows = [r for r in prompts.rows for _ in range(g)]
             texts = [self.tokenizer.decode(t) for t in tokens]
-            rewards, components = self.rewards.score([r["prompt"] for r in rows], texts, rows)
+            ids = [t[m].tolist() for t, m in zip(tokens, mask, strict=True)]
+            # reward/<label>[/<component>] and rewards/failures_<kind> metrics come back too.
+            rewards, reward_metrics = self.rewards.score(
+                [r["prompt"] for r in rows], texts, rows, ids)
             rewards_PxG = np.asarray(rewards, np.float32).reshape(-1, g)
         return Rollout(step, version, self.dataset.position, prompts.rows, prompt_tokens,
-                       prompt_mask, tokens, mask, logps, rewards_PxG, components,
+                       prompt_mask, tokens, mask, logps, rewards_PxG, reward_metrics,
                        {"time/sample_s": sample_span.seconds,
                         "time/reward_s": score_span.seconds})
 
@@ -150,7 +153,7 @@ class Loop:
             "step": float(r.step),
             "reward/mean": float(r.rewards_PxG.mean()),
             "reward/std": float(r.rewards_PxG.std()),
-            **{f"reward/{k}": float(v) for k, v in r.components.items()},
+            **r.reward_metrics,
             "completion/len_mean": float(lengths.mean()),
             "completion/tokens": float(lengths.sum()),
             "completion/stopped_frac": float(

@@ -41,3 +41,35 @@ class CharTokenizer:
             if i == self.stop_id:
                 break
         return "".join(out)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (byte b -> id b + 3), plus <pad>, <bos> and <eos>: any text.
+
+    For text tasks (GSM8K, your JSONL) on the built-in model. <eos> is the stop token; it is
+    not part of the decoded text. The same interface as `CharTokenizer`.
+    """
+
+    specials = ("<pad>", "<bos>", "<eos>")
+    pad_id, bos_id, stop_id = 0, 1, 2
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.specials) + 256
+
+    def encode(self, text: str, *, bos: bool = True) -> list[int]:
+        offset = len(self.specials)
+        return ([self.bos_id] if bos else []) + [b + offset for b in text.encode("utf-8")]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of the ids up to (not including) <eos>; a cut multi-byte character becomes
+        U+FFFD."""
+        offset = len(self.specials)
+        out = bytearray()
+        for i in ids:
+            i = int(i)
+            if i == self.stop_id:
+                break
+            if i >= offset:
+                out.append(i - offset)
+        return out.decode("utf-8", errors="replace")

@@ -2,7 +2,13 @@ import pytest
 
 from controller.config import DataConfig
 from controller.data import TaskDataset, digits_tokenizer, reverse_digits_row
-from rewards.registry import RewardError, RewardSet, get_reward, registered_rewards
+from rewards.registry import (
+    RewardError,
+    RewardFailureError,
+    RewardSet,
+    get_reward,
+    registered_rewards,
+)
 
 
 def test_reverse_digits_partial_credit():
@@ -24,15 +30,23 @@ def test_registry_by_module_function_and_errors():
         get_reward("no_such_module:fn")
 
 
-def test_reward_set_weights_and_nan_is_an_error(monkeypatch):
+def test_reward_set_weights_and_nan_is_counted_not_zeroed(monkeypatch):
     rs = RewardSet(["reverse_digits", "reverse_digits"], [1.0, 0.5])
-    totals, parts = rs.score(["1="], ["1."], [{"target": "1"}])
-    assert totals == [1.5] and parts == {"reverse_digits": 1.0}
+    totals, metrics = rs.score(["1="], ["1."], [{"target": "1"}])
+    # r = 1.0 · 1.0 + 0.5 · 1.0; a repeated reward gets its own label.
+    assert totals == [1.5]
+    assert metrics["reward/reverse_digits"] == metrics["reward/reverse_digits_2"] == 1.0
+    assert metrics["rewards/failures"] == 0.0
     import rewards.registry as reg
 
     monkeypatch.setitem(reg._REGISTRY, "nan_reward", lambda p, c, r: float("nan"))
-    with pytest.raises(RewardError, match="must be finite"):
+    with pytest.raises(RewardFailureError, match=r"1/1 reward calls failed \(nonfinite=1\)"):
         RewardSet(["nan_reward"]).score(["1="], ["1."], [{"target": "1"}])
+    # Tolerated failures score the fallback and are counted.
+    totals, metrics = RewardSet(["nan_reward", "reverse_digits"], fallback_score=-2.0,
+                                max_failure_fraction=1.0).score(["1="], ["1."], [{"target": "1"}])
+    assert totals == [-2.0 + 1.0]
+    assert metrics["rewards/failures_nonfinite"] == 1.0 and metrics["rewards/failures"] == 1.0
 
 
 def test_task_rows_are_deterministic_and_resumable():

@@ -1,0 +1,58 @@
+"""User reward functions for the reward-backend tests, loaded by file path (`file.py:fn`)."""
+
+import os
+import signal
+import time
+
+
+def exact(prompt, completion, row):
+    return float(completion == row["target"])
+
+
+def with_ids(prompt, completion, row, completion_ids=None):
+    return float(len(completion_ids))
+
+
+def parts(prompt, completion, row, *, scale=1.0):
+    return {"len": scale * len(completion), "one": 1.0}
+
+
+def sleep_forever(prompt, completion, row):
+    if completion == "hang":
+        while True:
+            time.sleep(1)
+    return 1.0
+
+
+def raises(prompt, completion, row):
+    if completion == "bad":
+        raise ValueError(f"cannot score {completion!r}")
+    return 1.0
+
+
+def nan(prompt, completion, row):
+    return float("nan") if completion == "bad" else 0.5
+
+
+def not_a_number(prompt, completion, row):
+    return "high"
+
+
+def dies(prompt, completion, row):
+    if completion == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return 1.0
+
+
+def always_raises(prompt, completion, row):
+    raise RuntimeError("this reward is broken")
+
+
+SANDBOX_MARKER_MB = 517  # shows up in the sandbox's command line as 517 << 20
+
+
+def sandbox_sleeps(prompt, completion, row):
+    from rewards.sandbox import run_python
+
+    return float(run_python("import time\ntime.sleep(60)", timeout_s=60,
+                            memory_mb=SANDBOX_MARKER_MB).ok)
