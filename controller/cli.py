@@ -1,4 +1,4 @@
-"""`tandem` command line: `tandem run [config.yaml] [key.sub=value ...]`."""
+"""`tandem` command line: `tandem run [config.yaml] [key.sub=value ...]`, `tandem submit`."""
 
 from __future__ import annotations
 
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--print-config", action="store_true",
                      help="print the resolved config as YAML and exit")
     run.set_defaults(func=cmd_run)
+    from deploy.cli import add_deploy_commands  # `tandem submit`, `tandem image build`
+
+    add_deploy_commands(sub)
     return parser
 
 
