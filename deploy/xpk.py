@@ -326,8 +326,8 @@ INSTALL_HINT = (
     "Install it in its own virtual environment:\n"
     "    python3 -m venv ~/.xpk-venv && ~/.xpk-venv/bin/pip install xpk\n"
     "then pass --xpk ~/.xpk-venv/bin/xpk, or export TANDEM_XPK=~/.xpk-venv/bin/xpk, or put it "
-    "on PATH. (A real submission also needs gcloud and kubectl; `--print-command` needs "
-    "neither.)"
+    "on PATH. (A real submission also needs xpk's prerequisites: gcloud, kubectl and crane; "
+    "`--dry-run` and `--print-command` need none of them.)"
 )
 
 
