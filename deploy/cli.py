@@ -163,7 +163,7 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--xpk", help="path of the xpk executable (default: $TANDEM_XPK, then PATH)")
     s.add_argument("--xpk-arg", action="append", metavar="ARG",
                    help="extra argument passed to xpk verbatim; repeatable "
-                   "(e.g. --xpk-arg=--max-restarts=3)")
+                   "(e.g. --xpk-arg=--pathways-gcs-location=gs://BUCKET/pathways)")
     s.add_argument("--dry-run", action="store_true",
                    help="run xpk's dry run: print the manifest it would apply, submit nothing")
     s.add_argument("--print-command", action="store_true",
@@ -181,7 +181,8 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
                    "us-docker.pkg.dev/PROJECT/REPO/tandem:0.1.0")
     b.add_argument("--push", action="store_true", help="docker push the tag after building")
     b.add_argument("--vllm-tpu", action="store_true",
-                   help="also install tpu-inference (vLLM on TPU) for the vllm sampler backend")
+                   help="also install vLLM on TPU (tpu-inference, vllm-tpu) for the vllm sampler "
+                   "backend (build arg WITH_VLLM_TPU=1)")
     b.add_argument("--build-arg", action="append", metavar="KEY=VALUE",
                    help="passed to docker build (e.g. JAX_VERSION=0.10.2); repeatable")
     b.add_argument("--file", help="Dockerfile (default: deploy/Dockerfile of this checkout)")

@@ -168,14 +168,14 @@ def test_print_command_is_a_runnable_xpk_line(capsys):
     rc = main(["submit", *NATIVE, "run.name=Demo_Run", "--cluster", "c1", "--tpu-type",
                "v5p-128", "--num-slices", "2", "--project", "p1", "--zone", "us-east5-a",
                "--docker-image", "us-docker.pkg.dev/p1/r/tandem:0.1.0", "--priority", "high",
-               "--xpk-arg=--max-restarts=2", "--print-command"])
+               "--xpk-arg=--pathways-gcs-location=gs://b/pw", "--print-command"])
     out, err = capsys.readouterr()
     assert rc == 0
     argv = shlex.split(out.strip())
     assert argv[:3] == ["xpk", "workload", "create-pathways"]
     for flag in ("--workload=demo-run", "--cluster=c1", "--project=p1", "--zone=us-east5-a",
                  "--tpu-type=v5p-128", "--num-slices=2", "--priority=high",
-                 "--docker-image=us-docker.pkg.dev/p1/r/tandem:0.1.0", "--max-restarts=2"):
+                 "--docker-image=us-docker.pkg.dev/p1/r/tandem:0.1.0", "--pathways-gcs-location=gs://b/pw"):
         assert flag in argv, flag
     command = next(a for a in argv if a.startswith("--command=")).removeprefix("--command=")
     assert "JAX_PLATFORMS=proxy JAX_BACKEND_TARGET=grpc://127.0.0.1:29000" in command
