@@ -52,6 +52,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     console.print(f"[bold]tandem[/bold] run '{cfg.run.name}' (config {cfg.digest()})")
     job = Job(cfg)
     console.print(f"devices: {job.meshes.describe()}")
+    if job.pathways:  # JAX_PLATFORMS=proxy: the proxy address and persistence in the log
+        console.print(job.pathways.describe())
     console.print(
         f"model: {job.num_params:,} params, {cfg.model.num_layers} layers, "
         f"d={cfg.model.hidden_size} | task: {cfg.data.task}, {cfg.data.prompts_per_step} prompts "

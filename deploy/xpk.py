@@ -394,19 +394,22 @@ def submit_streaming(spec: SubmitSpec, xpk: str, *, dry_run: bool, log: TextIO =
     """Runs xpk, streaming its output to `log`. Returns (exit code, manifest or None).
 
     In a dry run xpk prints the commands it would run without running them, and writes the
-    JobSet manifest to a file we read back (from its log, for an xpk without that flag).
+    JobSet manifest to a file we read back. An xpk too old for `--output-manifest-file` is run
+    again without it, and the manifest is taken from its log.
     """
     import tempfile
 
-    manifest = None
+    if not dry_run:
+        return stream(xpk_args(spec, xpk), log), None
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        mfile = str(Path(tmp) / f"{spec.workload}.yaml") if dry_run else None
+        mfile = str(Path(tmp) / f"{spec.workload}.yaml")
         captured: list[str] = []
-        rc = stream(xpk_args(spec, xpk, dry_run=dry_run, manifest_file=mfile), log,
+        rc = stream(xpk_args(spec, xpk, dry_run=True, manifest_file=mfile), log,
                     on_line=captured.append)
-        if dry_run:
-            if mfile and Path(mfile).is_file():
-                manifest = Path(mfile).read_text()
-            else:
-                manifest = manifest_from_log("".join(captured))
-    return rc, manifest
+        text = "".join(captured)
+        if rc != 0 and "unrecognized arguments" in text and "--output-manifest-file" in text:
+            captured.clear()
+            rc = stream(xpk_args(spec, xpk, dry_run=True), log, on_line=captured.append)
+        if Path(mfile).is_file():
+            return rc, Path(mfile).read_text()
+        return rc, manifest_from_log("".join(captured))

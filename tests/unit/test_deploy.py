@@ -273,3 +273,25 @@ def test_dockerfile_pins_and_entrypoint():
     for pkg in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]:
         assert f"COPY {pkg.rstrip('*')} " in text, pkg
     assert "tpu" in pyproject["project"]["optional-dependencies"]
+
+
+def test_dry_run_falls_back_to_the_log_for_an_xpk_without_manifest_files(tmp_path):
+    """Our retry logic only (the real xpk is exercised in tests/integration/test_xpk_dryrun.py):
+    an xpk that rejects --output-manifest-file is run again without it, manifest from its log."""
+    fake = tmp_path / "old-xpk"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *--output-manifest-file*)\n'
+        '  echo "xpk: error: unrecognized arguments: --output-manifest-file=x" >&2; exit 2;;\n'
+        "esac\n"
+        'echo "[XPK] Temp file (0a1b) content: "\n'
+        'printf "kind: JobSet\\nmetadata:\\n  name: old\\n"\n'
+        'echo "[XPK] Exiting XPK cleanly"\n')
+    fake.chmod(0o755)
+    spec = X.build_spec(_cfg("run.name=old"), cluster="c1", tpu_type="v5p-8", num_slices=1,
+                        docker_image="img:1")
+    log = tmp_path / "log.txt"
+    with log.open("w") as f:
+        rc, manifest = X.submit_streaming(spec, str(fake), dry_run=True, log=f)
+    assert rc == 0 and yaml.safe_load(manifest)["metadata"]["name"] == "old"
+    assert "unrecognized arguments" in log.read_text()  # both runs were streamed
