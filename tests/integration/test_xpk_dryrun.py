@@ -58,9 +58,8 @@ def xpk_bin() -> str:
                                 f"xpk=={XPK_VERSION}"], check=True, capture_output=True,
                                text=True, timeout=900)
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-                out = getattr(e, "stderr", "") or ""
-                _unavailable(f"could not install xpk=={XPK_VERSION} into {venv}: "
-                             f"{str(out).strip().splitlines()[-1:] or e}")
+                last = (str(getattr(e, "stderr", "") or "").strip().splitlines() or [str(e)])[-1]
+                _unavailable(f"could not install xpk=={XPK_VERSION} into {venv}: {last}")
             done.write_text(XPK_VERSION)
     if not exe.is_file():
         _unavailable(f"{exe} is missing after the install")
