@@ -35,7 +35,8 @@ class Job:
 
     def __init__(self, config: JobConfig | None = None):
         self.config = cfg = config or JobConfig()
-        initialize_pathways()  # no-op unless JAX_PLATFORMS=proxy; must precede jax.devices()
+        # No-op unless JAX_PLATFORMS=proxy; must precede anything that touches jax.devices().
+        self.pathways = initialize_pathways(cfg.topology.backend)
         configure_devices(cfg.topology)  # before anything touches jax.devices()
 
         from controller.data import build_dataset, build_tokenizer

@@ -1,4 +1,4 @@
-"""`tandem` command line: `tandem run [config.yaml] [key.sub=value ...]`."""
+"""`tandem` command line: `tandem run [config.yaml] [key.sub=value ...]`, `tandem submit`."""
 
 from __future__ import annotations
 
@@ -63,6 +63,8 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
     if job.resumed_from is not None:
         console.print(f"resumed from the checkpoint of step {job.resumed_from} in "
                       f"{cfg.checkpoint_dir}")
+    if job.pathways:  # JAX_PLATFORMS=proxy: the proxy address and persistence in the log
+        console.print(job.pathways.describe())
     console.print(
         f"model: {job.num_params:,} params, {cfg.model.num_layers} layers, "
         f"d={cfg.model.hidden_size} | task: {cfg.data.task}, {cfg.data.prompts_per_step} prompts "
@@ -132,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--print-config", action="store_true",
                      help="print the resolved config as YAML and exit")
     run.set_defaults(func=cmd_run)
+    from deploy.cli import add_deploy_commands  # `tandem submit`, `tandem image build`
+
+    add_deploy_commands(sub)
     return parser
 
 
