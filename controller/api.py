@@ -52,10 +52,14 @@ class Job:
                                self.meshes.trainer, cfg.algorithm, cfg.sampling.temperature)
         self.sampler = JaxSampler(self.model_def, self.meshes.sampler, cfg.sampling,
                                   pad_id=self.tokenizer.pad_id,
-                                  stop_ids=(self.tokenizer.stop_id,))
+                                  stop_ids=(self.tokenizer.stop_id,),
+                                  param_dtype=cfg.reshard.dtype)
         self.dataset = build_dataset(cfg, self.tokenizer)
         self.loop = SyncLoop(cfg, self.tokenizer, self.dataset, self.trainer, self.sampler,
-                             Resharder(), self.rewards)
+                             Resharder(dtype=cfg.reshard.dtype,
+                                       chunk_bytes=cfg.reshard.chunk_bytes,
+                                       donate=cfg.reshard.donate, method=cfg.reshard.method),
+                             self.rewards)
         self.loop.push_weights()  # the sampler starts from the trainer's initial weights
         self.log = MetricsLog(cfg.run.output_dir)
         if cfg.run.output_dir:

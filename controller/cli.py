@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--print-config", action="store_true",
                      help="print the resolved config as YAML and exit")
     run.set_defaults(func=cmd_run)
+    from controller.plan_cli import add_plan_parser
+
+    add_plan_parser(sub)  # `tandem plan`
     return parser
 
 
