@@ -72,8 +72,7 @@ def pathways_reshard_api() -> Callable[..., Any] | None:
     Pathways is `JAX_PLATFORMS=proxy` (pathwaysutils reads the same config);
     `pathwaysutils.jax.ifrt_reshard_available()` probes the proxy backend once.
     """
-    platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
-    if "proxy" not in platforms:
+    if "proxy" not in _jax_platforms():
         return None
     try:
         import pathwaysutils.jax as pw_jax
@@ -81,6 +80,10 @@ def pathways_reshard_api() -> Callable[..., Any] | None:
     except ImportError:
         return None
     return pw_reshard.reshard if pw_jax.ifrt_reshard_available() else None
+
+
+def _jax_platforms() -> str:
+    return jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
 
 
 def _is_sharding(x: Any) -> bool:
