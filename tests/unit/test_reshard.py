@@ -230,3 +230,25 @@ def test_reshard_config_section_validates():
         load_config(overrides=["reshard.dtype=float16"])
     with pytest.raises(ConfigError, match="reshard.chunk_bytes=0"):
         load_config(overrides=["reshard.chunk_bytes=0"])
+
+
+def test_host_copy_recycles_buffers_only_after_their_arrays_die(eight_devices):
+    src_sh, dst_sh = _cases(eight_devices)["fsdp->tp"]
+    r = Resharder()
+
+    def ptr(tree):
+        return tree["w"].addressable_shards[0].data.unsafe_buffer_pointer()
+
+    a_src = _tree(src_sh)
+    a, _ = r.transfer(a_src, dst_sh)
+    b_src = jax.tree.map(lambda x: x + 1, a_src)
+    b, _ = r.transfer(b_src, dst_sh)
+    assert ptr(b) != ptr(a)  # a is alive: its memory is not reused
+    a_ptr = ptr(a)
+    del a
+    c_src = jax.tree.map(lambda x: x + 2, a_src)
+    c, _ = r.transfer(c_src, dst_sh)
+    assert ptr(c) == a_ptr  # a died: the next sync refills its memory
+    for out, src in ((b, b_src), (c, c_src)):  # and nothing alive was overwritten
+        for k in src:
+            np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(src[k]))
