@@ -85,7 +85,7 @@ def main() -> None:
                        out_shardings=src_sh)()
 
     print(f"model: {n_params / 1e6:.1f}M params, {len(jax.tree.leaves(shapes))} leaves, "
-          f"{cfg.num_layers} layers d={cfg.hidden_size} | trainer {meshes.describe()}")
+          f"{cfg.num_layers} layers d={cfg.hidden_size} | {meshes.describe()}")
     print(f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (shared machine)")
     rows = []
     for dtype in ("float32", "bfloat16"):
