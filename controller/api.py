@@ -62,11 +62,14 @@ class Job:
                                is_cap=cfg.schedule.is_cap)
         self.sampler = JaxSampler(self.model_def, self.meshes.sampler, cfg.sampling,
                                   pad_id=self.tokenizer.pad_id,
-                                  stop_ids=(self.tokenizer.stop_id,))
+                                  stop_ids=(self.tokenizer.stop_id,),
+                                  param_dtype=cfg.reshard.dtype)
         self.dataset = build_dataset(cfg, self.tokenizer)
         self.timeline = Timeline()
+        resharder = Resharder(dtype=cfg.reshard.dtype, chunk_bytes=cfg.reshard.chunk_bytes,
+                              donate=cfg.reshard.donate, method=cfg.reshard.method)
         self.loop = build_loop(cfg, self.tokenizer, self.dataset, self.trainer, self.sampler,
-                               Resharder(), self.rewards, timeline=self.timeline)
+                               resharder, self.rewards, timeline=self.timeline)
         self.steps_done = 0
         self.resumed_from: int | None = None
         self._stop_requested = False

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     from deploy.cli import add_deploy_commands  # `tandem submit`, `tandem image build`
 
     add_deploy_commands(sub)
+    from controller.plan_cli import add_plan_parser
+
+    add_plan_parser(sub)  # `tandem plan`
     return parser
 
 

@@ -268,6 +268,23 @@ class CheckpointConfig(_Section):
     async_save: bool = True  # write files in the background while training goes on
 
 
+class ReshardConfig(_Section):
+    """Weight sync after each update: trainer params (trainer layout) -> sampler layout."""
+
+    # Dtype the sampler's weights are sent and held in. None: the model's dtype (model.dtype).
+    # "bfloat16": cast fp32 master weights on the trainer devices before the move (half the
+    # bytes on the wire; the sampler then runs with bf16 weights).
+    dtype: Literal["float32", "bfloat16"] | None = None
+    # Move at most about this many bytes at once (whole leaves), so the transfer's temporaries
+    # (cast copies, staged relayouts) stay bounded. None: the whole tree at once.
+    chunk_bytes: int | None = Field(None, ge=1)
+    # Donate the transfer's temporaries to the move (TPU/GPU/Pathways). Ignored on CPU, where
+    # donated buffers that are touched again crash JAX's CPU client.
+    donate: bool = False
+    # "auto": Pathways reshard when available, host_copy on CPU, device_put elsewhere.
+    method: Literal["auto", "pathways", "device_put", "host_copy"] = "auto"
+
+
 class JobConfig(_Section):
     """Everything a Tandem job needs; the only validator."""
 
@@ -281,6 +298,7 @@ class JobConfig(_Section):
     run: RunConfig = RunConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    reshard: ReshardConfig = ReshardConfig()
 
     @model_validator(mode="after")
     def _check_lengths(self) -> JobConfig:

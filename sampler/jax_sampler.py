@@ -24,7 +24,7 @@ class JaxSampler:
     """Generates completions with per-token logprobs on the sampler sub-mesh."""
 
     def __init__(self, mdef: ModelDef, submesh: Any, cfg: SamplingConfig, *, pad_id: int,
-                 stop_ids: tuple[int, ...]):
+                 stop_ids: tuple[int, ...], param_dtype: Any = None):
         self.mdef = mdef
         self.submesh = submesh
         self.cfg = cfg
@@ -34,7 +34,10 @@ class JaxSampler:
             lambda axes, shape: submesh.sharding(axes, shape.shape),
             mdef.logical_axes, mdef.shapes(), is_leaf=lambda x: isinstance(x, tuple),
         )
-        self._expected = jax.tree.map(lambda s: (s.shape, s.dtype), mdef.shapes())
+        # param_dtype (reshard.dtype): the dtype the weight sync sends floating params in.
+        self._expected = jax.tree.map(
+            lambda s: (s.shape, jnp.dtype(param_dtype) if param_dtype is not None
+                       and jnp.issubdtype(s.dtype, jnp.floating) else s.dtype), mdef.shapes())
         self._params: Any = None
         self._generate = jax.jit(self._generate_impl)
 

@@ -1,0 +1,254 @@
+"""Weight-sync transfers: placement and exact values for every layout pair, cast, chunking,
+donation rules, and the Pathways switch (with a fake IFRT transfer, no Pathways server here)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import reshard.transfer as transfer_mod
+from reshard.transfer import Resharder, TransferError, staging_sharding, tree_bytes
+
+
+def _mesh(devices, shape, names):
+    return Mesh(np.array(devices).reshape(shape), names)
+
+
+def _tree(src_sh):
+    """Distinct values everywhere (arange), so a misplaced block cannot hide."""
+    out = {}
+    for k, (shape, dtype, sh) in src_sh.items():
+        n = int(np.prod(shape))
+        x = (np.arange(n) * 0.37 - 5).astype(dtype).reshape(shape)
+        out[k] = jax.device_put(x, sh)
+    return out
+
+
+def _cases(d):
+    t4, s4 = _mesh(d[:4], (4,), ("fsdp",)), _mesh(d[4:], (4,), ("tp",))
+    t2, s6 = _mesh(d[:2], (2,), ("fsdp",)), _mesh(d[2:], (6,), ("tp",))
+    t3 = _mesh(d[:3], (3,), ("fsdp",))
+    s23 = _mesh(d[3:], (1, 5), ("dp", "tp"))
+    grid = _mesh(d[2:], (2, 3), ("dp", "tp"))
+    return {
+        "fsdp->tp": ({"w": ((8, 12), np.float32, NamedSharding(t4, P("fsdp", None))),
+                      "o": ((12, 8), np.float32, NamedSharding(t4, P(None, "fsdp")))},
+                     {"w": NamedSharding(s4, P(None, "tp")), "o": NamedSharding(s4, P("tp"))}),
+        "tp->fsdp": ({"w": ((8, 12), np.float32, NamedSharding(s4, P(None, "tp")))},
+                     {"w": NamedSharding(t4, P("fsdp", None))}),
+        "replicated->sharded": ({"w": ((8, 4), np.float32, NamedSharding(t4, P()))},
+                                {"w": NamedSharding(s4, P("tp", None))}),
+        "sharded->replicated": ({"w": ((8, 4), np.float32, NamedSharding(t4, P("fsdp")))},
+                                {"w": NamedSharding(s4, P())}),
+        # 2 -> 6 devices; the target blocks (2 columns) straddle the source blocks (6 rows).
+        "2->6": ({"w": ((12, 12), np.float32, NamedSharding(t2, P("fsdp", None))),
+                  "b": ((6,), np.float32, NamedSharding(t2, P("fsdp")))},
+                 {"w": NamedSharding(s6, P(None, "tp")), "b": NamedSharding(s6, P("tp"))}),
+        # Uneven: 3-way source rows (10 % 3 != 0 is replicated), 5-way target columns.
+        "uneven 3->5": ({"w": ((9, 10), np.float32, NamedSharding(t3, P("fsdp", None))),
+                         "v": ((10, 7), np.float32, NamedSharding(t3, P()))},
+                        {"w": NamedSharding(s23, P("dp", "tp")),
+                         "v": NamedSharding(s23, P("tp", None))}),
+        # 2-d target mesh, multi-axis spec, int leaf and scalar leaf.
+        "2d mesh + int + scalar": (
+            {"w": ((12, 6), np.float32, NamedSharding(t2, P(None, "fsdp"))),
+             "i": ((6, 4), np.int32, NamedSharding(t2, P("fsdp"))),
+             "s": ((), np.float32, NamedSharding(t2, P()))},
+            {"w": NamedSharding(grid, P(("dp", "tp"), None)),
+             "i": NamedSharding(grid, P("tp", "dp")), "s": NamedSharding(grid, P())}),
+    }
+
+
+CASES = list(_cases([f"d{i}" for i in range(8)]).keys())
+
+
+@pytest.mark.parametrize("method", ["host_copy", "device_put"])
+@pytest.mark.parametrize("case", CASES)
+def test_transfer_places_every_leaf_and_keeps_values(case, method, eight_devices):
+    src_sh, dst_sh = _cases(eight_devices)[case]
+    tree = _tree(src_sh)
+    out, stats = Resharder(method=method).transfer(tree, dst_sh)
+    for k in tree:
+        assert out[k].sharding == dst_sh[k], k
+        assert out[k].dtype == tree[k].dtype
+        np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(tree[k]))
+        # Every target shard holds exactly its slice of the array.
+        for shard in out[k].addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data),
+                                          np.asarray(tree[k])[shard.index])
+    assert stats.method == method and stats.bytes == tree_bytes(out)
+    # The caller's tree is untouched (never donated).
+    np.testing.assert_array_equal(np.asarray(tree[next(iter(tree))]),
+                                  np.asarray(out[next(iter(tree))]))
+
+
+@pytest.mark.parametrize("method", ["host_copy", "device_put"])
+def test_bf16_cast_is_exact_and_leaves_ints_alone(method, eight_devices):
+    src_sh, dst_sh = _cases(eight_devices)["2d mesh + int + scalar"]
+    tree = _tree(src_sh)
+    out, stats = Resharder(dtype="bfloat16", method=method).transfer(tree, dst_sh)
+    assert out["w"].dtype == jnp.bfloat16 and out["s"].dtype == jnp.bfloat16
+    assert out["i"].dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(out["w"]),
+                                  np.asarray(tree["w"]).astype(jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(out["i"]), np.asarray(tree["i"]))
+    assert out["w"].sharding == dst_sh["w"]
+    # 12*6 + 1 floats now 2 bytes each, 24 int32 unchanged.
+    assert stats.bytes == (12 * 6 + 1) * 2 + 6 * 4 * 4
+    # The cast copy (bf16 w and s) is the only temporary of host_copy.
+    if method == "host_copy":
+        assert stats.peak_extra_bytes == (12 * 6 + 1) * 2
+
+
+def test_chunking_bounds_the_temporaries_and_reports_the_peak(eight_devices):
+    d = eight_devices
+    t4, s4 = _mesh(d[:4], (4,), ("fsdp",)), _mesh(d[4:], (4,), ("tp",))
+    src = {f"w{i}": ((8, 16), np.float32, NamedSharding(t4, P("fsdp"))) for i in range(6)}
+    dst = {f"w{i}": NamedSharding(s4, P(None, "tp")) for i in range(6)}
+    tree = _tree(src)
+    whole, s_whole = Resharder(dtype="bfloat16").transfer(tree, dst)
+    # Each leaf moves 8*16*2 = 256 bytes in bf16; a 600-byte budget holds 2 leaves per chunk.
+    chunked, s_chunk = Resharder(dtype="bfloat16", chunk_bytes=600).transfer(tree, dst)
+    assert (s_whole.chunks, s_chunk.chunks) == (1, 3)
+    assert s_whole.peak_extra_bytes == 6 * 256
+    assert s_chunk.peak_extra_bytes == 2 * 256 <= 600
+    for k in tree:
+        np.testing.assert_array_equal(np.asarray(chunked[k]), np.asarray(whole[k]))
+        assert chunked[k].sharding == dst[k]
+    # A leaf larger than the budget is a chunk of its own.
+    _, s_tiny = Resharder(dtype="bfloat16", chunk_bytes=1).transfer(tree, dst)
+    assert s_tiny.chunks == 6 and s_tiny.peak_extra_bytes == 256
+
+
+def test_never_donates_on_cpu(eight_devices):
+    src_sh, dst_sh = _cases(eight_devices)["fsdp->tp"]
+    tree = _tree(src_sh)
+    for method in ("host_copy", "device_put"):
+        out, stats = Resharder(dtype="bfloat16", donate=True, method=method).transfer(
+            tree, dst_sh)
+        assert stats.donated is False
+        assert not tree["w"].is_deleted()
+        np.testing.assert_array_equal(np.asarray(out["w"]),
+                                      np.asarray(tree["w"]).astype(jnp.bfloat16))
+
+
+def test_staging_sharding_matches_the_target_index_map(eight_devices):
+    d = eight_devices
+    t4, s4 = _mesh(d[:4], (4,), ("fsdp",)), _mesh(d[4:], (2, 2), ("dp", "tp"))
+    src, dst = NamedSharding(t4, P("fsdp")), NamedSharding(s4, P(None, "tp"))
+    staged = staging_sharding(src, dst)
+    assert set(staged.device_set) == set(d[:4])
+    want = sorted(map(str, dst.devices_indices_map((8, 8)).values()))
+    assert sorted(map(str, staged.devices_indices_map((8, 8)).values())) == want
+    # 2 -> 6 devices: no layout on 2 devices has the 6 target blocks.
+    assert staging_sharding(NamedSharding(_mesh(d[:2], (2,), ("f",)), P("f")),
+                            NamedSharding(_mesh(d[2:], (6,), ("t",)), P("t"))) is None
+
+
+# -- the Pathways switch ------------------------------------------------------------------------
+
+
+def test_auto_picks_host_copy_on_cpu_and_not_pathways(eight_devices):
+    src_sh, dst_sh = _cases(eight_devices)["fsdp->tp"]
+    tree = _tree(src_sh)
+    assert transfer_mod.pathways_reshard_api() is None  # JAX_PLATFORMS=cpu in the tests
+    assert Resharder().resolve_method(tree, dst_sh) == "host_copy"
+    with pytest.raises(TransferError, match="reshard.method=pathways"):
+        Resharder(method="pathways").transfer(tree, dst_sh)
+
+
+def test_pathways_path_is_used_when_available(monkeypatch, eight_devices):
+    """Pretend to be on Pathways: pathwaysutils' real reshard runs over a fake IFRT transfer."""
+    import pathwaysutils.jax as pw_jax
+
+    calls = []
+
+    def fake_transfer_to_shardings(arrays, shardings, donate):
+        calls.append((len(arrays), donate))
+        return jax.device_put(list(arrays), list(shardings))
+
+    monkeypatch.setattr(transfer_mod, "_jax_platforms", lambda: "proxy")
+    monkeypatch.setattr(pw_jax, "ifrt_reshard_available", lambda: True)
+    monkeypatch.setattr(pw_jax, "transfer_to_shardings", fake_transfer_to_shardings)
+    src_sh, dst_sh = _cases(eight_devices)["fsdp->tp"]
+    tree = _tree(src_sh)
+    r = Resharder()
+    assert r.resolve_method(tree, dst_sh) == "pathways"
+    out, stats = r.transfer(tree, dst_sh)
+    assert stats.method == "pathways" and calls == [(2, False)]  # one batched call, no donation
+    for k in tree:
+        assert out[k].sharding == dst_sh[k]
+        np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(tree[k]))
+    # Not available (probe fails): back to the local path.
+    monkeypatch.setattr(pw_jax, "ifrt_reshard_available", lambda: False)
+    assert Resharder().resolve_method(tree, dst_sh) == "host_copy"
+
+
+def test_bad_options_name_the_field():
+    with pytest.raises(TransferError, match="reshard.method='nope'"):
+        Resharder(method="nope")
+    with pytest.raises(TransferError, match="reshard.chunk_bytes=0"):
+        Resharder(chunk_bytes=0)
+
+
+def test_bf16_sampler_takes_cast_weights_and_generates(tiny_model, meshes, tokenizer):
+    from controller.config import SamplingConfig
+    from controller.data import encode_prompts
+    from sampler.base import WeightMismatchError
+    from sampler.jax_sampler import JaxSampler
+
+    mdef, params = tiny_model
+    sampler = JaxSampler(mdef, meshes.sampler, SamplingConfig(max_new_tokens=3),
+                         pad_id=tokenizer.pad_id, stop_ids=(tokenizer.stop_id,),
+                         param_dtype="bfloat16")
+    trainer_sh = jax.tree.map(lambda ax, s: meshes.trainer.sharding(ax, s.shape),
+                              mdef.logical_axes, mdef.shapes(),
+                              is_leaf=lambda x: isinstance(x, tuple))
+    master = jax.device_put(params, trainer_sh)  # fp32 master weights on the trainer
+    fp32, _ = Resharder().transfer(master, sampler.shardings)
+    with pytest.raises(WeightMismatchError, match="bfloat16"):
+        sampler.load_weights(fp32)  # the bf16 sampler wants what reshard.dtype sends
+    moved, stats = Resharder(dtype="bfloat16").transfer(master, sampler.shardings)
+    sampler.load_weights(moved)
+    assert stats.bytes == tree_bytes(master) // 2
+    batch = encode_prompts([{"prompt": "12="}, {"prompt": "345="}], tokenizer)
+    out = sampler.generate(batch.tokens_PxL, batch.mask_PxL, jax.random.key(0))
+    logps = np.asarray(out.logps_BxT)
+    assert logps.shape == (2, 3) and np.isfinite(logps).all() and (logps <= 0).all()
+
+
+def test_reshard_config_section_validates():
+    from controller.config import ConfigError, load_config
+
+    cfg = load_config(overrides=["reshard.dtype=bfloat16", "reshard.chunk_bytes=1000000"])
+    assert (cfg.reshard.dtype, cfg.reshard.chunk_bytes, cfg.reshard.donate) == (
+        "bfloat16", 1_000_000, False)
+    assert load_config().reshard.dtype is None  # default: the model's dtype, as before
+    with pytest.raises(ConfigError, match="reshard.dtype='float16'"):
+        load_config(overrides=["reshard.dtype=float16"])
+    with pytest.raises(ConfigError, match="reshard.chunk_bytes=0"):
+        load_config(overrides=["reshard.chunk_bytes=0"])
+
+
+def test_host_copy_recycles_buffers_only_after_their_arrays_die(eight_devices):
+    src_sh, dst_sh = _cases(eight_devices)["fsdp->tp"]
+    r = Resharder()
+
+    def ptr(tree):
+        return tree["w"].addressable_shards[0].data.unsafe_buffer_pointer()
+
+    a_src = _tree(src_sh)
+    a, _ = r.transfer(a_src, dst_sh)
+    b_src = jax.tree.map(lambda x: x + 1, a_src)
+    b, _ = r.transfer(b_src, dst_sh)
+    assert ptr(b) != ptr(a)  # a is alive: its memory is not reused
+    a_ptr = ptr(a)
+    del a
+    c_src = jax.tree.map(lambda x: x + 2, a_src)
+    c, _ = r.transfer(c_src, dst_sh)
+    assert ptr(c) == a_ptr  # a died: the next sync refills its memory
+    for out, src in ((b, b_src), (c, c_src)):  # and nothing alive was overwritten
+        for k in src:
+            np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(src[k]))
