@@ -52,9 +52,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
     console.print(f"[bold]tandem[/bold] run '{cfg.run.name}' (config {cfg.digest()})")
     job = Job(cfg)
     console.print(f"devices: {job.meshes.describe()}")
+    spec = job.model_def.spec
+    source = f" from {cfg.model.path} ({spec.hf_model_type})" if cfg.model.path else ""
     console.print(
-        f"model: {job.num_params:,} params, {cfg.model.num_layers} layers, "
-        f"d={cfg.model.hidden_size} | task: {cfg.data.task}, {cfg.data.prompts_per_step} prompts "
+        f"model: {job.num_params:,} params{source}, {spec.num_layers} layers, "
+        f"d={spec.hidden_size} | task: {cfg.data.task}, {cfg.data.prompts_per_step} prompts "
         f"x G={cfg.sampling.group_size} per step | schedule: sync"
     )
     progress = Progress(

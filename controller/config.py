@@ -48,6 +48,30 @@ class ModelConfig(_Section):
     qkv_bias: bool = False  # Qwen2 uses biases on q/k/v
     dtype: Literal["float32", "bfloat16"] = "float32"  # activation and parameter dtype
     init_seed: int = 0
+    # A local Hugging Face model directory (config.json, *.safetensors, tokenizer.json) of the
+    # Qwen2/2.5, Qwen3, Llama 3 or Gemma 2/3 families. When set, the architecture, weights and
+    # tokenizer come from it (cast to `dtype`) and the shape fields above must stay unset.
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _check_path(self) -> ModelConfig:
+        if self.path is None:
+            return self
+        p = Path(self.path).expanduser()
+        if not (p / "config.json").is_file():
+            what = "does not exist" if not p.exists() else "has no config.json"
+            raise ValueError(
+                f"model.path={self.path!r} {what} (fix: point it at a local Hugging Face model "
+                f"directory; Tandem never downloads, e.g. `huggingface-cli download "
+                f"Qwen/Qwen2.5-0.5B-Instruct --local-dir DIR`)")
+        shape_fields = set(type(self).model_fields) - {"path", "dtype"}
+        clash = sorted(shape_fields & self.model_fields_set)
+        if clash:
+            names = ", ".join(f"model.{k}" for k in clash)
+            raise ValueError(
+                f"model.path={self.path!r} defines the model, but {names} "
+                f"{'is' if len(clash) == 1 else 'are'} also set (fix: drop {names})")
+        return self
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
