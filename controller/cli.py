@@ -87,6 +87,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     )
     if cfg.run.output_dir:
         console.print(f"metrics: {Path(cfg.run.output_dir) / 'metrics.jsonl'}")
+    if cfg.run.export_hf_dir:
+        console.print(f"saved Hugging Face model: {job.save_hf_model(cfg.run.export_hf_dir)}")
     return 0
 
 

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -53,11 +60,16 @@ class ModelConfig(_Section):
     # tokenizer come from it (cast to `dtype`) and the shape fields above must stay unset.
     path: str | None = None
 
+    @field_validator("path")
+    @classmethod
+    def _expand_path(cls, v: str | None) -> str | None:
+        return None if v is None else str(Path(v).expanduser())
+
     @model_validator(mode="after")
     def _check_path(self) -> ModelConfig:
         if self.path is None:
             return self
-        p = Path(self.path).expanduser()
+        p = Path(self.path)
         if not (p / "config.json").is_file():
             what = "does not exist" if not p.exists() else "has no config.json"
             raise ValueError(
@@ -219,6 +231,20 @@ class RunConfig(_Section):
     seed: int = 0  # sampling RNG
     output_dir: str | None = None  # metrics.jsonl and config.yaml go here when set
     progress: bool = True  # show a progress bar on the console
+    # After the last step, write the policy here as a Hugging Face model directory (config,
+    # safetensors, and model.path's tokenizer files) for transformers or vLLM. Must not exist.
+    export_hf_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _check_export_dir(self) -> RunConfig:
+        # Checked before the run: finding out after hours of training would be too late.
+        if self.export_hf_dir is not None:
+            p = Path(self.export_hf_dir).expanduser()
+            if p.exists() and (not p.is_dir() or any(p.iterdir())):
+                raise ValueError(
+                    f"run.export_hf_dir={self.export_hf_dir!r} already exists and is not an "
+                    f"empty directory (fix: choose a new directory)")
+        return self
 
 
 class JobConfig(_Section):

@@ -364,17 +364,27 @@ def test_model_path_config_errors(hf_dirs, tmp_path):
         load_config(overrides=[f"model.path={hf_dirs['qwen2'][0]}", "model.num_layers=4"])
     cfg = load_config(overrides=[f"model.path={hf_dirs['qwen2'][0]}", "model.dtype=bfloat16"])
     assert cfg.model.path == str(hf_dirs["qwen2"][0])
+    with pytest.raises(ConfigError, match="run.export_hf_dir=.*already exists"):
+        load_config(overrides=[f"run.export_hf_dir={hf_dirs['qwen2'][0]}"])
 
 
 def test_cli_run_from_a_hf_model_dir(tmp_path):
-    # `tandem run model.path=<dir>`, in a fresh process with 8 simulated devices.
+    # `tandem run model.path=<dir>`, in a fresh process with 8 simulated devices; the trained
+    # policy is exported and transformers loads it.
     model_dir = write_tiny_hf_model("qwen3", tmp_path / "qwen3")
+    export = tmp_path / "trained"
     env = {**os.environ, **simulation_env(8), "COLUMNS": "120"}
     out = subprocess.run(
         [sys.executable, "-m", "controller.cli", "run", f"model.path={model_dir}",
          "run.steps=2", "run.progress=false", "data.prompts_per_step=4",
-         "sampling.group_size=2"], capture_output=True, text=True, env=env, timeout=300,
-        cwd=ROOT)
+         "sampling.group_size=2", f"run.export_hf_dir={export}"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"from {model_dir} (qwen3), 2 layers, d=32" in out.stdout
     assert "done: 2 steps" in out.stdout
+    trained = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    start = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert type(trained).__name__ == "Qwen3ForCausalLM"
+    assert not torch.equal(trained.model.layers[1].mlp.down_proj.weight,
+                           start.model.layers[1].mlp.down_proj.weight)
+    assert (export / "tokenizer.json").read_text() == (model_dir / "tokenizer.json").read_text()
