@@ -467,11 +467,13 @@ def load_hf_params(path: str | Path, mdef: ModelDef, *, shardings: Params | None
         if shardings is None:
             arr = jax.numpy.asarray(np.asarray(view).astype(dtype))
         else:
-            # Each device's callback reads its own index range of the mmap view (a strided read
-            # for transposed layouts) and casts just that slice.
+            # Each device's callback copies (and casts) only its own index range of the file.
+            # The copy keeps the view's memory order (order="K"): forcing C order here would
+            # gather transposed layouts element by element in numpy (measured 2-3x slower, see
+            # bench/hf_load.py); JAX lays the slice out on the device instead.
             arr = jax.make_array_from_callback(
                 want, _get(shardings, e.path),
-                lambda idx, v=view: np.ascontiguousarray(v[idx]).astype(dtype))
+                lambda idx, v=view: np.array(v[idx], dtype=dtype))
         _set(out, e.path, arr)
     leftover = [n for n in tensors if "rotary_emb" not in n
                 and not (spec.tie_embeddings and n == "lm_head.weight")]
