@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers: no hub access, ever
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -414,3 +415,17 @@ def test_builtin_model_exports_to_transformers(tiny_model, tmp_path):
     ids, mask, pos = _batch(mdef.spec.vocab_size, seed=2)
     ref = _torch_logits(model, ids, mask, pos)
     assert np.abs(_tandem_logits(mdef, params, ids, mask, pos) - ref)[mask].max() <= 1e-4
+
+
+def test_failed_save_leaves_nothing_behind(hf_dirs, tmp_path):
+    spec, params = load_hf_model(hf_dirs["llama"][0], dtype="float32")
+    broken = {k: v for k, v in params.items() if k != "lm_head"}  # a tree missing a tensor
+    with pytest.raises(KeyError):
+        save_hf_model(tmp_path / "out", spec, broken, max_shard_bytes=20_000)
+    assert list(tmp_path.iterdir()) == []  # no target, no partial directory
+    # An existing non-empty target is refused unless overwrite=True.
+    save_hf_model(tmp_path / "out", spec, params)
+    with pytest.raises(HFCheckpointError, match="exists and is not empty"):
+        save_hf_model(tmp_path / "out", spec, params)
+    save_hf_model(tmp_path / "out", spec, params, overwrite=True)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
