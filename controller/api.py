@@ -46,23 +46,43 @@ class Job:
         from reshard.transfer import Resharder
         from rewards.registry import RewardSet
         from sampler.jax_sampler import JaxSampler
-        from trainer.model import ModelSpec, define_model, init_params, param_count
+        from trainer.model import (
+            ModelSpec,
+            define_model,
+            init_params,
+            param_count,
+            param_shardings,
+        )
         from trainer.optim import build_optimizer
         from trainer.trainer import Trainer
 
         self.meshes = build_meshes(cfg.topology, colocated=cfg.schedule.kind == "colocated")
         self.tokenizer = build_tokenizer(cfg)
         self.rewards = RewardSet.from_config(cfg.rewards)  # may start worker processes
-        spec = ModelSpec.from_config(cfg.model, self.tokenizer.vocab_size)
-        self.model_def = define_model(spec)
-        params = init_params(spec, cfg.model.init_seed)
+        if cfg.model.path:
+            # A Hugging Face checkpoint, read straight into the trainer's sharding.
+            from trainer.hf import load_hf_params, load_hf_spec
+
+            spec = load_hf_spec(cfg.model.path, cfg.model.dtype)
+            if self.tokenizer.vocab_size > spec.vocab_size:
+                raise ValueError(
+                    f"model.path={cfg.model.path!r}: the tokenizer has {self.tokenizer.vocab_size} "
+                    f"ids but the model only {spec.vocab_size} embeddings (fix: use the tokenizer "
+                    f"that belongs to this checkpoint)")
+            self.model_def = define_model(spec)
+            params = load_hf_params(cfg.model.path, self.model_def,
+                                    shardings=param_shardings(self.model_def, self.meshes.trainer))
+        else:
+            spec = ModelSpec.from_config(cfg.model, self.tokenizer.vocab_size)
+            self.model_def = define_model(spec)
+            params = init_params(spec, cfg.model.init_seed)
         self.num_params = param_count(params)
         self.trainer = Trainer(self.model_def, params, build_optimizer(cfg.optimizer),
                                self.meshes.trainer, cfg.algorithm, cfg.sampling.temperature,
                                is_cap=cfg.schedule.is_cap)
         self.sampler = JaxSampler(self.model_def, self.meshes.sampler, cfg.sampling,
                                   pad_id=self.tokenizer.pad_id,
-                                  stop_ids=(self.tokenizer.stop_id,),
+                                  stop_ids=tuple(self.tokenizer.stop_ids),
                                   param_dtype=cfg.reshard.dtype)
         self.dataset = build_dataset(cfg, self.tokenizer)
         self.timeline = Timeline()
@@ -197,6 +217,16 @@ class Job:
         # The end of a run, or a stop: a complete checkpoint of where it got to.
         self.save_checkpoint(wait=True)
         return self.metrics
+
+    def save_hf_model(self, path: str, *, max_shard_bytes: int = 4 * 1024**3,
+                      overwrite: bool = False) -> Any:
+        """Writes the current policy as a Hugging Face directory (config, safetensors shards,
+        and, when the job started from model.path, its tokenizer and generation files)."""
+        from trainer.hf import save_hf_model
+
+        return save_hf_model(path, self.model_def.spec, self.trainer.params,
+                             source_dir=self.config.model.path, max_shard_bytes=max_shard_bytes,
+                             overwrite=overwrite)
 
     def summary(self) -> dict[str, Any]:
         """First vs last reward, step time, sync bandwidth, and the timeline's busy/idle/overlap

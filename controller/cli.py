@@ -65,9 +65,11 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
                       f"{cfg.checkpoint_dir}")
     if job.pathways:  # JAX_PLATFORMS=proxy: the proxy address and persistence in the log
         console.print(job.pathways.describe())
+    spec = job.model_def.spec
+    source = f" from {cfg.model.path} ({spec.hf_model_type})" if cfg.model.path else ""
     console.print(
-        f"model: {job.num_params:,} params, {cfg.model.num_layers} layers, "
-        f"d={cfg.model.hidden_size} | task: {cfg.data.task}, {cfg.data.prompts_per_step} prompts "
+        f"model: {job.num_params:,} params{source}, {spec.num_layers} layers, "
+        f"d={spec.hidden_size} | task: {cfg.data.task}, {cfg.data.prompts_per_step} prompts "
         f"x G={cfg.sampling.group_size} per step | schedule: {job.loop.schedule}"
         + (f" (max_staleness={cfg.schedule.max_staleness})" if cfg.schedule.kind == "async"
            else " (one mesh)" if cfg.schedule.kind == "colocated" else "")
@@ -113,6 +115,8 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
         out = Path(cfg.run.output_dir)
         console.print(f"metrics: {out / 'metrics.jsonl'} | trace: {out / 'trace.json'} "
                       f"(open in ui.perfetto.dev)")
+    if cfg.run.export_hf_dir:
+        console.print(f"saved Hugging Face model: {job.save_hf_model(cfg.run.export_hf_dir)}")
     return 0
 
 

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -48,6 +55,35 @@ class ModelConfig(_Section):
     qkv_bias: bool = False  # Qwen2 uses biases on q/k/v
     dtype: Literal["float32", "bfloat16"] = "float32"  # activation and parameter dtype
     init_seed: int = 0
+    # A local Hugging Face model directory (config.json, *.safetensors, tokenizer.json) of the
+    # Qwen2/2.5, Qwen3, Llama 3 or Gemma 2/3 families. When set, the architecture, weights and
+    # tokenizer come from it (cast to `dtype`) and the shape fields above must stay unset.
+    path: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _expand_path(cls, v: str | None) -> str | None:
+        return None if v is None else str(Path(v).expanduser())
+
+    @model_validator(mode="after")
+    def _check_path(self) -> ModelConfig:
+        if self.path is None:
+            return self
+        p = Path(self.path)
+        if not (p / "config.json").is_file():
+            what = "does not exist" if not p.exists() else "has no config.json"
+            raise ValueError(
+                f"model.path={self.path!r} {what} (fix: point it at a local Hugging Face model "
+                f"directory; Tandem never downloads, e.g. `huggingface-cli download "
+                f"Qwen/Qwen2.5-0.5B-Instruct --local-dir DIR`)")
+        shape_fields = set(type(self).model_fields) - {"path", "dtype"}
+        clash = sorted(shape_fields & self.model_fields_set)
+        if clash:
+            names = ", ".join(f"model.{k}" for k in clash)
+            raise ValueError(
+                f"model.path={self.path!r} defines the model, but {names} "
+                f"{'is' if len(clash) == 1 else 'are'} also set (fix: drop {names})")
+        return self
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
@@ -242,6 +278,21 @@ class RunConfig(_Section):
     # Continue from the newest checkpoint in the checkpoint directory. Without it, a directory
     # that already holds checkpoints is an error rather than silently overwritten.
     resume: bool = False
+
+    # After the last step, write the policy here as a Hugging Face model directory (config,
+    # safetensors, and model.path's tokenizer files) for transformers or vLLM. Must not exist.
+    export_hf_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _check_export_dir(self) -> RunConfig:
+        # Checked before the run: finding out after hours of training would be too late.
+        if self.export_hf_dir is not None:
+            p = Path(self.export_hf_dir).expanduser()
+            if p.exists() and (not p.is_dir() or any(p.iterdir())):
+                raise ValueError(
+                    f"run.export_hf_dir={self.export_hf_dir!r} already exists and is not an "
+                    f"empty directory (fix: choose a new directory)")
+        return self
 
 
 class ScheduleConfig(_Section):

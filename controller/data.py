@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from controller.config import DataConfig, JobConfig
+from controller.hf_tokenizer import HFTokenizer
 from controller.tokenizer import CharTokenizer
 
 DIGITS_ALPHABET = "0123456789=."
@@ -57,7 +58,11 @@ class TaskDataset:
 
 
 def build_tokenizer(cfg: JobConfig) -> CharTokenizer:
-    """The tokenizer the job's model and task use."""
+    """The tokenizer the job's model and task use: model.path's own, else the task's."""
+    if cfg.model.path:
+        from controller.hf_tokenizer import load_hf_tokenizer
+
+        return load_hf_tokenizer(cfg.model.path)  # same interface as CharTokenizer
     if cfg.data.task != "reverse_digits":  # text tasks: any UTF-8 text on the built-in model
         from controller.tokenizer import ByteTokenizer
 
@@ -74,8 +79,21 @@ def build_dataset(cfg: JobConfig, tokenizer: CharTokenizer, position: int = 0) -
     return TaskDataset(cfg.data, tokenizer, position)
 
 
+def encode_prompt(row: dict[str, Any], tokenizer: CharTokenizer) -> list[int]:
+    """A row's prompt ids: chat-format rows ("messages": [{"role", "content"}, ...]) through the
+    tokenizer's chat template with the generation prompt, plain rows ("prompt") as text."""
+    if row.get("messages") is not None:
+        if not isinstance(tokenizer, HFTokenizer):
+            raise ValueError(
+                f"row {row.get('index')} is chat-format (has 'messages') but the tokenizer "
+                f"{type(tokenizer).__name__} has no chat template (fix: set model.path to a "
+                f"model directory with one)")
+        return tokenizer.encode_chat(row["messages"])
+    return tokenizer.encode(row["prompt"])
+
+
 def encode_prompts(rows: list[dict[str, Any]], tokenizer: CharTokenizer) -> PromptBatch:
-    ids = [tokenizer.encode(r["prompt"]) for r in rows]
+    ids = [encode_prompt(r, tokenizer) for r in rows]
     width = max(len(x) for x in ids)
     tokens = np.full((len(ids), width), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(ids), width), bool)

@@ -157,7 +157,7 @@ class Loop:
             "completion/len_mean": float(lengths.mean()),
             "completion/tokens": float(lengths.sum()),
             "completion/stopped_frac": float(
-                np.isin(r.tokens_BxT, [self.tokenizer.stop_id]).any(axis=1).mean()),
+                np.isin(r.tokens_BxT, list(self.tokenizer.stop_ids)).any(axis=1).mean()),
             **{k: to_float(v) for k, v in aux.items()},
             **r.times,
             "time/update_s": update_span.seconds,

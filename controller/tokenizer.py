@@ -19,6 +19,7 @@ class CharTokenizer:
         self._ids = {c: i + len(self.specials) for i, c in enumerate(alphabet)}
         self.pad_id, self.bos_id = 0, 1
         self.stop_id = self._ids[stop]
+        self.stop_ids = (self.stop_id,)
 
     @property
     def vocab_size(self) -> int:
@@ -52,6 +53,7 @@ class ByteTokenizer:
 
     specials = ("<pad>", "<bos>", "<eos>")
     pad_id, bos_id, stop_id = 0, 1, 2
+    stop_ids = (2,)
 
     @property
     def vocab_size(self) -> int:

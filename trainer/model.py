@@ -1,9 +1,21 @@
-"""A decoder-only transformer in Flax NNX (Llama / Qwen2 layout).
+"""A decoder-only transformer in Flax NNX (Llama / Qwen2 layout, with the Qwen3 and Gemma 2/3
+variations behind `ModelSpec` flags).
 
 RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP, optional tied
-embeddings and q/k/v biases. Every parameter carries logical axis names (`out_sharding`
-metadata) that a mesh's rules table turns into a `NamedSharding`, so the trainer (FSDP) and
-the sampler (tensor-parallel) can place the same tree differently.
+embeddings and q/k/v biases. The family differences, each a `ModelSpec` field whose default is
+the plain Llama / Qwen2 behaviour:
+
+- Qwen3: RMSNorm on each query and key head before RoPE (`qk_norm`).
+- Llama 3: RoPE frequency scaling (`rope_scaling`, kind "llama3" or "linear").
+- Gemma 2/3: norms that scale by (1 + w) (`norm_plus_one`), "sandwich" norms around attention
+  and MLP (`sandwich_norm`), GeGLU (`mlp_activation="gelu_tanh"`), embeddings scaled by
+  sqrt(D) (`embed_scale`), a query scale other than Dh^-1/2 (`attn_scale`), tanh soft-capping
+  of attention scores and final logits (`attn_softcap`, `final_softcap`), and sliding-window
+  layers (`sliding_window`, `sliding_layers`) with their own RoPE base (`local_rope_theta`).
+
+Every parameter carries logical axis names (`out_sharding` metadata) that a mesh's rules table
+turns into a `NamedSharding`, so the trainer (FSDP) and the sampler (tensor-parallel) can place
+the same tree differently.
 
 The module is used functionally: `define_model` gives a graph definition and logical axes,
 `init_params` a pure dict of
@@ -16,11 +28,13 @@ with one), D model width, H query heads, K key/value heads, Dh head width, F MLP
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from controller.config import ModelConfig
@@ -29,8 +43,30 @@ Params = dict[str, Any]  # nested dict of arrays (nnx pure dict)
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling (HF `rope_parameters` with a `rope_type` other than "default").
+
+    "linear": every inverse frequency f_i becomes f_i / factor.
+    "llama3" (Llama 3.1): with wavelength λ_i = 2π / f_i, low = L_orig / low_freq_factor and
+    high = L_orig / high_freq_factor: λ_i < high keeps f_i; λ_i > low gives f_i / factor; in
+    between, f_i' = (1 - s) f_i / factor + s f_i with s = (L_orig / λ_i - low_freq_factor) /
+    (high_freq_factor - low_freq_factor).
+    """
+
+    kind: str  # "linear" | "llama3"
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    """The hyper-parameters a model needs, resolved (vocab size known)."""
+    """The hyper-parameters a model needs, resolved (vocab size known).
+
+    Fields after `dtype` select a family's variations; their defaults are the Llama / Qwen2
+    layout of the built-in model.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -44,6 +80,23 @@ class ModelSpec:
     tie_embeddings: bool
     qkv_bias: bool
     dtype: Any
+    o_bias: bool = False  # a bias on the attention output projection (HF attention_bias)
+    qk_norm: bool = False  # Qwen3 / Gemma 3: RMSNorm over Dh of each q and k head before RoPE
+    norm_plus_one: bool = False  # Gemma: y = x̂ (1 + w) in float32, else y = w · x̂
+    sandwich_norm: bool = False  # Gemma 2/3: norms after attention and MLP outputs too
+    mlp_activation: str = "silu"  # "silu" (SwiGLU) | "gelu_tanh" (Gemma's GeGLU)
+    embed_scale: float = 1.0  # Gemma: embeddings times sqrt(D) (rounded to the param dtype)
+    attn_scale: float | None = None  # query scale; None: Dh^-1/2 (Gemma: q_pre_attn_scalar^-1/2)
+    attn_softcap: float | None = None  # scores -> c · tanh(scores / c) (Gemma 2)
+    final_softcap: float | None = None  # logits -> c · tanh(logits / c) (Gemma 2)
+    rope_scaling: RopeScaling | None = None  # applies to the global (non-sliding) layers
+    sliding_window: int | None = None  # W: a sliding layer's query sees keys q - k < W
+    sliding_layers: tuple[bool, ...] = ()  # per layer: True = sliding window; () = none
+    local_rope_theta: float | None = None  # RoPE base of sliding layers (Gemma 3); None: same
+    hf_model_type: str | None = None  # HF `model_type` this spec was read from ("qwen3", ...)
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.sliding_layers) and self.sliding_layers[layer]
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, vocab_size: int) -> ModelSpec:
@@ -75,21 +128,53 @@ def _const(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: Any, fil
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype: Any):
-        self.scale = _const((dim,), ("norm",), dtype, 1.0)
+    """x̂ = x / sqrt(mean(x²) + eps); y = w · x̂ (Llama: x̂ cast to x's dtype first), or with
+    `plus_one` (Gemma) y = x̂ · (1 + w) in float32, then cast. The stored w is the HF weight."""
+
+    def __init__(self, dim: int, eps: float, dtype: Any, plus_one: bool = False):
+        self.scale = _const((dim,), ("norm",), dtype, 0.0 if plus_one else 1.0)
         self.eps = eps
+        self.plus_one = plus_one
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
         scale = self.scale[...].reshape((1,) * (x.ndim - 1) + (-1,))
-        return (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype) * scale
+        normed = x32 * jax.lax.rsqrt(var + self.eps)
+        if self.plus_one:
+            return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+        return normed.astype(x.dtype) * scale
 
 
-def rope(x_BxLxNxDh: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+def rope_inv_freq(dh: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """Inverse frequencies f_i = theta^(-2i/Dh), i < Dh/2, scaled as `RopeScaling` describes.
+
+    Computed in float32 numpy at trace time (a constant of the program), as HF does in torch.
+    """
+    inv = (1.0 / (theta ** (np.arange(0, dh, 2, dtype=np.int64).astype(np.float32) / dh))
+           ).astype(np.float32)
+    if scaling is None:
+        return inv
+    if scaling.kind == "linear":
+        return (inv / np.float32(scaling.factor)).astype(np.float32)
+    if scaling.kind != "llama3":
+        raise ValueError(f"rope scaling kind {scaling.kind!r} is not supported "
+                         "(supported: linear, llama3)")
+    old = scaling.original_max_position
+    lo, hi, factor = scaling.low_freq_factor, scaling.high_freq_factor, scaling.factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope(x_BxLxNxDh: jax.Array, positions_BxL: jax.Array, theta: float,
+         scaling: RopeScaling | None = None) -> jax.Array:
     """Rotary embedding, half-split (GPT-NeoX / HF Llama) convention."""
     dh = x_BxLxNxDh.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    inv_freq = jnp.asarray(rope_inv_freq(dh, theta, scaling))
     angles_BxLxF = positions_BxL[..., None].astype(jnp.float32) * inv_freq[None, None, :]
     cos = jnp.cos(angles_BxLxF)[:, :, None, :]
     sin = jnp.sin(angles_BxLxF)[:, :, None, :]
@@ -98,8 +183,13 @@ def rope(x_BxLxNxDh: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.A
     return out.astype(x_BxLxNxDh.dtype)
 
 
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """c · tanh(x / c) (Gemma 2's soft-capping); identity when c is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 class Attention(nnx.Module):
-    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, sliding: bool = False):
         d, h, k, dh, dt = (spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
                            spec.dtype)
         s_in, s_out = d**-0.5, (h * dh) ** -0.5
@@ -111,10 +201,25 @@ class Attention(nnx.Module):
             self.q_bias = _const((h, dh), ("heads", "head_dim"), dt, 0.0)
             self.k_bias = _const((k, dh), ("kv_heads", "head_dim"), dt, 0.0)
             self.v_bias = _const((k, dh), ("kv_heads", "head_dim"), dt, 0.0)
+        if spec.o_bias:
+            self.o_bias = _const((d,), ("embed",), dt, 0.0)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(dh, spec.norm_eps, dt, spec.norm_plus_one)
+            self.k_norm = RMSNorm(dh, spec.norm_eps, dt, spec.norm_plus_one)
         self.spec = spec
+        self.sliding = sliding
+        if sliding:
+            self.rope_theta = spec.local_rope_theta or spec.rope_theta
+            self.rope_scaling = None if spec.local_rope_theta else spec.rope_scaling
+        else:
+            self.rope_theta, self.rope_scaling = spec.rope_theta, spec.rope_scaling
 
     def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, kv=None, cache_index=None):
-        """Attention; with `kv` (a (k, v) cache of length S) the new keys go in at cache_index."""
+        """Attention; with `kv` (a (k, v) cache of length S) the new keys go in at cache_index.
+
+        A sliding layer also masks keys W or more columns behind the query (HF's window counts
+        cache columns too; rows are left-padded, so within a row columns and positions agree).
+        """
         spec = self.spec
         q = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.q_proj[...])
         k = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.k_proj[...])
@@ -123,8 +228,10 @@ class Attention(nnx.Module):
             q = q + self.q_bias[...][None, None]
             k = k + self.k_bias[...][None, None]
             v = v + self.v_bias[...][None, None]
-        q = rope(q, positions_BxL, spec.rope_theta)
-        k = rope(k, positions_BxL, spec.rope_theta)
+        if spec.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rope(q, positions_BxL, self.rope_theta, self.rope_scaling)
+        k = rope(k, positions_BxL, self.rope_theta, self.rope_scaling)
         if kv is not None:
             k_cache, v_cache = kv
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype),
@@ -135,11 +242,23 @@ class Attention(nnx.Module):
         b, l_, h, dh = q.shape
         groups = h // spec.num_kv_heads
         q = q.reshape(b, l_, spec.num_kv_heads, groups, dh)
-        scores = jnp.einsum("blkgd,bskd->bkgls", q, k).astype(jnp.float32) * dh**-0.5
+        scale = spec.attn_scale if spec.attn_scale is not None else dh**-0.5
+        scores = jnp.einsum("blkgd,bskd->bkgls", q, k).astype(jnp.float32) * scale
+        scores = softcap(scores, spec.attn_softcap)
+        mask_BxLxS = mask_BxLxS.astype(bool)
+        if self.sliding and spec.sliding_window is not None:
+            # Query column c = cache_index + i sees key column s only if c - s < W.
+            s_len = k.shape[1]
+            q_cols_L = (0 if cache_index is None else cache_index) + jnp.arange(l_)
+            window_LxS = q_cols_L[:, None] - jnp.arange(s_len)[None, :] < spec.sliding_window
+            mask_BxLxS = mask_BxLxS & window_LxS[None]
         scores = jnp.where(mask_BxLxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, l_, h, dh)
-        return jnp.einsum("blhk,hkd->bld", out, self.o_proj[...]), kv
+        out = jnp.einsum("blhk,hkd->bld", out, self.o_proj[...])
+        if spec.o_bias:
+            out = out + self.o_bias[...][None, None]
+        return out, kv
 
 
 class MLP(nnx.Module):
@@ -148,21 +267,35 @@ class MLP(nnx.Module):
         self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), dt, d**-0.5)
         self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), dt, d**-0.5)
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dt, f**-0.5)
+        self.activation = spec.mlp_activation
 
     def __call__(self, x_BxLxD):
-        gate = jax.nn.silu(x_BxLxD @ self.gate_proj[...])
+        """down(act(x·gate) ⊙ x·up); act = silu (SwiGLU) or tanh-approximate gelu (GeGLU)."""
+        pre = x_BxLxD @ self.gate_proj[...]
+        gate = jax.nn.silu(pre) if self.activation == "silu" else jax.nn.gelu(pre, approximate=True)
         return (gate * (x_BxLxD @ self.up_proj[...])) @ self.down_proj[...]
 
 
 class Block(nnx.Module):
-    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(spec.hidden_size, spec.norm_eps, spec.dtype)
-        self.attn = Attention(spec, rngs)
-        self.post_attn_norm = RMSNorm(spec.hidden_size, spec.norm_eps, spec.dtype)
+    """Pre-norm: x += attn(n1(x)); x += mlp(n2(x)). Sandwich (Gemma 2/3): x += n2(attn(n1(x)));
+    x += n4(mlp(n3(x))). n2 is `post_attn_norm` either way (HF `post_attention_layernorm`)."""
+
+    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, layer: int = 0):
+        d, eps, dt, p1 = spec.hidden_size, spec.norm_eps, spec.dtype, spec.norm_plus_one
+        self.input_norm = RMSNorm(d, eps, dt, p1)
+        self.attn = Attention(spec, rngs, sliding=spec.is_sliding(layer))
+        self.post_attn_norm = RMSNorm(d, eps, dt, p1)
+        if spec.sandwich_norm:
+            self.pre_mlp_norm = RMSNorm(d, eps, dt, p1)
+            self.post_mlp_norm = RMSNorm(d, eps, dt, p1)
         self.mlp = MLP(spec, rngs)
+        self.sandwich = spec.sandwich_norm
 
     def __call__(self, x, positions, mask, kv=None, cache_index=None):
         h, kv = self.attn(self.input_norm(x), positions, mask, kv, cache_index)
+        if self.sandwich:
+            x = x + self.post_attn_norm(h)
+            return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x))), kv
         x = x + h
         return x + self.mlp(self.post_attn_norm(x)), kv
 
@@ -174,8 +307,8 @@ class Decoder(nnx.Module):
         d, v, dt = spec.hidden_size, spec.vocab_size, spec.dtype
         self.spec = spec
         self.embed = _param(rngs, (v, d), ("vocab", "embed"), dt, 0.02)  # HF-style init
-        self.layers = nnx.List([Block(spec, rngs) for _ in range(spec.num_layers)])
-        self.final_norm = RMSNorm(d, spec.norm_eps, dt)
+        self.layers = nnx.List([Block(spec, rngs, i) for i in range(spec.num_layers)])
+        self.final_norm = RMSNorm(d, spec.norm_eps, dt, spec.norm_plus_one)
         if not spec.tie_embeddings:
             self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), dt, d**-0.5)
 
@@ -186,6 +319,9 @@ class Decoder(nnx.Module):
         `cache_index` and `mask_BxLxS` covers all S cache slots.
         """
         x = jnp.take(self.embed[...], tokens_BxL, axis=0)
+        if self.spec.embed_scale != 1.0:
+            # HF multiplies by the scale rounded to the weights' dtype (sqrt(D) in bf16).
+            x = x * jnp.asarray(self.spec.embed_scale, x.dtype)
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.layers):
             kv = cache[i] if cache is not None else None
@@ -194,7 +330,8 @@ class Decoder(nnx.Module):
                 new_cache.append(kv)
         x = self.final_norm(x)
         head = self.embed[...].T if self.spec.tie_embeddings else self.lm_head[...]
-        return (x @ head).astype(jnp.float32), new_cache
+        logits = (x @ head).astype(jnp.float32)
+        return softcap(logits, self.spec.final_softcap), new_cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +395,14 @@ def init_cache(spec: ModelSpec, batch: int, length: int, dtype: Any = None) -> l
     dt = dtype or spec.dtype
     shape = (batch, length, spec.num_kv_heads, spec.head_dim)
     return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(spec.num_layers)]
+
+
+def param_shardings(mdef: ModelDef, submesh: Any) -> Params:
+    """The `NamedSharding` of every param on `submesh`, from its logical axes and the rules."""
+    return jax.tree.map(
+        lambda axes, shape: submesh.sharding(axes, shape.shape),
+        mdef.logical_axes, mdef.shapes(), is_leaf=lambda x: isinstance(x, tuple),
+    )
 
 
 def param_count(params: Params) -> int:
