@@ -52,7 +52,7 @@ class Job:
                                self.meshes.trainer, cfg.algorithm, cfg.sampling.temperature)
         self.sampler = JaxSampler(self.model_def, self.meshes.sampler, cfg.sampling,
                                   pad_id=self.tokenizer.pad_id,
-                                  stop_ids=(self.tokenizer.stop_id,))
+                                  stop_ids=self.tokenizer.stop_ids)
         self.dataset = build_dataset(cfg, self.tokenizer)
         self.loop = SyncLoop(cfg, self.tokenizer, self.dataset, self.trainer, self.sampler,
                              Resharder(), self.rewards)

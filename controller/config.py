@@ -171,10 +171,13 @@ class RewardsConfig(_Section):
 class DataConfig(_Section):
     """Prompts. The built-in task generates them deterministically from `seed`."""
 
-    task: Literal["reverse_digits"] = "reverse_digits"
+    # "synthetic": random token-id prompts of `prompt_tokens` ids, no stop token, reward
+    # `synthetic_even` (the benchmark job of bench/grpo_step.py; see controller/synthetic.py).
+    task: Literal["reverse_digits", "synthetic"] = "reverse_digits"
     prompts_per_step: int = Field(16, ge=1)  # prompts per batch; rows = prompts_per_step * G
     min_digits: int = Field(2, ge=1)
     max_digits: int = Field(4, ge=1)
+    prompt_tokens: int = Field(32, ge=1)  # synthetic task: prompt length in tokens
     seed: int = 0
 
     @model_validator(mode="after")

@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 
 from controller.config import DataConfig, JobConfig
+from controller.synthetic import SyntheticTokenizer, synthetic_row
 from controller.tokenizer import CharTokenizer
 
 DIGITS_ALPHABET = "0123456789=."
+SYNTHETIC_VOCAB = 1024  # the synthetic task's vocabulary when model.vocab_size is unset
 
 
 def digits_tokenizer() -> CharTokenizer:
@@ -47,6 +49,8 @@ class TaskDataset:
 
     def row(self, index: int) -> dict[str, Any]:
         c = self.cfg
+        if c.task == "synthetic":
+            return synthetic_row(c.seed, index, c.prompt_tokens, self.tokenizer.vocab_size)
         return reverse_digits_row(c.seed, index, c.min_digits, c.max_digits)
 
     def next_batch(self, n: int | None = None) -> PromptBatch:
@@ -58,6 +62,8 @@ class TaskDataset:
 
 def build_tokenizer(cfg: JobConfig) -> CharTokenizer:
     """The tokenizer the job's model and task use."""
+    if cfg.data.task == "synthetic":
+        return SyntheticTokenizer(cfg.model.vocab_size or SYNTHETIC_VOCAB)
     return digits_tokenizer()
 
 

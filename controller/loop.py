@@ -89,7 +89,7 @@ class SyncLoop:
             **{f"reward/{k}": float(v) for k, v in components.items()},
             "completion/len_mean": float(lengths.mean()),
             "completion/stopped_frac": float(
-                np.isin(tokens, [self.tokenizer.stop_id]).any(axis=1).mean()),
+                np.isin(tokens, list(self.tokenizer.stop_ids)).any(axis=1).mean()),
             **{k: to_float(v) for k, v in aux.items()},
             "time/sample_s": t_sampled - t_start,
             "time/reward_s": t_scored - t_sampled,

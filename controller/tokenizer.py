@@ -21,6 +21,11 @@ class CharTokenizer:
         self.stop_id = self._ids[stop]
 
     @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end a completion (the sampler's stop set)."""
+        return (self.stop_id,)
+
+    @property
     def vocab_size(self) -> int:
         return len(self.specials) + len(self.alphabet)
 

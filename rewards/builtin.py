@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from rewards.registry import register_reward
+from rewards.synthetic import synthetic_even
 
 
 @register_reward("reverse_digits")
@@ -22,3 +23,7 @@ def reverse_digits(prompt: str, completion: str, row: Mapping[str, Any]) -> floa
     hits = sum(a == t for a, t in zip(answer, target, strict=False))
     score = hits / max(len(target), len(answer), 1)
     return score if stopped else 0.9 * score
+
+
+# The `synthetic` benchmark task's reward (a function of the completion's token ids).
+register_reward("synthetic_even")(synthetic_even)
