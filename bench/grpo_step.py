@@ -311,7 +311,7 @@ def print_table(results: list[dict], flops: dict[str, int], peak: dict | None) -
             fmt(med / trl["median_step_s"], ".2f", "x") if trl else "n/a",
             fmt(med / tunix["median_step_s"], ".2f", "x") if tunix else "n/a",
         ])
-    widths = [max(len(c), *(len(x[i]) for x in lines if len(x) > i)) for i, c in enumerate(cols)]
+    widths = [max([len(c), *(len(x[i]) for x in lines if len(x) > 2)]) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     print("  ".join("-" * w for w in widths))
     for x in lines:
