@@ -292,7 +292,7 @@ def fmt(x: float | None, spec: str = ".3f", unit: str = "") -> str:
 
 def print_table(results: list[dict], flops: dict[str, int], peak: dict | None) -> None:
     cols = ["framework", "s/step", "sample", "reference", "update", "sync", "tok/s",
-            "first step", "peak RSS", "vs TRL", "vs Tunix"]
+            "setup", "first step", "peak RSS", "vs TRL", "vs Tunix"]
     by_name = {r["label"]: r for r in results if "median_step_s" in r}
     trl, tunix = by_name.get("TRL"), by_name.get("Tunix")
     lines = []
@@ -306,7 +306,8 @@ def print_table(results: list[dict], flops: dict[str, int], peak: dict | None) -
         lines.append([
             r["label"], fmt(med), fmt(ph.get("sample")), fmt(ph.get("reference")),
             fmt(ph.get("update")), fmt(ph.get("sync")),
-            fmt(r["completion_tokens_per_s"], ".0f"), fmt(r["first_step_s"], ".1f", " s"),
+            fmt(r["completion_tokens_per_s"], ".0f"), fmt(r.get("setup_s"), ".1f", " s"),
+            fmt(r["first_step_s"], ".1f", " s"),
             fmt(r["rss_gb"], ".2f", " GB"),
             fmt(med / trl["median_step_s"], ".2f", "x") if trl else "n/a",
             fmt(med / tunix["median_step_s"], ".2f", "x") if tunix else "n/a",
