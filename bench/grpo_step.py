@@ -298,8 +298,7 @@ def print_table(results: list[dict], flops: dict[str, int], peak: dict | None) -
     lines = []
     for r in results:
         if "median_step_s" not in r:
-            why = r.get("unavailable") or r.get("error") or "not run"
-            lines.append([r["label"], f"n/a ({why.splitlines()[0][:70]})"])
+            lines.append([r["label"], "n/a (see below)"])
             continue
         ph = r["phase_median_s"]
         med = r["median_step_s"]
@@ -312,7 +311,8 @@ def print_table(results: list[dict], flops: dict[str, int], peak: dict | None) -
             fmt(med / trl["median_step_s"], ".2f", "x") if trl else "n/a",
             fmt(med / tunix["median_step_s"], ".2f", "x") if tunix else "n/a",
         ])
-    widths = [max([len(c), *(len(x[i]) for x in lines if len(x) > 2)]) for i, c in enumerate(cols)]
+    widths = [max([len(c), *(len(x[i]) for x in lines if len(x) > 2 or i == 0)])
+              for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     print("  ".join("-" * w for w in widths))
     for x in lines:
@@ -323,6 +323,9 @@ def print_table(results: list[dict], flops: dict[str, int], peak: dict | None) -
     print("(seconds are medians of the timed steps; 'vs' = Tandem or peer s/step divided by "
           "TRL's / Tunix's, < 1 is faster; phases a framework does not expose say n/a)")
     for r in results:
+        if "median_step_s" not in r:
+            why = r.get("unavailable") or r.get("error") or "not run"
+            print(f"  {r['label']}: n/a: {why}")
         for k, v in (r.get("phase_notes") or {}).items():
             print(f"  {r['label']}: {k}: {v}")
     gf = {k: v / 1e9 for k, v in flops.items()}

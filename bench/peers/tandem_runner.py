@@ -75,7 +75,8 @@ def main() -> int:
         # not raised: the bench prints "n/a" for it.
         problems = [x.strip() for x in str(e).splitlines()[1:]] or [str(e)]
         print(json.dumps({"framework": "tandem", "placement": placement,
-                          "unavailable": "not in this build: " + "; ".join(problems)}))
+                          "unavailable": f"not in this build (overrides {extra} rejected: "
+                                         + "; ".join(problems) + ")"}))
         return 0
 
     from controller.api import Job
