@@ -21,6 +21,7 @@ prepare the next batch on a worker thread, so phases may overlap; a step ends wh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -141,6 +142,19 @@ def main() -> int:
         return out
 
     cluster.generate = generate_hook
+
+    # Tunix's vanilla sampler draws with PRNGKey(0) on every call when the rollout config has
+    # no seed, so every step would reuse the same random numbers. Tandem folds the step into its
+    # key and TRL advances torch's RNG; give Tunix a fresh seed per call too (same compute).
+    rollout_generate = cluster.rollout.generate
+    calls = [0]
+
+    def seeded_generate(prompts, rollout_config, **k):
+        calls[0] += 1
+        seed = spec["seed"] * 1_000_003 + calls[0]
+        return rollout_generate(prompts, dataclasses.replace(rollout_config, seed=seed), **k)
+
+    cluster.rollout.generate = seeded_generate
     # The reference forward is dispatched asynchronously; waiting for it here charges its time
     # to "reference" instead of to whatever blocks next (the host only scores rewards between).
     cluster.get_ref_per_token_logps = timed("reference", cluster.get_ref_per_token_logps,
@@ -207,6 +221,7 @@ def main() -> int:
             "max_new_tokens": rollout.max_tokens_to_generate,
             "eos_tokens": rollout.eos_tokens,
             "temperature": rollout.temperature,
+            "rollout_seed": f"fresh per generate call ({calls[0]} calls)",
             "beta": algo.beta,
             "epsilon": algo.epsilon,
             "loss_agg_mode": algo.loss_agg_mode,
