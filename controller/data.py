@@ -60,7 +60,7 @@ class TaskDataset:
         return encode_prompts(rows, self.tokenizer)
 
 
-def build_tokenizer(cfg: JobConfig) -> CharTokenizer:
+def build_tokenizer(cfg: JobConfig) -> CharTokenizer | SyntheticTokenizer:
     """The tokenizer the job's model and task use."""
     if cfg.data.task == "synthetic":
         return SyntheticTokenizer(cfg.model.vocab_size or SYNTHETIC_VOCAB)
