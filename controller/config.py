@@ -228,11 +228,14 @@ class DataConfig(_Section):
     """Prompts. The built-in task generates them deterministically from `seed`."""
 
     # "reverse_digits": generated; "gsm8k": GSM8K word problems (bundled test split and a train
-    # subset, or `path`); "jsonl" / "parquet": your file at `path`, columns mapped by `columns`.
-    task: Literal["reverse_digits", "gsm8k", "jsonl", "parquet"] = "reverse_digits"
+    # subset, or `path`); "jsonl" / "parquet": your file at `path`, columns mapped by `columns`;
+    # "synthetic": random token-id prompts of `prompt_tokens` ids, no stop token, reward
+    # `synthetic_even` (the benchmark job of bench/grpo_step.py; see controller/synthetic.py).
+    task: Literal["reverse_digits", "gsm8k", "jsonl", "parquet", "synthetic"] = "reverse_digits"
     prompts_per_step: int = Field(16, ge=1)  # prompts per batch; rows = prompts_per_step * G
     min_digits: int = Field(2, ge=1)
     max_digits: int = Field(4, ge=1)
+    prompt_tokens: int = Field(32, ge=1)  # synthetic task: prompt length in tokens
     seed: int = 0
     path: str | None = None  # the data file (gsm8k: None = the bundled split)
     split: Literal["train", "test"] = "train"  # gsm8k: which bundled split

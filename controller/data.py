@@ -14,9 +14,11 @@ import numpy as np
 
 from controller.config import DataConfig, JobConfig
 from controller.hf_tokenizer import HFTokenizer
+from controller.synthetic import SyntheticTokenizer, synthetic_row
 from controller.tokenizer import CharTokenizer
 
 DIGITS_ALPHABET = "0123456789=."
+SYNTHETIC_VOCAB = 1024  # the synthetic task's vocabulary when model.vocab_size is unset
 
 
 def digits_tokenizer() -> CharTokenizer:
@@ -48,6 +50,8 @@ class TaskDataset:
 
     def row(self, index: int) -> dict[str, Any]:
         c = self.cfg
+        if c.task == "synthetic":
+            return synthetic_row(c.seed, index, c.prompt_tokens, self.tokenizer.vocab_size)
         return reverse_digits_row(c.seed, index, c.min_digits, c.max_digits)
 
     def next_batch(self, n: int | None = None) -> PromptBatch:
@@ -57,12 +61,14 @@ class TaskDataset:
         return encode_prompts(rows, self.tokenizer)
 
 
-def build_tokenizer(cfg: JobConfig) -> CharTokenizer:
+def build_tokenizer(cfg: JobConfig) -> CharTokenizer | SyntheticTokenizer:
     """The tokenizer the job's model and task use: model.path's own, else the task's."""
     if cfg.model.path:
         from controller.hf_tokenizer import load_hf_tokenizer
 
         return load_hf_tokenizer(cfg.model.path)  # same interface as CharTokenizer
+    if cfg.data.task == "synthetic":
+        return SyntheticTokenizer(cfg.model.vocab_size or SYNTHETIC_VOCAB)
     if cfg.data.task != "reverse_digits":  # text tasks: any UTF-8 text on the built-in model
         from controller.tokenizer import ByteTokenizer
 

@@ -22,6 +22,11 @@ class CharTokenizer:
         self.stop_ids = (self.stop_id,)
 
     @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end a completion (the sampler's stop set)."""
+        return (self.stop_id,)
+
+    @property
     def vocab_size(self) -> int:
         return len(self.specials) + len(self.alphabet)
 

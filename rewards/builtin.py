@@ -13,6 +13,7 @@ from fractions import Fraction
 from typing import Any
 
 from rewards.registry import register_reward
+from rewards.synthetic import synthetic_even
 
 
 @register_reward("reverse_digits")
@@ -241,3 +242,5 @@ def code_reward(prompt: str, completion: str, row: Mapping[str, Any], *,
         return passed / len(cases)
     raise KeyError("code reward: the row has no 'tests' (list of asserts) or 'test_cases' "
                    "(list of {input, output})")
+# The `synthetic` benchmark task's reward (a function of the completion's token ids).
+register_reward("synthetic_even")(synthetic_even)

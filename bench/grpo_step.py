@@ -1,0 +1,440 @@
+"""One standard GRPO step in Tandem, TRL and Tunix, side by side, in one invocation.
+
+    python bench/grpo_step.py                 # Tandem (each placement), then TRL, then Tunix
+    python bench/grpo_step.py --only tandem   # skip the peers
+    python bench/grpo_step.py --json out.json # also write every runner's raw results
+
+The standard job (issue 12): a Qwen2-layout decoder (d=256, 4 layers, 4 query / 2 KV heads,
+SwiGLU 688, vocab 1024, tied embeddings, q/k/v biases, fp32, random init: 3,166,464 params);
+8 prompts x G=8 completions per step, prompts of 32 random token ids, exactly 64 new tokens
+(no stop token can be sampled), temperature 1, β = 0.04 with a reference model, ε = 0.2, one
+AdamW step per batch at lr 1e-5, reward = fraction of even completion ids
+(`rewards/synthetic.py`, imported by every runner).
+
+Each framework runs in its own process, one after another (never concurrently): Tandem with
+this interpreter (`bench/peers/tandem_runner.py`), TRL and Tunix each with the Python of a
+virtual environment this script creates on first use under `--cache-dir` (never in the
+project's dependencies). Each runner does 2 warm-up + 8 timed steps and prints one JSON line;
+its peak RSS comes from `os.wait4` on that child. The same prompts (drawn here from the
+synthetic task's seed) go to every framework, and each reports the settings it actually ran
+with, which this script checks against the job before printing the table.
+
+The utilisation line divides the job's model FLOPs (`job_flops`) by Tandem's median step time
+and compares that with a jitted fp32 matmul's FLOP/s measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from controller.synthetic import synthetic_prompt_ids  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# The standard job
+
+STANDARD_MODEL = {
+    "vocab_size": 1024,
+    "hidden_size": 256,
+    "num_layers": 4,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "head_dim": 64,
+    "mlp_dim": 688,
+    "rope_theta": 10000.0,
+    "norm_eps": 1e-6,
+    "tie_embeddings": True,
+    "qkv_bias": True,
+}
+
+STANDARD_JOB = {
+    "model": STANDARD_MODEL,
+    "prompts_per_step": 8,
+    "group_size": 8,  # G
+    "prompt_tokens": 32,
+    "new_tokens": 64,
+    "temperature": 1.0,
+    "beta": 0.04,  # β
+    "epsilon": 0.2,  # ε
+    "lr": 1e-5,
+    "adam_b1": 0.9,
+    "adam_b2": 0.999,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "warmup_steps": 2,
+    "timed_steps": 8,
+    "seed": 0,
+}
+
+# Tandem placements: name -> config overrides. A placement whose overrides this build rejects
+# (e.g. before the colocated schedule lands) is reported as unavailable, not skipped silently.
+TANDEM_PLACEMENTS = {
+    "disaggregated": ["topology.simulated_devices=8", "topology.trainer_devices=4"],
+    "colocated": ["topology.simulated_devices=8", "schedule.kind=colocated"],
+}
+
+# Peer environments, pinned to the versions this bench was written against.
+TORCH_PIN = "torch==2.13.0"  # the CPU wheel; any other torch pulls a multi-GB CUDA build
+TRL_PIN = "trl==1.16.0"
+TUNIX_PIN = "google-tunix==0.1.7"
+
+
+def param_count(m: dict) -> int:
+    """All parameters: embedding (tied head), per layer q/k/v/o (+ q/k/v biases), SwiGLU, norms."""
+    d, h, k, dh, f, v = (m["hidden_size"], m["num_heads"], m["num_kv_heads"], m["head_dim"],
+                         m["mlp_dim"], m["vocab_size"])
+    attn = d * h * dh + 2 * d * k * dh + h * dh * d
+    bias = (h * dh + 2 * k * dh) if m["qkv_bias"] else 0
+    layer = attn + bias + 3 * d * f + 2 * d
+    head = 0 if m["tie_embeddings"] else d * v
+    return v * d + m["num_layers"] * layer + d + head
+
+
+def matmul_params(m: dict) -> int:
+    """P_mm: weights a token multiplies through: per layer q, k, v, o and the three SwiGLU
+    matrices, plus the LM head (D x V, the tied embedding). The embedding lookup, biases and
+    norms do no matmul and are left out."""
+    d, h, k, dh, f, v = (m["hidden_size"], m["num_heads"], m["num_kv_heads"], m["head_dim"],
+                         m["mlp_dim"], m["vocab_size"])
+    per_layer = d * h * dh + 2 * d * k * dh + h * dh * d + 3 * d * f
+    return m["num_layers"] * per_layer + d * v
+
+
+def forward_flops(m: dict, rows: int, length: int) -> int:
+    """Model FLOPs of one causal forward over `rows` sequences of `length` tokens.
+
+    F = rows * (2 P_mm S + L * 4 H Dh * S(S+1)/2): a multiply-add per weight per token, and per
+    layer the two attention products (q·k and p·v, 2 H Dh FLOPs each per key) where query i sees
+    i + 1 keys. A KV-cache decode of the same tokens does the same model FLOPs.
+    """
+    s = length
+    attn = m["num_layers"] * 4 * m["num_heads"] * m["head_dim"] * s * (s + 1) // 2
+    return rows * (2 * matmul_params(m) * s + attn)
+
+
+def job_flops(job: dict) -> dict[str, int]:
+    """Model FLOPs of one GRPO step, by phase (B rows, prompt P, completion T tokens).
+
+    - sample: the forward over the P + T - 1 positions whose next token is drawn (prefill of P,
+      then T - 1 decode steps; the last sampled token is never fed back);
+    - reference: one forward of π_ref over P + T tokens;
+    - update: forward + backward of π_θ over P + T tokens, counted as 3 forwards (the backward
+      is twice the forward).
+    """
+    m = job["model"]
+    b = job["prompts_per_step"] * job["group_size"]
+    p, t = job["prompt_tokens"], job["new_tokens"]
+    full = forward_flops(m, b, p + t)
+    out = {"sample": forward_flops(m, b, p + t - 1), "update": 3 * full}
+    if job["beta"] > 0:
+        out["reference"] = full
+    out["total"] = sum(out.values())
+    return out
+
+
+def job_prompts(job: dict) -> list[list[int]]:
+    """Every prompt of the run, in order: the synthetic task's rows 0, 1, 2, ... (data.seed)."""
+    n = (job["warmup_steps"] + job["timed_steps"]) * job["prompts_per_step"]
+    return [synthetic_prompt_ids(job["seed"], i, job["prompt_tokens"],
+                                 job["model"]["vocab_size"]) for i in range(n)]
+
+
+def prompts_digest(prompt_ids: list[list[int]]) -> str:
+    return hashlib.sha256(json.dumps(prompt_ids).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Peer virtual environments
+
+
+@dataclass(frozen=True)
+class PeerEnv:
+    name: str
+    path: Path
+    installs: tuple[tuple[str, ...], ...]  # pip install argument lists, in order
+
+    @property
+    def python(self) -> Path:
+        return self.path / "bin" / "python"
+
+    @property
+    def stamp(self) -> Path:
+        return self.path / ".tandem-bench-ready"
+
+    def ensure(self) -> Path:
+        """Creates the venv and installs the pinned packages once; returns its python."""
+        want = json.dumps(self.installs)
+        if self.stamp.is_file() and self.stamp.read_text() == want:
+            return self.python
+        print(f"[bench] creating {self.name} environment at {self.path} (first use; minutes)",
+              flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(self.path)], check=True)
+        for args in self.installs:
+            cmd = [str(self.python), "-m", "pip", "install", "-q", *args]
+            print(f"[bench]   {' '.join(cmd[2:])}", flush=True)
+            subprocess.run(cmd, check=True)
+        self.stamp.write_text(want)
+        return self.python
+
+
+def peer_envs(cache: Path) -> dict[str, PeerEnv]:
+    return {
+        # torch first, pinned to the CPU build, so trl's dependency on torch is already met.
+        "trl": PeerEnv("trl", cache / "trl-venv", ((TORCH_PIN,), (TRL_PIN, TORCH_PIN))),
+        "tunix": PeerEnv("tunix", cache / "tunix-venv", ((TUNIX_PIN,),)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one framework
+
+
+def run_child(cmd: list[str], env: dict[str, str], timeout_s: float) -> tuple[dict, float, str]:
+    """Runs a runner to completion; returns (its JSON line, its peak RSS in GB, its stderr tail).
+
+    Peak RSS is `ru_maxrss` of that child alone (`os.wait4`), not of earlier children.
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=REPO)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.2)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    lines = [x for x in stdout.splitlines() if x.startswith("{")]
+    rss_gb = usage.ru_maxrss * 1024 / 1e9  # Linux reports KiB
+    tail = "\n".join(stderr.splitlines()[-30:])
+    if proc.returncode != 0 or not lines:
+        return {"error": f"exit code {proc.returncode}", "stderr_tail": tail}, rss_gb, tail
+    return json.loads(lines[-1]), rss_gb, tail
+
+
+def base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS",
+                                                            "PYTHONPATH")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries and the table
+
+
+def summarize(res: dict, job: dict) -> dict:
+    """Median step and phase times over the timed steps, tokens/s, first-step time."""
+    if "steps" not in res:
+        return res
+    warm = job["warmup_steps"]
+    timed = res["steps"][warm:]
+    med = statistics.median(s["step_s"] for s in timed)
+    phases = {}
+    for phase, key in res.get("phases", {}).items():
+        phases[phase] = statistics.median(s[key] for s in timed) if key else None
+    rows = job["prompts_per_step"] * job["group_size"]
+    lens = [s.get("completion_len_mean") for s in timed if s.get("completion_len_mean")]
+    tokens = rows * (statistics.mean(lens) if lens else job["new_tokens"])
+    return {
+        **res,
+        "median_step_s": med,
+        "phase_median_s": phases,
+        "completion_tokens_per_s": tokens / med,
+        "first_step_s": res["steps"][0]["step_s"],
+        "reward_mean": statistics.mean(s["reward_mean"] for s in res["steps"]),
+    }
+
+
+def check_settings(res: dict, job: dict, digest: str) -> list[str]:
+    """Differences between what a runner reports it ran and the standard job."""
+    s = res.get("settings", {})
+    want = {
+        "params": param_count(job["model"]),
+        "prompts_per_step": job["prompts_per_step"],
+        "num_generations": job["group_size"],
+        "prompt_tokens": job["prompt_tokens"],
+        "max_new_tokens": job["new_tokens"],
+        "temperature": job["temperature"],
+        "beta": job["beta"],
+        "learning_rate": job["lr"],
+        "prompts_sha256": digest,
+    }
+    problems = [f"{k}: ran {s.get(k)!r}, job has {v!r}" for k, v in want.items()
+                if s.get(k) != v]
+    lens = [st.get("completion_len_mean") for st in res.get("steps", [])]
+    if any(x is not None and x != job["new_tokens"] for x in lens):
+        problems.append(f"completion lengths {sorted(set(lens))} != {job['new_tokens']}")
+    return problems
+
+
+def fmt(x: float | None, spec: str = ".3f", unit: str = "") -> str:
+    return "n/a" if x is None else f"{x:{spec}}{unit}"
+
+
+def print_table(results: list[dict], flops: dict[str, int], peak: dict | None) -> None:
+    cols = ["framework", "s/step", "sample", "reference", "update", "sync", "tok/s",
+            "setup", "first step", "peak RSS", "vs TRL", "vs Tunix"]
+    by_name = {r["label"]: r for r in results if "median_step_s" in r}
+    trl, tunix = by_name.get("TRL"), by_name.get("Tunix")
+    lines = []
+    for r in results:
+        if "median_step_s" not in r:
+            lines.append([r["label"], "n/a (see below)"])
+            continue
+        ph = r["phase_median_s"]
+        med = r["median_step_s"]
+        lines.append([
+            r["label"], fmt(med), fmt(ph.get("sample")), fmt(ph.get("reference")),
+            fmt(ph.get("update")), fmt(ph.get("sync")),
+            fmt(r["completion_tokens_per_s"], ".0f"), fmt(r.get("setup_s"), ".1f", " s"),
+            fmt(r["first_step_s"], ".1f", " s"),
+            fmt(r["rss_gb"], ".2f", " GB"),
+            fmt(med / trl["median_step_s"], ".2f", "x") if trl else "n/a",
+            fmt(med / tunix["median_step_s"], ".2f", "x") if tunix else "n/a",
+        ])
+    widths = [max([len(c), *(len(x[i]) for x in lines if len(x) > 2 or i == 0)])
+              for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for x in lines:
+        if len(x) == 2:
+            print(f"{x[0].ljust(widths[0])}  {x[1]}")
+        else:
+            print("  ".join(v.ljust(w) for v, w in zip(x, widths, strict=True)))
+    print("(seconds are medians of the timed steps; 'vs' = Tandem or peer s/step divided by "
+          "TRL's / Tunix's, < 1 is faster; phases a framework does not expose say n/a)")
+    for r in results:
+        if "median_step_s" not in r:
+            why = r.get("unavailable") or r.get("error") or "not run"
+            print(f"  {r['label']}: n/a: {why}")
+        for k, v in (r.get("phase_notes") or {}).items():
+            print(f"  {r['label']}: {k}: {v}")
+    gf = {k: v / 1e9 for k, v in flops.items()}
+    print(f"job model FLOPs per step: {gf['total']:.1f} GFLOP (sample {gf['sample']:.1f}, "
+          f"reference {gf.get('reference', 0):.1f}, update {gf['update']:.1f})")
+    if peak and "gflops" in peak:
+        print(f"matmul peak (jitted fp32 {peak['n']}x{peak['n']} on {peak['device']}, best of "
+              f"{peak['repeats']}): {peak['gflops']:.1f} GFLOP/s -> floor "
+              f"{gf['total'] / peak['gflops']:.3f} s/step")
+        for r in results:
+            if r.get("framework") == "tandem" and "median_step_s" in r:
+                achieved = gf["total"] / r["median_step_s"]
+                print(f"utilisation {r['label']}: {achieved:.1f} GFLOP/s = "
+                      f"{100 * achieved / peak['gflops']:.1f}% of the matmul peak "
+                      f"({r['median_step_s'] / (gf['total'] / peak['gflops']):.1f}x the floor)")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["tandem", "trl", "tunix"], action="append",
+                    help="run only these frameworks (repeatable); default: all three")
+    ap.add_argument("--placement", choices=sorted(TANDEM_PLACEMENTS), action="append",
+                    help="Tandem placements to run (repeatable); default: all")
+    ap.add_argument("--cache-dir", type=Path,
+                    default=Path(os.environ.get("TANDEM_BENCH_CACHE",
+                                                Path.home() / ".cache" / "tandem-bench")),
+                    help="where the peers' virtual environments live")
+    ap.add_argument("--timed-steps", type=int, default=STANDARD_JOB["timed_steps"])
+    ap.add_argument("--warmup-steps", type=int, default=STANDARD_JOB["warmup_steps"])
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per runner")
+    ap.add_argument("--json", type=Path, help="write every runner's raw results here")
+    ns = ap.parse_args(argv)
+    only = ns.only or ["tandem", "trl", "tunix"]
+
+    job = {**STANDARD_JOB, "timed_steps": ns.timed_steps, "warmup_steps": ns.warmup_steps}
+    prompts = job_prompts(job)
+    digest = prompts_digest(prompts)
+    assert param_count(job["model"]) == 3_166_464, param_count(job["model"])
+    flops = job_flops(job)
+
+    work = Path(tempfile.mkdtemp(prefix="tandem-bench-"))
+    spec_path = work / "job.json"
+    spec_path.write_text(json.dumps({**job, "prompts": prompts, "prompts_sha256": digest,
+                                     "repo": str(REPO)}))
+    print(f"[bench] standard job: {param_count(job['model']):,} params, "
+          f"{job['prompts_per_step']}x{job['group_size']} rows, prompt {job['prompt_tokens']} + "
+          f"{job['new_tokens']} new tokens, {job['warmup_steps']} warm-up + "
+          f"{job['timed_steps']} timed steps; prompts {digest}", flush=True)
+
+    results: list[dict] = []
+    peers_dir = REPO / "bench" / "peers"
+
+    # The matmul peak, in its own process on JAX's default CPU device (all cores).
+    env = base_env()
+    env["JAX_PLATFORMS"] = "cpu"
+    peak, _, _ = run_child([sys.executable, str(peers_dir / "matmul_peak.py")], env, 600)
+
+    def record(label: str, res: dict, rss: float) -> None:
+        res = summarize({**res, "label": label, "rss_gb": rss}, job)
+        if "median_step_s" in res:
+            res["settings_mismatch"] = check_settings(res, job, digest)
+        results.append(res)
+        status = (f"{res['median_step_s']:.3f} s/step" if "median_step_s" in res
+                  else res.get("unavailable") or res.get("error"))
+        print(f"[bench] {label}: {status}", flush=True)
+        if res.get("error"):
+            print(res.get("stderr_tail", ""), file=sys.stderr)
+
+    # Tandem, each placement in turn.
+    if "tandem" in only:
+        for name in ns.placement or list(TANDEM_PLACEMENTS):
+            print(f"[bench] Tandem ({name}) ...", flush=True)
+            res, rss, _ = run_child(
+                [sys.executable, str(peers_dir / "tandem_runner.py"), str(spec_path), name,
+                 *TANDEM_PLACEMENTS[name]], base_env(), ns.timeout)
+            record(f"Tandem {name}", res, rss)
+
+    envs = peer_envs(ns.cache_dir)
+    for key, label, script in (("trl", "TRL", "trl_runner.py"),
+                               ("tunix", "Tunix", "tunix_runner.py")):
+        if key not in only:
+            continue
+        python = envs[key].ensure()
+        print(f"[bench] {label} ...", flush=True)
+        env = base_env()
+        if key == "tunix":
+            env["JAX_PLATFORMS"] = "cpu"
+        res, rss, _ = run_child([str(python), str(peers_dir / script), str(spec_path)], env,
+                                ns.timeout)
+        record(label, res, rss)
+
+    print()
+    print_table(results, flops, peak)
+    for r in results:
+        for p in r.get("settings_mismatch") or []:
+            print(f"WARNING {r['label']} did not run the standard job: {p}")
+    print("\neffective settings:")
+    for r in results:
+        if "settings" in r:
+            print(f"  {r['label']}: {json.dumps(r['settings'], sort_keys=True)}")
+    if ns.json:
+        ns.json.write_text(json.dumps({"job": job, "flops": flops, "matmul_peak": peak,
+                                       "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The benchmark job of bench/grpo_step.py: the synthetic task, its reward, the FLOPs count.
+
+No timing here: the bench itself measures speed.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from controller.config import SamplingConfig, load_config
+from controller.data import build_dataset, build_tokenizer, encode_prompts
+from controller.synthetic import SyntheticTokenizer, synthetic_row
+from rewards.registry import RewardSet, get_reward
+from rewards.synthetic import completion_ids, even_fraction
+from sampler.jax_sampler import JaxSampler
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("grpo_step", REPO / "bench" / "grpo_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["grpo_step"] = mod  # dataclasses look their module up while it executes
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop("grpo_step", None)
+
+
+SYNTH = ["data.task=synthetic", "data.prompt_tokens=32", "data.prompts_per_step=8",
+         "model.vocab_size=1024", "rewards.functions=[synthetic_even]"]
+
+
+def test_synthetic_prompts_are_a_pure_function_of_seed_and_index():
+    cfg = load_config(overrides=SYNTH)
+    tok = build_tokenizer(cfg)
+    assert isinstance(tok, SyntheticTokenizer) and tok.vocab_size == 1024
+    assert tok.stop_ids == ()  # nothing can end a completion early
+    a = build_dataset(cfg, tok).next_batch()
+    b = build_dataset(cfg, tok).next_batch()
+    np.testing.assert_array_equal(a.tokens_PxL, b.tokens_PxL)
+    assert a.tokens_PxL.shape == (8, 32) and a.mask_PxL.all()  # no padding, no BOS
+    assert a.tokens_PxL.min() >= 0 and a.tokens_PxL.max() < 1024
+    # The next batch is new rows; another seed is other prompts.
+    ds = build_dataset(cfg, tok)
+    ds.next_batch()
+    assert not np.array_equal(ds.next_batch().tokens_PxL, a.tokens_PxL)
+    other = build_dataset(load_config(overrides=[*SYNTH, "data.seed=1"]), tok).next_batch()
+    assert not np.array_equal(other.tokens_PxL, a.tokens_PxL)
+    # The text round-trips to the same ids (what the peers tokenize is what Tandem samples).
+    row = synthetic_row(0, 3, 32, 1024)
+    assert tok.encode(row["prompt"]) == row["prompt_ids"]
+    assert tok.decode(row["prompt_ids"]) == row["prompt"]
+    with pytest.raises(ValueError, match="t1024"):
+        tok.encode("t5 t1024")
+
+
+def test_synthetic_reward_is_the_even_fraction_of_the_completion_ids():
+    # ids 4, 7, 10, 1023, 0: even are 4, 10, 0 -> 3 / 5 = 0.6
+    assert even_fraction([4, 7, 10, 1023, 0]) == pytest.approx(0.6)
+    assert even_fraction([]) == 0.0
+    text = SyntheticTokenizer(1024).decode([4, 7, 10, 1023, 0])
+    assert text == "t4 t7 t10 t1023 t0" and completion_ids(text) == [4, 7, 10, 1023, 0]
+    fn = get_reward("synthetic_even")
+    assert fn("t1 t2", text, {}) == pytest.approx(0.6)
+    # Deterministic through the reward set, and it scores only the completion.
+    totals1, _ = RewardSet(["synthetic_even"]).score(["t1", "t2"], [text, "t1 t3"], [{}, {}])
+    totals2, _ = RewardSet(["synthetic_even"]).score(["t8", "t9"], [text, "t1 t3"], [{}, {}])
+    assert totals1 == totals2 == [pytest.approx(0.6), 0.0]
+
+
+def test_empty_stop_set_generates_exactly_max_new_tokens(tiny_model, meshes, tokenizer):
+    # With the digits task's stop token some of these rows stop early (see
+    # test_rows_stop_independently_at_the_stop_token); with no stop ids, none may.
+    mdef, params = tiny_model
+    sampler = JaxSampler(mdef, meshes.sampler, SamplingConfig(max_new_tokens=6),
+                         pad_id=tokenizer.pad_id, stop_ids=())
+    sampler.load_weights(jax.device_put(params, sampler.shardings))
+    batch = encode_prompts([{"prompt": t} for t in ["31=", "2718=", "99="]], tokenizer)
+    out = sampler.generate(np.repeat(batch.tokens_PxL, 16, 0), np.repeat(batch.mask_PxL, 16, 0),
+                           jax.random.key(0))
+    comp, cmask = np.asarray(out.tokens_BxT), np.asarray(out.mask_BxT)
+    assert comp.shape == (48, 6) and cmask.all()
+    assert (comp == tokenizer.stop_id).any()  # stop ids were drawn, and did not stop the row
+
+
+def test_standard_job_param_count_matches_the_model(bench):
+    from trainer.model import ModelSpec, define_model
+
+    cfg = load_config(overrides=[*SYNTH, "model.hidden_size=256", "model.num_layers=4",
+                                 "model.num_heads=4", "model.num_kv_heads=2",
+                                 "model.mlp_dim=688", "model.qkv_bias=true"])
+    shapes = define_model(ModelSpec.from_config(cfg.model, 1024)).shapes()  # abstract, no init
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    assert n == bench.param_count(bench.STANDARD_MODEL) == 3_166_464
+
+
+def test_flops_formula_matches_a_hand_count(bench):
+    m = {"vocab_size": 10, "hidden_size": 4, "num_layers": 1, "num_heads": 2,
+         "num_kv_heads": 1, "head_dim": 2, "mlp_dim": 6, "tie_embeddings": True,
+         "qkv_bias": True}
+    # P_mm = q 4*2*2 + k,v 2*4*1*2 + o 2*2*4 + SwiGLU 3*4*6 + head 4*10 = 16+16+16+72+40 = 160
+    assert bench.matmul_params(m) == 160
+    # params = embed 40 + (attn 48 + bias 4+2+2 + mlp 72 + norms 8) + final norm 4 = 180
+    assert bench.param_count(m) == 180
+    # one row of 3 tokens: 2*160*3 = 960, attention 1 layer * 4*2*2 * (1+2+3) = 96 -> 1056
+    assert bench.forward_flops(m, 1, 3) == 1056
+    job = {"model": m, "prompts_per_step": 1, "group_size": 2, "prompt_tokens": 2,
+           "new_tokens": 1, "beta": 0.04}
+    # B = 2 rows of P + T = 3: reference 2*1056 = 2112, update 3*2112 = 6336;
+    # sample over P + T - 1 = 2 positions: 2 * (2*160*2 + 16*(1+2)) = 2 * 688 = 1376.
+    f = bench.job_flops(job)
+    assert (f["sample"], f["reference"], f["update"]) == (1376, 2112, 6336)
+    assert f["total"] == 1376 + 2112 + 6336
+    # β = 0: no reference model, no reference forward.
+    assert "reference" not in bench.job_flops({**job, "beta": 0.0})
