@@ -19,12 +19,7 @@ class CharTokenizer:
         self._ids = {c: i + len(self.specials) for i, c in enumerate(alphabet)}
         self.pad_id, self.bos_id = 0, 1
         self.stop_id = self._ids[stop]
-        self.stop_ids = (self.stop_id,)
-
-    @property
-    def stop_ids(self) -> tuple[int, ...]:
-        """The ids that end a completion (the sampler's stop set)."""
-        return (self.stop_id,)
+        self.stop_ids = (self.stop_id,)  # the ids that end a completion (the sampler's set)
 
     @property
     def vocab_size(self) -> int:
