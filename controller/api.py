@@ -36,7 +36,7 @@ class Job:
         from controller.topology import build_meshes
         from reshard.transfer import Resharder
         from rewards.registry import RewardSet
-        from sampler.jax_sampler import JaxSampler
+        from sampler.factory import build_sampler
         from trainer.model import ModelSpec, define_model, init_params, param_count
         from trainer.optim import build_optimizer
         from trainer.trainer import Trainer
@@ -50,9 +50,9 @@ class Job:
         self.num_params = param_count(params)
         self.trainer = Trainer(self.model_def, params, build_optimizer(cfg.optimizer),
                                self.meshes.trainer, cfg.algorithm, cfg.sampling.temperature)
-        self.sampler = JaxSampler(self.model_def, self.meshes.sampler, cfg.sampling,
-                                  pad_id=self.tokenizer.pad_id,
-                                  stop_ids=(self.tokenizer.stop_id,))
+        self.sampler = build_sampler(cfg.sampling, self.model_def, self.meshes.sampler,
+                                     pad_id=self.tokenizer.pad_id,
+                                     stop_ids=(self.tokenizer.stop_id,))
         self.dataset = build_dataset(cfg, self.tokenizer)
         self.loop = SyncLoop(cfg, self.tokenizer, self.dataset, self.trainer, self.sampler,
                              Resharder(), self.rewards)

@@ -98,5 +98,6 @@ class SyncLoop:
             "time/step_s": t_end - t_start,
             "reshard/bytes": float(stats.bytes),
             "reshard/gbps": stats.gbps,
+            **self.sampler.metrics(),  # sampler/compiles, ...; read after the sample sync
         }
         return metrics
