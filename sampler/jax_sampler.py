@@ -191,9 +191,11 @@ class JaxSampler:
         cache_sh = self._cache_sharding(b, p + n_new - 1)
         stop_ids = jnp.asarray(self.stop_ids, jnp.int32)
 
-        def sample(logits_BxV, t):
-            return sample_tokens(logits_BxV, jax.random.fold_in(rng, t), cfg.temperature,
-                                 cfg.top_k, cfg.top_p)
+        def sample(logits_BxV, rng):
+            # One split per token (the key stream the foundation's sampler used, so a seeded
+            # run reproduces): token t is drawn with the second half, the first carries on.
+            rng, key = jax.random.split(rng)
+            return (*sample_tokens(logits_BxV, key, cfg.temperature, cfg.top_k, cfg.top_p), rng)
 
         def stopped(tok_B):
             if not self.stop_ids:
@@ -204,7 +206,7 @@ class JaxSampler:
         cache = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, cache), cache_sh)
         valid_BxS = jnp.concatenate([pmask_BxP, jnp.zeros((b, n_new - 1), bool)], axis=1)
         logits_BxPxV, cache = prefill(mdef, params, prompt_BxP, valid_BxS, cache)
-        tok_B, lp_B, kept_B = sample(logits_BxPxV[:, -1], 0)
+        tok_B, lp_B, kept_B, rng = sample(logits_BxPxV[:, -1], rng)
         tokens_BxT = jnp.full((b, n_new), self.pad_id, jnp.int32).at[:, 0].set(tok_B)
         logps_BxT = jnp.zeros((b, n_new), jnp.float32).at[:, 0].set(lp_B)
         mask_BxT = jnp.zeros((b, n_new), bool).at[:, 0].set(True)
@@ -216,13 +218,13 @@ class JaxSampler:
             return (t < n_new) & ~jnp.all(done_B)
 
         def body(carry):
-            t, cache, tok_B, tokens_BxT, logps_BxT, mask_BxT, done_B, valid_BxS, pos_B, kept = (
-                carry)
+            (t, cache, tok_B, tokens_BxT, logps_BxT, mask_BxT, done_B, valid_BxS, pos_B, kept,
+             rng) = carry
             col = p + t - 1
             valid_BxS = jax.lax.dynamic_update_slice_in_dim(
                 valid_BxS, jnp.ones((b, 1), bool), col, axis=1)
             logits_BxV, cache = decode_step(mdef, params, tok_B, pos_B, valid_BxS, col, cache)
-            tok_B, lp_B, kept_B = sample(logits_BxV, t)
+            tok_B, lp_B, kept_B, rng = sample(logits_BxV, rng)
             live_B = ~done_B
             tok_B = jnp.where(live_B, tok_B, self.pad_id)
             tokens_BxT = jax.lax.dynamic_update_slice_in_dim(tokens_BxT, tok_B[:, None], t, 1)
@@ -232,12 +234,12 @@ class JaxSampler:
             kept = kept + jnp.sum(jnp.where(live_B, kept_B, 0.0))
             done_B = done_B | stopped(tok_B)
             return (t + 1, cache, tok_B, tokens_BxT, logps_BxT, mask_BxT, done_B, valid_BxS,
-                    pos_B + 1, kept)
+                    pos_B + 1, kept, rng)
 
         init = (jnp.int32(1), cache, tok_B, tokens_BxT, logps_BxT, mask_BxT, stopped(tok_B),
-                valid_BxS, pos_B, jnp.sum(kept_B))
+                valid_BxS, pos_B, jnp.sum(kept_B), rng)
         out = jax.lax.while_loop(cond, body, init)
-        _, cache, _, tokens_BxT, logps_BxT, mask_BxT, _, _, _, kept = out
+        _, cache, _, tokens_BxT, logps_BxT, mask_BxT, _, _, _, kept, _ = out
         kept_mean = kept / jnp.maximum(jnp.sum(mask_BxT), 1).astype(jnp.float32)
         cache = jax.lax.with_sharding_constraint(cache, cache_sh)
         return tokens_BxT, logps_BxT, mask_BxT, kept_mean, cache
