@@ -125,6 +125,35 @@ def bench_jax(name, mdef, params, submesh, cfg, tokens, mask, repeats) -> Row:
     return Row(name, compile_s, steady_s, n, cfg.max_new_tokens)
 
 
+def profile_jax(mdef, params, submesh, cfg, tokens, mask) -> None:
+    """Prints what XLA made of the sampler program (jax.stages): cost analysis and copies.
+
+    XLA's cost analysis counts a while-loop body once, so the numbers are prefill + one decode
+    step, not the whole generation. Copies of cache-sized arrays inside the loop are per-step
+    layout changes (the attention einsum wants the cache as [B, K, Dh, S]).
+    """
+    import re
+
+    sampler = JaxSampler(mdef, submesh, cfg, pad_id=PAD_ID, stop_ids=())
+    sampler.load_weights(jax.device_put(params, sampler.shardings))
+    cache = sampler._take_cache(tokens.shape[0], tokens.shape[1] + cfg.max_new_tokens - 1)
+    start = time.perf_counter()
+    lowered = sampler._generate.lower(sampler.params, tokens, mask, jax.random.key(0), cache)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis() or {}
+    hlo = compiled.as_text()
+    s = tokens.shape[1] + cfg.max_new_tokens - 1
+    cache_copies = sum(bool(re.search(rf"[\[,]{s}[\],]", line.split(" copy(")[0]))
+                       for line in hlo.splitlines() if " copy(" in line)
+    print(f"profile (jax.stages): trace+lower {lower_s:.2f}s, XLA compile {compile_s:.2f}s, "
+          f"prefill + 1 decode step: {cost.get('flops', 0) / 1e9:.2f} GFLOP, "
+          f"{cost.get('bytes accessed', 0) / 1e6:.0f} MB accessed; "
+          f"{cache_copies} copies of cache-length arrays in the program")
+
+
 def naive_generate(mdef: ModelDef, cfg: SamplingConfig):
     """No KV cache: every step runs the model over the whole [B, P + T] buffer."""
     n_new = cfg.max_new_tokens
@@ -176,6 +205,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-tp", action="store_true", help="skip the simulated tp=4 row")
     ap.add_argument("--skip-naive", action="store_true", help="skip the no-cache baseline")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print XLA cost analysis and copy counts of the sampler program")
     args = ap.parse_args(argv)
 
     mdef, params = qwen2_style_model()
@@ -188,6 +219,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
           f"(left-padded), {args.new_tokens} new tokens | {jax.devices()[0].device_kind}, "
           f"{os.cpu_count()} CPU cores")
 
+    if args.profile:
+        profile_jax(mdef, params, one, base, tokens, mask)
     rows = [bench_jax("jax sampler (1 device)", mdef, params, one, base, tokens, mask,
                       args.repeats),
             bench_jax("jax sampler, top-k 50 + top-p 0.9", mdef, params, one, trunc, tokens,
