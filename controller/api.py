@@ -45,7 +45,7 @@ class Job:
         from controller.topology import build_meshes
         from reshard.transfer import Resharder
         from rewards.registry import RewardSet
-        from sampler.jax_sampler import JaxSampler
+        from sampler.factory import build_sampler
         from trainer.model import (
             ModelSpec,
             define_model,
@@ -80,10 +80,17 @@ class Job:
         self.trainer = Trainer(self.model_def, params, build_optimizer(cfg.optimizer),
                                self.meshes.trainer, cfg.algorithm, cfg.sampling.temperature,
                                is_cap=cfg.schedule.is_cap)
-        self.sampler = JaxSampler(self.model_def, self.meshes.sampler, cfg.sampling,
-                                  pad_id=self.tokenizer.pad_id,
-                                  stop_ids=tuple(self.tokenizer.stop_ids),
-                                  param_dtype=cfg.reshard.dtype)
+        hf_dir, to_hf = None, None
+        if cfg.model.path and cfg.sampling.backend == "vllm":
+            # vLLM serves the HF directory and takes each new policy by HF tensor name.
+            from trainer.hf import hf_named_arrays
+
+            hf_dir, to_hf = cfg.model.path, lambda p: hf_named_arrays(self.model_def.spec, p)
+        self.sampler = build_sampler(cfg.sampling, self.model_def, self.meshes.sampler,
+                                     pad_id=self.tokenizer.pad_id,
+                                     stop_ids=tuple(self.tokenizer.stop_ids),
+                                     param_dtype=cfg.reshard.dtype,
+                                     hf_model_dir=hf_dir, to_hf=to_hf)
         self.dataset = build_dataset(cfg, self.tokenizer)
         self.timeline = Timeline()
         resharder = Resharder(dtype=cfg.reshard.dtype, chunk_bytes=cfg.reshard.chunk_bytes,

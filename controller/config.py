@@ -160,12 +160,41 @@ class TopologyConfig(_Section):
 
 
 class SamplingConfig(_Section):
-    """Generation on the sampler mesh."""
+    """Generation on the sampler mesh.
 
-    backend: Literal["jax"] = "jax"
+    A token is drawn from softmax(logits / τ) restricted to the top-k tokens, then to the
+    smallest set whose probability reaches top-p (temperature, then top-k, then top-p, as HF
+    and vLLM order them). Its reported logprob is log softmax(logits / τ) *without* the
+    truncation, the distribution the trainer scores (see sampler/sampling.py for why).
+    """
+
+    # "jax": the compiled KV-cache sampler on the sampler mesh; "vllm": vLLM (GPU) or vLLM with
+    # tpu-inference (TPU), installed with `pip install 'tandem-rl[vllm]'`.
+    backend: Literal["jax", "vllm"] = "jax"
     group_size: int = Field(8, ge=2)  # G: completions per prompt
-    temperature: float = Field(1.0, ge=0)  # 0 = greedy
-    max_new_tokens: int = Field(6, ge=1)
+    temperature: float = Field(1.0, ge=0)  # τ; 0 = greedy (top_k / top_p then do nothing)
+    top_k: int = Field(0, ge=0)  # keep the k most likely tokens; 0 = off
+    top_p: float = Field(1.0, gt=0, le=1)  # nucleus: smallest set with mass >= p; 1 = off
+    max_new_tokens: int = Field(6, ge=1)  # T: completion length cap
+    # Token ids that end a row, in addition to the tokenizer's end-of-sequence token.
+    stop_tokens: list[int] = Field(default_factory=list)
+    # Prompt widths are left-padded up to prompt_bucket * 2^k, so a batch of a new width
+    # reuses a compiled program (at most log2(longest / prompt_bucket) + 1 programs per batch
+    # size). None: exact widths, one compilation per new width.
+    prompt_bucket: int | None = Field(16, ge=1)
+    # Extra keyword arguments for vllm.LLM(...) (backend=vllm only), e.g.
+    # {gpu_memory_utilization: 0.5, tensor_parallel_size: 4}.
+    vllm_engine_args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_stop_tokens(self) -> SamplingConfig:
+        bad = [t for t in self.stop_tokens if t < 0]
+        if bad:
+            raise ValueError(
+                f"sampling.stop_tokens={self.stop_tokens}: token ids must be >= 0, got {bad} "
+                f"(fix: e.g. sampling.stop_tokens=[2])"
+            )
+        return self
 
 
 class AlgorithmConfig(_Section):

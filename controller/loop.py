@@ -124,7 +124,8 @@ class Loop:
         return Rollout(step, version, self.dataset.position, prompts.rows, prompt_tokens,
                        prompt_mask, tokens, mask, logps, rewards_PxG, reward_metrics,
                        {"time/sample_s": sample_span.seconds,
-                        "time/reward_s": score_span.seconds})
+                        "time/reward_s": score_span.seconds,
+                        **self.sampler.metrics()})  # sampler/compiles, sampler/kept_mass
 
     # -- the trainer side ------------------------------------------------------------------
 

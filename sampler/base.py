@@ -1,9 +1,11 @@
-"""The sampler interface every backend implements."""
+"""The sampler interface every backend implements, and the weight checks they share."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import jax
 
 
 @dataclass(frozen=True)
@@ -11,7 +13,8 @@ class Completions:
     """Generated tokens for B rows, right-padded to T = max_new_tokens.
 
     mask_BxT marks real completion tokens (the stop token included, padding after it not);
-    logps_BxT is the log-probability the sampler drew each token with (0 where masked).
+    logps_BxT is the log-probability the sampler drew each token with (0 where masked), under
+    the tempered, untruncated distribution log softmax(logits / τ) (see sampler/sampling.py).
     """
 
     tokens_BxT: Any
@@ -31,3 +34,51 @@ class Sampler(Protocol):
     def load_weights(self, params: Any) -> None:
         """Replaces the sampler's weights; the only way they change."""
         ...
+
+    def metrics(self) -> dict[str, float]:
+        """Counters about the sampler itself (`sampler/...` keys), read after generate."""
+        ...
+
+
+def check_weights(params: Any, expected: Any, shardings: Any | None) -> None:
+    """Raises WeightMismatchError unless `params` matches the model leaf for leaf.
+
+    expected: the model's tree with (shape, dtype) leaves. shardings: the sampler's
+    NamedSharding tree, or None to skip the placement check (a host-side backend such as vLLM).
+    A silent wrong-layer load is the worst bug an RL system can have, so the structure (every
+    key), each shape and dtype, and each placement are compared, and the first difference is
+    named by its path.
+    """
+    is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
+    want = jax.tree.structure(expected, is_leaf=is_pair)
+    got = jax.tree.structure(params)
+    if want != got:
+        raise WeightMismatchError(
+            f"load_weights: tree structure differs from the model's.\n  expected: {want}\n"
+            f"  got:      {got}"
+        )
+    flat_want = jax.tree_util.tree_leaves_with_path(expected, is_leaf=is_pair)
+    flat_sh = jax.tree.leaves(shardings) if shardings is not None else [None] * len(flat_want)
+    for (path, (shape, dtype)), leaf, sh in zip(
+        flat_want, jax.tree.leaves(params), flat_sh, strict=True
+    ):
+        name = jax.tree_util.keystr(path)
+        if tuple(leaf.shape) != tuple(shape) or leaf.dtype != dtype:
+            raise WeightMismatchError(
+                f"load_weights: {name} is {leaf.dtype}{list(leaf.shape)}, the model needs "
+                f"{dtype}{list(shape)}"
+            )
+        if sh is None:
+            continue
+        if not isinstance(leaf, jax.Array) or leaf.sharding != sh:
+            where = leaf.sharding if isinstance(leaf, jax.Array) else type(leaf).__name__
+            raise WeightMismatchError(
+                f"load_weights: {name} has sharding {where}, the sampler needs {sh} "
+                f"(fix: reshard the tree to sampler.shardings first)"
+            )
+        if leaf.weak_type:
+            # A weak type is part of jit's cache key: loading it would recompile generate.
+            raise WeightMismatchError(
+                f"load_weights: {name} is weakly typed (made from a Python scalar); the "
+                f"compiled sampler expects a strong {dtype} (fix: .astype(jnp.{dtype}))"
+            )

@@ -1,9 +1,29 @@
 """The JAX-native sampler: prefill + decode in one compiled loop over a KV cache.
 
-Prompts are left-padded, so every row writes its next token into the same cache column; a row's
-own positions (for RoPE) count only its real tokens. The decode loop is a `lax.while_loop` that
-stops early once every row has emitted a stop token. Params are jit arguments, never closed
-over: pushing new weights reuses the compiled program.
+One `generate` call is one jitted program on the sampler sub-mesh:
+
+    PREFILL  the left-padded prompts [B, P] in one forward pass; keys/values -> cache [0, P)
+    DECODE   a `lax.while_loop`: feed the last token at column P + t - 1, sample token t
+
+Design choices, each for speed or for never recompiling:
+
+- Left padding puts every row's next token in the same cache column, so a decode step is one
+  [B, 1] forward; a row's RoPE positions count only its real tokens (`positions_from_mask`).
+- The loop samples token 0 from the prefill logits and runs a forward only to get the logits of
+  a token it will sample, so T new tokens cost one prefill and T - 1 decode forwards (no wasted
+  pass after the last token), and the cache needs only P + T - 1 columns.
+- Rows stop independently on any stop token (the tokenizer's EOS plus `sampling.stop_tokens`);
+  the loop exits as soon as every row has stopped.
+- Params are jit *arguments*: a weight push (`load_weights`, which checks structure, shape,
+  dtype and placement) reuses the compiled program. Prompt widths are padded up to a bucket
+  (`sampling.prompt_bucket`), so a new prompt width reuses one too. `metrics()` counts compiles.
+- The KV cache is a buffer the sampler keeps between calls and *donates* to the program, which
+  zeroes and fills it in place (no fresh allocation per call; zeroing keeps a stale NaN from an
+  earlier bad batch out of masked columns, where 0 * NaN would leak through the attention).
+- Sharding is declared: params follow the sampler mesh's rules (tensor-parallel heads, kv
+  heads, MLP and vocab by default, `topology.sampler_rules`); the cache is laid out as
+  ("batch", None, "kv_heads", "head_dim") under the same rules; prompts are split over the
+  "batch" rule's axis. XLA inserts the collectives.
 """
 
 from __future__ import annotations
@@ -15,9 +35,56 @@ import jax.numpy as jnp
 import numpy as np
 
 from controller.config import SamplingConfig
-from sampler.base import Completions, WeightMismatchError
+from sampler.base import Completions, check_weights
 from sampler.sampling import sample_tokens
 from trainer.model import ModelDef, apply_model, causal_mask, init_cache, positions_from_mask
+
+CACHE_AXES = ("batch", None, "kv_heads", "head_dim")  # logical axes of each [B, S, K, Dh]
+
+
+def bucket_width(width: int, bucket: int | None) -> int:
+    """The padded prompt width: the smallest bucket * 2^k >= width (width itself if None)."""
+    if bucket is None:
+        return width
+    out = bucket
+    while out < width:
+        out *= 2
+    return out
+
+
+def left_pad(tokens_BxP: np.ndarray, mask_BxP: np.ndarray, width: int, pad_id: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Adds masked pad columns on the left up to `width` (real tokens stay right-aligned)."""
+    b, p = tokens_BxP.shape
+    if width == p:
+        return tokens_BxP, mask_BxP
+    tokens = np.full((b, width), pad_id, np.int32)
+    mask = np.zeros((b, width), bool)
+    tokens[:, width - p:] = tokens_BxP
+    mask[:, width - p:] = mask_BxP
+    return tokens, mask
+
+
+def prefill(mdef: ModelDef, params: Any, prompt_BxP: jax.Array, valid_BxS: jax.Array,
+            cache: list) -> tuple[jax.Array, list]:
+    """Runs the prompts through the model, writing cache columns [0, P).
+
+    valid_BxS marks the cache columns holding real tokens (the prompt mask, then False).
+    Returns (logits_BxPxV, cache).
+    """
+    p = prompt_BxP.shape[1]
+    positions_BxP = positions_from_mask(valid_BxS[:, :p])
+    return apply_model(mdef, params, prompt_BxP, positions_BxP, causal_mask(valid_BxS, 0, p),
+                       cache, 0)
+
+
+def decode_step(mdef: ModelDef, params: Any, tok_B: jax.Array, pos_B: jax.Array,
+                valid_BxS: jax.Array, col: jax.Array, cache: list) -> tuple[jax.Array, list]:
+    """Feeds one token per row at cache column `col` (position pos_B); returns (logits_BxV,
+    cache). valid_BxS must already mark `col` (a token attends to itself)."""
+    logits_Bx1xV, cache = apply_model(mdef, params, tok_B[:, None], pos_B[:, None],
+                                      causal_mask(valid_BxS, col, 1), cache, col)
+    return logits_Bx1xV[:, 0], cache
 
 
 class JaxSampler:
@@ -29,7 +96,15 @@ class JaxSampler:
         self.submesh = submesh
         self.cfg = cfg
         self.pad_id = pad_id
-        self.stop_ids = tuple(stop_ids)
+        # The tokenizer's EOS first, then sampling.stop_tokens; duplicates dropped.
+        self.stop_ids = tuple(dict.fromkeys((*stop_ids, *cfg.stop_tokens)))
+        vocab = mdef.spec.vocab_size
+        bad = [t for t in self.stop_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(
+                f"sampling.stop_tokens={list(cfg.stop_tokens)}: ids {bad} are outside the "
+                f"model's vocabulary [0, {vocab}) (fix: use token ids below {vocab})"
+            )
         self.shardings = jax.tree.map(
             lambda axes, shape: submesh.sharding(axes, shape.shape),
             mdef.logical_axes, mdef.shapes(), is_leaf=lambda x: isinstance(x, tuple),
@@ -39,35 +114,20 @@ class JaxSampler:
             lambda s: (s.shape, jnp.dtype(param_dtype) if param_dtype is not None
                        and jnp.issubdtype(s.dtype, jnp.floating) else s.dtype), mdef.shapes())
         self._params: Any = None
-        self._generate = jax.jit(self._generate_impl)
+        self._cache: tuple[tuple[int, int], list] | None = None  # ((B, S), donated buffer)
+        self._traces = 0  # how many times generate was traced = compiled (see metrics())
+        self._last: dict[str, Any] = {}
+        self._generate = jax.jit(self._generate_impl, donate_argnames=("cache",))
 
     # -- weights ---------------------------------------------------------------------------
 
     def load_weights(self, params: Any) -> None:
-        """Takes new weights; rejects a tree that does not match the model exactly."""
-        want = jax.tree.structure(self._expected, is_leaf=lambda x: isinstance(x, tuple))
-        got = jax.tree.structure(params)
-        if want != got:
-            raise WeightMismatchError(
-                f"load_weights: tree structure differs from the model's.\n  expected: {want}\n"
-                f"  got:      {got}"
-            )
-        flat_want = jax.tree_util.tree_leaves_with_path(
-            self._expected, is_leaf=lambda x: isinstance(x, tuple))
-        for (path, (shape, dtype)), leaf, sh in zip(
-            flat_want, jax.tree.leaves(params), jax.tree.leaves(self.shardings), strict=True
-        ):
-            name = jax.tree_util.keystr(path)
-            if tuple(leaf.shape) != tuple(shape) or leaf.dtype != dtype:
-                raise WeightMismatchError(
-                    f"load_weights: {name} is {leaf.dtype}{list(leaf.shape)}, the model needs "
-                    f"{dtype}{list(shape)}"
-                )
-            if getattr(leaf, "sharding", None) is not None and leaf.sharding != sh:
-                raise WeightMismatchError(
-                    f"load_weights: {name} has sharding {leaf.sharding}, the sampler needs {sh} "
-                    f"(fix: reshard the tree to sampler.shardings first)"
-                )
+        """Takes new weights; rejects a tree that does not match the model exactly.
+
+        Structure, shapes, dtypes and shardings must all equal the compiled program's, which is
+        also what guarantees that a push never recompiles.
+        """
+        check_weights(params, self._expected, self.shardings)
         self._params = params
 
     @property
@@ -77,57 +137,112 @@ class JaxSampler:
     # -- generation ------------------------------------------------------------------------
 
     def generate(self, prompt_tokens_BxP: Any, prompt_mask_BxP: Any, rng: Any) -> Completions:
+        """Completions for left-padded prompts; returns device arrays (no host sync here)."""
         if self._params is None:
             raise RuntimeError("sampler has no weights yet: call load_weights(params) first")
         tokens = np.asarray(prompt_tokens_BxP, np.int32)
         mask = np.asarray(prompt_mask_BxP, bool)
-        sh = self.submesh.batch_sharding(tokens.shape[0], 2)
+        if tokens.ndim != 2 or tokens.shape != mask.shape:
+            raise ValueError(
+                f"generate: prompt tokens {tokens.shape} and mask {mask.shape} must be the same "
+                f"[B, P] shape"
+            )
+        width = bucket_width(tokens.shape[1], self.cfg.prompt_bucket)
+        tokens, mask = left_pad(tokens, mask, width, self.pad_id)
+        b = tokens.shape[0]
+        sh = self.submesh.batch_sharding(b, 2)
         tokens, mask = jax.device_put(tokens, sh), jax.device_put(mask, sh)
         rng = jax.device_put(rng, self.submesh.replicated())
-        out_tokens, out_logps, out_mask = self._generate(self._params, tokens, mask, rng)
+        cache = self._take_cache(b, width + self.cfg.max_new_tokens - 1)
+        out_tokens, out_logps, out_mask, kept_mass, cache = self._generate(
+            self._params, tokens, mask, rng, cache)
+        self._cache = ((b, width + self.cfg.max_new_tokens - 1), cache)
+        self._last = {"prompt_width": width, "kept_mass": kept_mass}
         return Completions(out_tokens, out_logps, out_mask)
 
-    def _generate_impl(self, params, prompt_BxP, pmask_BxP, rng):
-        spec, n_new = self.mdef.spec, self.cfg.max_new_tokens
+    def metrics(self) -> dict[str, float]:
+        """sampler/compiles (programs built so far), the last call's padded prompt width and
+        mean kept mass Z of top-k/top-p (1 when off). Reading kept_mass waits for the last
+        generate: a HOST SYNC, cheap after the caller has fetched the completions."""
+        out = {"sampler/compiles": float(self._traces)}
+        if self._last:
+            out["sampler/prompt_width"] = float(self._last["prompt_width"])
+            out["sampler/kept_mass"] = float(self._last["kept_mass"])
+        return out
+
+    def _take_cache(self, b: int, s: int) -> list:
+        """The kept cache buffer if its shape fits, else a new one (the old one is freed)."""
+        if self._cache is not None and self._cache[0] == (b, s):
+            cache, self._cache = self._cache[1], None  # donated: must not be reused after
+            return cache
+        self._cache = None
+        spec = self.mdef.spec
+        sharding = self._cache_sharding(b, s)
+        return jax.jit(lambda: init_cache(spec, b, s), out_shardings=sharding)()
+
+    def _cache_sharding(self, b: int, s: int) -> Any:
+        spec = self.mdef.spec
+        shape = (b, s, spec.num_kv_heads, spec.head_dim)
+        one = self.submesh.sharding(CACHE_AXES, shape)
+        return [(one, one) for _ in range(spec.num_layers)]
+
+    def _generate_impl(self, params, prompt_BxP, pmask_BxP, rng, cache):
+        self._traces += 1  # runs only while tracing, i.e. once per compiled program
+        cfg, mdef = self.cfg, self.mdef
+        n_new = cfg.max_new_tokens
         b, p = prompt_BxP.shape
-        s = p + n_new
+        cache_sh = self._cache_sharding(b, p + n_new - 1)
         stop_ids = jnp.asarray(self.stop_ids, jnp.int32)
 
-        # PREFILL: the whole prompt in one pass, keys/values into cache columns [0, P).
-        cache = init_cache(spec, b, s)
-        valid_BxS = jnp.concatenate([pmask_BxP, jnp.zeros((b, n_new), bool)], axis=1)
-        positions_BxP = positions_from_mask(pmask_BxP)
-        logits_BxPxV, cache = apply_model(self.mdef, params, prompt_BxP, positions_BxP,
-                                          causal_mask(valid_BxS, 0, p), cache, 0)
+        def sample(logits_BxV, rng):
+            # One split per token (the key stream the foundation's sampler used, so a seeded
+            # run reproduces): token t is drawn with the second half, the first carries on.
+            rng, key = jax.random.split(rng)
+            return (*sample_tokens(logits_BxV, key, cfg.temperature, cfg.top_k, cfg.top_p), rng)
 
-        # DECODE: sample token t from the current logits, then feed it at column P + t.
+        def stopped(tok_B):
+            if not self.stop_ids:
+                return jnp.zeros(tok_B.shape, bool)
+            return jnp.isin(tok_B, stop_ids)
+
+        # PREFILL: zero the donated cache in place, then the whole prompt in one pass.
+        cache = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, cache), cache_sh)
+        valid_BxS = jnp.concatenate([pmask_BxP, jnp.zeros((b, n_new - 1), bool)], axis=1)
+        logits_BxPxV, cache = prefill(mdef, params, prompt_BxP, valid_BxS, cache)
+        tok_B, lp_B, kept_B, rng = sample(logits_BxPxV[:, -1], rng)
+        tokens_BxT = jnp.full((b, n_new), self.pad_id, jnp.int32).at[:, 0].set(tok_B)
+        logps_BxT = jnp.zeros((b, n_new), jnp.float32).at[:, 0].set(lp_B)
+        mask_BxT = jnp.zeros((b, n_new), bool).at[:, 0].set(True)
+        pos_B = positions_from_mask(pmask_BxP)[:, -1] + 1  # position of token 0
+
+        # DECODE: step t feeds token t-1 at column P + t - 1 and samples token t.
         def cond(carry):
-            t, done_B = carry[0], carry[5]
+            t, done_B = carry[0], carry[6]
             return (t < n_new) & ~jnp.all(done_B)
 
         def body(carry):
-            t, cache, logits_BxV, tokens_BxT, logps_BxT, done_B, mask_BxT, valid_BxS, pos_B, rng = (
-                carry)
-            rng, key = jax.random.split(rng)
-            tok_B, lp_B = sample_tokens(logits_BxV, key, self.cfg.temperature)
+            (t, cache, tok_B, tokens_BxT, logps_BxT, mask_BxT, done_B, valid_BxS, pos_B, kept,
+             rng) = carry
+            col = p + t - 1
+            valid_BxS = jax.lax.dynamic_update_slice_in_dim(
+                valid_BxS, jnp.ones((b, 1), bool), col, axis=1)
+            logits_BxV, cache = decode_step(mdef, params, tok_B, pos_B, valid_BxS, col, cache)
+            tok_B, lp_B, kept_B, rng = sample(logits_BxV, rng)
             live_B = ~done_B
             tok_B = jnp.where(live_B, tok_B, self.pad_id)
-            tokens_BxT = tokens_BxT.at[:, t].set(tok_B)
-            logps_BxT = logps_BxT.at[:, t].set(jnp.where(live_B, lp_B, 0.0))
-            mask_BxT = mask_BxT.at[:, t].set(live_B)
-            done_B = done_B | jnp.isin(tok_B, stop_ids)
-            valid_BxS = valid_BxS.at[:, p + t].set(True)
-            logits_Bx1xV, cache = apply_model(
-                self.mdef, params, tok_B[:, None], pos_B[:, None],
-                causal_mask(valid_BxS, p + t, 1), cache, p + t)
-            return (t + 1, cache, logits_Bx1xV[:, 0], tokens_BxT, logps_BxT, done_B, mask_BxT,
-                    valid_BxS, pos_B + 1, rng)
+            tokens_BxT = jax.lax.dynamic_update_slice_in_dim(tokens_BxT, tok_B[:, None], t, 1)
+            logps_BxT = jax.lax.dynamic_update_slice_in_dim(
+                logps_BxT, jnp.where(live_B, lp_B, 0.0)[:, None], t, 1)
+            mask_BxT = jax.lax.dynamic_update_slice_in_dim(mask_BxT, live_B[:, None], t, 1)
+            kept = kept + jnp.sum(jnp.where(live_B, kept_B, 0.0))
+            done_B = done_B | stopped(tok_B)
+            return (t + 1, cache, tok_B, tokens_BxT, logps_BxT, mask_BxT, done_B, valid_BxS,
+                    pos_B + 1, kept, rng)
 
-        init = (
-            jnp.int32(0), cache, logits_BxPxV[:, -1],
-            jnp.full((b, n_new), self.pad_id, jnp.int32), jnp.zeros((b, n_new), jnp.float32),
-            jnp.zeros((b,), bool), jnp.zeros((b, n_new), bool), valid_BxS,
-            positions_BxP[:, -1] + 1, rng,
-        )
+        init = (jnp.int32(1), cache, tok_B, tokens_BxT, logps_BxT, mask_BxT, stopped(tok_B),
+                valid_BxS, pos_B, jnp.sum(kept_B), rng)
         out = jax.lax.while_loop(cond, body, init)
-        return out[3], out[4], out[6]
+        _, cache, _, tokens_BxT, logps_BxT, mask_BxT, _, _, _, kept, _ = out
+        kept_mean = kept / jnp.maximum(jnp.sum(mask_BxT), 1).astype(jnp.float32)
+        cache = jax.lax.with_sharding_constraint(cache, cache_sh)
+        return tokens_BxT, logps_BxT, mask_BxT, kept_mean, cache

@@ -522,6 +522,12 @@ def _host_leaves(entries: list[_Entry], params: Params) -> Iterator[tuple[str, n
         yield e.hf_name, np.ascontiguousarray(e.to_hf(arr))
 
 
+def hf_named_arrays(spec: ModelSpec, params: Params) -> list[tuple[str, np.ndarray]]:
+    """(HF tensor name, host array) for every tensor of the HF checkpoint layout of `params`;
+    what an HF-format consumer (vLLM's in-place weight load) takes."""
+    return list(_host_leaves(param_map(spec), params))
+
+
 def save_hf_model(path: str | Path, spec: ModelSpec, params: Params, *,
                   source_dir: str | Path | None = None, max_shard_bytes: int = 4 * 1024**3,
                   overwrite: bool = False) -> Path:

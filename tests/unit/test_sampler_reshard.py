@@ -1,7 +1,6 @@
-"""Sampler vs a full forward pass, stop handling, load_weights checks, and the reshard."""
+"""The reshard, and sampler logprobs vs the trainer's (more sampler tests: test_jax_sampler)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -58,45 +57,6 @@ def test_sampler_logprobs_equal_full_forward_logprobs(setup, tokenizer):
     tlogp = np.asarray(trainer.logprobs(batch))
     assert cmask.sum() > len(tokens)  # real completions, not just stop tokens
     np.testing.assert_allclose(np.where(cmask, tlogp, 0.0), slogp, atol=1e-4)
-
-
-def test_rows_stop_independently_at_the_stop_token(setup, tokenizer):
-    _, sampler, _, _ = setup
-    tokens, mask = _prompts(tokenizer, ["31=", "2718=", "99="], repeat=16)
-    out = sampler.generate(tokens, mask, jax.random.key(0))
-    comp, cmask = np.asarray(out.tokens_BxT), np.asarray(out.mask_BxT)
-    stop_at = []
-    for row, m in zip(comp, cmask, strict=True):
-        hits = np.flatnonzero(row == tokenizer.stop_id)
-        end = hits[0] + 1 if len(hits) else len(row)  # the stop token itself is kept
-        stop_at.append(end)
-        assert m[:end].all() and not m[end:].any()
-        assert (row[end:] == tokenizer.pad_id).all()
-    # With this seed some rows stop early and some run to max_new_tokens.
-    assert min(stop_at) < len(comp[0]) and max(stop_at) == len(comp[0])
-
-
-def test_greedy_is_deterministic_and_seeded_sampling_repeats(setup, tokenizer):
-    _, sampler, _, _ = setup
-    tokens, mask = _prompts(tokenizer, ["123=", "45="], repeat=2)
-    a = sampler.generate(tokens, mask, jax.random.key(5))
-    b = sampler.generate(tokens, mask, jax.random.key(5))
-    np.testing.assert_array_equal(np.asarray(a.tokens_BxT), np.asarray(b.tokens_BxT))
-
-
-def test_load_weights_rejects_a_wrong_tree(setup):
-    _, sampler, moved, _ = setup
-    missing = {k: v for k, v in moved.items() if k != "final_norm"}
-    with pytest.raises(WeightMismatchError, match="tree structure"):
-        sampler.load_weights(missing)
-    bad_shape = jax.tree.map(lambda x: x, moved)
-    bad_shape["embed"] = jnp.zeros((3, 3))
-    with pytest.raises(WeightMismatchError, match=r"\['embed'\] is float32\[3, 3\]"):
-        sampler.load_weights(bad_shape)
-    bad_dtype = jax.tree.map(lambda x: x, moved)
-    bad_dtype["embed"] = moved["embed"].astype(jnp.bfloat16)
-    with pytest.raises(WeightMismatchError, match="bfloat16"):
-        sampler.load_weights(bad_dtype)
 
 
 def test_load_weights_rejects_trainer_layout(setup):
