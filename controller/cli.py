@@ -1,4 +1,4 @@
-"""`tandem` command line: `tandem run [config.yaml] [key.sub=value ...]`."""
+"""`tandem` command line: `tandem run [config.yaml] [key.sub=value ...]`, `tandem status`."""
 
 from __future__ import annotations
 
@@ -52,6 +52,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
     console.print(f"[bold]tandem[/bold] run '{cfg.run.name}' (config {cfg.digest()})")
     job = Job(cfg)
     console.print(f"devices: {job.meshes.describe()}")
+    if job.status_address is not None:
+        console.print(f"status: {job.status_address} (tandem status --address "
+                      f"{job.status_address} --watch)", highlight=False)
     console.print(
         f"model: {job.num_params:,} params, {cfg.model.num_layers} layers, "
         f"d={cfg.model.hidden_size} | task: {cfg.data.task}, {cfg.data.prompts_per_step} prompts "
@@ -106,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--print-config", action="store_true",
                      help="print the resolved config as YAML and exit")
     run.set_defaults(func=cmd_run)
+    from controller.status_cli import add_status_parser
+
+    add_status_parser(sub)
     return parser
 
 

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -197,6 +204,34 @@ class RunConfig(_Section):
     progress: bool = True  # show a progress bar on the console
 
 
+class StatusConfig(_Section):
+    """The gRPC status service (controller/status.proto) that runs inside the controller."""
+
+    enabled: bool = True  # serve from Job construction to Job.close()
+    host: str = Field("127.0.0.1", min_length=1)  # bind address; loopback unless a token is set
+    port: int = Field(0, ge=0, le=65535)  # 0: pick a free port (printed by `tandem run`)
+    # Bearer token every RPC must carry (`authorization: Bearer <token>`); None: read the
+    # environment variable `token_env`. Required to bind a non-loopback address.
+    # Masked ("**********") in --print-config and the saved config.yaml; prefer the env var.
+    token: SecretStr | None = Field(None, min_length=1)
+    token_env: str = Field("TANDEM_STATUS_TOKEN", min_length=1)
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key, serve TLS
+    tls_key: str | None = None  # PEM private key
+    max_workers: int = Field(16, ge=1)  # the server's own thread pool (not the loop's)
+    history: int = Field(10_000, ge=1)  # steps kept for GetMetrics windows and watch replay
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> StatusConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            have, need = ("tls_cert", "tls_key") if self.tls_key is None else ("tls_key",
+                                                                               "tls_cert")
+            raise ValueError(
+                f"status.{have} is set but status.{need} is not; TLS needs both "
+                f"(fix: set status.{need}=PATH.pem, or unset status.{have})"
+            )
+        return self
+
+
 class JobConfig(_Section):
     """Everything a Tandem job needs; the only validator."""
 
@@ -208,6 +243,7 @@ class JobConfig(_Section):
     rewards: RewardsConfig = RewardsConfig()
     data: DataConfig = DataConfig()
     run: RunConfig = RunConfig()
+    status: StatusConfig = StatusConfig()
 
     @model_validator(mode="after")
     def _check_lengths(self) -> JobConfig:

@@ -11,6 +11,7 @@ Host sync points are marked "HOST SYNC": each is a place where Python waits for 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -40,11 +41,20 @@ class SyncLoop:
         self.resharder = resharder
         self.rewards = rewards
         self.rng = jax.random.key(cfg.run.seed)
+        # Called with "sampling" / "scoring" / "training" / "syncing" as each phase begins
+        # (the Job publishes it to the status board); must return at once.
+        self.on_phase: Callable[[str], Any] | None = None
+        self.weight_pushes = 0  # the sampler holds policy version weight_pushes - 1
+
+    def _phase(self, name: str) -> None:
+        if self.on_phase is not None:
+            self.on_phase(name)
 
     def push_weights(self) -> Any:
         """Trainer params -> sampler layout -> sampler.load_weights. Returns TransferStats."""
         params, stats = self.resharder.transfer(self.trainer.params, self.sampler.shardings)
         self.sampler.load_weights(params)
+        self.weight_pushes += 1
         return stats
 
     def step(self, step: int) -> dict[str, float]:
@@ -52,6 +62,7 @@ class SyncLoop:
         t_start = time.perf_counter()
 
         # SAMPLE: G completions for each prompt, on the sampler mesh.
+        self._phase("sampling")
         prompts = self.dataset.next_batch()
         prompt_tokens = np.repeat(prompts.tokens_PxL, g, axis=0)
         prompt_mask = np.repeat(prompts.mask_PxL, g, axis=0)
@@ -62,6 +73,7 @@ class SyncLoop:
         t_sampled = time.perf_counter()
 
         # SCORE: text -> rewards (Python, on the host).
+        self._phase("scoring")
         rows = [r for r in prompts.rows for _ in range(g)]
         texts = [self.tokenizer.decode(t) for t in tokens]
         rewards, components = self.rewards.score([r["prompt"] for r in rows], texts, rows)
@@ -72,12 +84,14 @@ class SyncLoop:
         adv_B = grpo_advantages(rewards_PxG, self.cfg.algorithm.advantage_eps).reshape(-1)
 
         # UPDATE: one jitted, sharded GRPO step on the trainer mesh.
+        self._phase("training")
         aux = self.trainer.update(
             TrainBatch(prompt_tokens, prompt_mask, tokens, mask, adv_B, logps))
         aux = jax.device_get(aux)  # HOST SYNC: wait for the update and read its metrics.
         t_updated = time.perf_counter()
 
         # RESHARD: new weights from the trainer layout to the sampler layout.
+        self._phase("syncing")
         stats = self.push_weights()  # HOST SYNC inside: the transfer is timed to completion.
         t_end = time.perf_counter()
 
