@@ -50,7 +50,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     console = Console(stderr=False)
     console.print(f"[bold]tandem[/bold] run '{cfg.run.name}' (config {cfg.digest()})")
-    job = Job(cfg)
+    try:
+        job = Job(cfg)
+    except ConfigError as e:  # e.g. the split does not fit the devices, or status.host unsafe
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     console.print(f"devices: {job.meshes.describe()}")
     if job.status_address is not None:
         console.print(f"status: {job.status_address} (tandem status --address "

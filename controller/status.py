@@ -176,6 +176,10 @@ class StatusServicer(pb_grpc.TandemStatusServicer):
         return reply
 
     def WatchMetrics(self, request, context):
+        board = self.board
+        # Fixed before the stream counts as open: a step published after this is seen.
+        next_seq = (board.first_seq_at(request.from_step) if request.from_step > 0
+                    else board.published)
         with self._lock:
             if self._watchers >= self.max_watchers:
                 context.abort(
@@ -192,9 +196,6 @@ class StatusServicer(pb_grpc.TandemStatusServicer):
 
         context.add_callback(on_done)
         try:
-            board = self.board
-            next_seq = (board.first_seq_at(request.from_step) if request.from_step > 0
-                        else board.published)
             while not gone.is_set():
                 try:
                     records = board.wait_records(next_seq, timeout=1.0, cancelled=gone.is_set)
@@ -210,6 +211,11 @@ class StatusServicer(pb_grpc.TandemStatusServicer):
         finally:
             with self._lock:
                 self._watchers -= 1
+
+    @property
+    def open_watchers(self) -> int:
+        """WatchMetrics streams open now."""
+        return self._watchers
 
     def GetTopology(self, request, context):
         if self.topology is None:
@@ -293,7 +299,7 @@ class StatusServer:
     def set_topology(self, reply: pb.TopologyReply) -> None:
         self.servicer.topology = reply
 
-    def stop(self, grace: float = 1.0) -> None:
+    def stop(self, grace: float = 5.0) -> None:
         """NOT_SERVING, end watch streams (they drain first), then stop within `grace` s."""
         self.set_serving(False)
         self.servicer.board.close()

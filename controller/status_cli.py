@@ -17,7 +17,6 @@ import os
 import sys
 import threading
 import time
-from collections import deque
 from typing import Any
 
 ADDRESS_ENV = "TANDEM_STATUS_ADDRESS"
@@ -160,18 +159,19 @@ def _watch(client: StatusClient, ns: argparse.Namespace) -> int:
     stream = client.watch(from_step=ns.from_step)
     if ns.json:
         for m in stream:  # JSON lines, one per step, flushed as they come
-            print(json.dumps({"step": m.step, "time_unix": m.time_unix, **dict(m.values)}),
+            print(json.dumps({**dict(m.values), "step": m.step, "time_unix": m.time_unix}),
                   flush=True)
         return 0
-    window: deque[Any] = deque(maxlen=ns.window)
     state: dict[str, Any] = {"status": client.status(), "metrics": client.metrics(ns.window),
                              "done": False, "error": None}
 
     def follow() -> None:
         try:
             for m in stream:
-                window.append(m)
-                state["metrics"] = client.metrics(ns.window)
+                state["last_step"] = m.step
+                with contextlib.suppress(grpc.RpcError):  # the job may be ending
+                    state["metrics"] = client.metrics(ns.window)
+                    state["status"] = client.status()
                 if not console.is_terminal:
                     v = m.values
                     console.print(
@@ -213,7 +213,9 @@ def _watch(client: StatusClient, ns: argparse.Namespace) -> int:
         return _rpc_error(err, client.address)
     if err is not None:
         raise err
-    console.print("the job's stream has ended (the job stopped)")
+    console.print()
+    console.print(f"the job's stream has ended: the job stopped after step "
+                  f"{state.get('last_step', state['status'].step)}", highlight=False)
     return 0
 
 
