@@ -116,6 +116,11 @@ def topology_message(meshes: Any, trainer_shardings: Any, sampler_shardings: Any
     return reply
 
 
+def _printable(text: str) -> str:
+    """Metadata values must be printable ASCII."""
+    return "".join(c if " " <= c <= "~" else " " for c in text)
+
+
 # ---------------------------------------------------------------------------------------------
 # The service
 
@@ -203,7 +208,13 @@ class StatusServicer(pb_grpc.TandemStatusServicer):
                     context.abort(grpc.StatusCode.DATA_LOSS, str(e))
                 if not records:
                     if board.closed and board.published <= next_seq:
-                        return  # the job has ended and this watcher has seen every step
+                        # The job has ended and this watcher has seen every step; the
+                        # trailer says how it ended (the server is about to go away).
+                        s = board.snapshot
+                        context.set_trailing_metadata((
+                            ("tandem-phase", s.phase.value),
+                            ("tandem-last-error", _printable(s.last_error)[:1000])))
+                        return
                     continue
                 for r in records:
                     yield self._step_msg(r)

@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any
 
 ADDRESS_ENV = "TANDEM_STATUS_ADDRESS"
@@ -82,10 +83,30 @@ class StatusClient:
 
 
 def to_dict(msg: Any) -> dict[str, Any]:
-    from google.protobuf.json_format import MessageToDict
+    """A message as plain JSON data: enums by name, int64 as numbers (not proto3-JSON
+    strings), every field present."""
+    from google.protobuf.descriptor import FieldDescriptor as F
 
-    return MessageToDict(msg, preserving_proto_field_name=True,
-                         always_print_fields_with_no_presence=True)
+    def value(fd: Any, v: Any) -> Any:
+        if fd.type == F.TYPE_MESSAGE:
+            return to_dict(v)
+        if fd.type == F.TYPE_ENUM:
+            return fd.enum_type.values_by_number[v].name
+        return v
+
+    out: dict[str, Any] = {}
+    for fd in msg.DESCRIPTOR.fields:
+        v = getattr(msg, fd.name)
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            vfd = fd.message_type.fields_by_name["value"]
+            out[fd.name] = {k: value(vfd, v[k]) for k in sorted(v)}
+        elif fd.is_repeated:
+            out[fd.name] = [value(fd, x) for x in v]
+        elif fd.type == F.TYPE_MESSAGE and not msg.HasField(fd.name):
+            out[fd.name] = None
+        else:
+            out[fd.name] = value(fd, v)
+    return out
 
 
 def _fmt(v: float) -> str:
@@ -111,23 +132,33 @@ def status_line(st: Any) -> str:
             f"{_duration(st.uptime_s)}{stop}{err}")
 
 
-def metrics_table(mr: Any, show_all: bool = False) -> Any:
+def metrics_table(latest: dict[str, float], latest_step: int, first_step: int, n: int,
+                  stats: Any, show_all: bool = False) -> Any:
+    """The latest value and window statistics of each metric, key metrics first.
+
+    `stats` maps key -> an object with mean/std/min/max (pb.MetricStats or the board's).
+    """
     from rich.table import Table
 
-    latest = dict(mr.latest.values) if mr.HasField("latest") else {}
-    table = Table(title=(f"step {mr.latest.step} | last {mr.window} steps from step "
-                         f"{mr.first_step}" if latest else "no step has completed yet"),
-                  title_justify="left")
+    table = Table(title=(f"step {latest_step} | last {n} steps from step {first_step}"
+                         if latest else "no step has completed yet"), title_justify="left")
     for col in ("metric", "latest", "mean", "std", "min", "max"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     keys = [k for k in KEY_METRICS if k in latest]
     keys += sorted(k for k in latest if k not in KEY_METRICS and k != "step"
                    and (show_all or k.startswith(("reward/", "staleness/", "rewards/"))))
     for k in keys:
-        w = mr.windowed.get(k)
+        w = stats.get(k)
         table.add_row(k, _fmt(latest[k]), *((_fmt(w.mean), _fmt(w.std), _fmt(w.min),
                                             _fmt(w.max)) if w else ("",) * 4))
     return table
+
+
+def reply_table(mr: Any, show_all: bool = False) -> Any:
+    """metrics_table of a GetMetrics reply."""
+    latest = dict(mr.latest.values) if mr.HasField("latest") else {}
+    return metrics_table(latest, mr.latest.step, mr.first_step, mr.window, mr.windowed,
+                         show_all)
 
 
 def _error(msg: str) -> int:
@@ -149,29 +180,35 @@ def _rpc_error(e: Any, address: str) -> int:
 
 
 def _watch(client: StatusClient, ns: argparse.Namespace) -> int:
-    """Follows WatchMetrics; a live table on a terminal, one line per step otherwise."""
+    """Follows WatchMetrics; a live table on a terminal, one line per step otherwise.
+
+    The table is computed here from the streamed steps (the stream first replays the last
+    `--window` steps), so the final frame is complete even though the job's server goes away
+    right after its last step.
+    """
     import grpc
     from rich.console import Console, Group
     from rich.live import Live
     from rich.text import Text
 
+    from controller.status_board import window_stats
+
     console = Console()
-    stream = client.watch(from_step=ns.from_step)
+    st = client.status()
+    from_step = ns.from_step or max(1, st.step - ns.window + 1)
+    stream = client.watch(from_step=from_step)
     if ns.json:
         for m in stream:  # JSON lines, one per step, flushed as they come
             print(json.dumps({**dict(m.values), "step": m.step, "time_unix": m.time_unix}),
                   flush=True)
         return 0
-    state: dict[str, Any] = {"status": client.status(), "metrics": client.metrics(ns.window),
-                             "done": False, "error": None}
+    recent: deque[Any] = deque(maxlen=ns.window)
+    state: dict[str, Any] = {"status": st, "done": False, "error": None}
 
     def follow() -> None:
         try:
             for m in stream:
-                state["last_step"] = m.step
-                with contextlib.suppress(grpc.RpcError):  # the job may be ending
-                    state["metrics"] = client.metrics(ns.window)
-                    state["status"] = client.status()
+                recent.append(m)
                 if not console.is_terminal:
                     v = m.values
                     console.print(
@@ -187,14 +224,23 @@ def _watch(client: StatusClient, ns: argparse.Namespace) -> int:
             state["done"] = True
 
     t = threading.Thread(target=follow, daemon=True)
+    if not console.is_terminal:  # a log, not a live view: say whom we follow first
+        console.print(status_line(st), highlight=False)
     t.start()
 
     def render() -> Any:
-        return Group(Text(status_line(state["status"])), metrics_table(state["metrics"]))
+        rows = list(recent)
+        if not rows:
+            return Group(Text(status_line(state["status"])),
+                         metrics_table({}, 0, 0, 0, {}, ns.all))
+        stats = window_stats([_Rec(m.values) for m in rows])
+        table = metrics_table(dict(rows[-1].values), rows[-1].step, rows[0].step, len(rows),
+                              stats, ns.all)
+        return Group(Text(status_line(state["status"])), table)
 
     last_status = 0.0
-    with Live(render(), console=console, refresh_per_second=4,
-              transient=False, auto_refresh=console.is_terminal) as live:
+    with Live(render(), console=console, refresh_per_second=4, transient=False,
+              auto_refresh=console.is_terminal) as live:
         while not state["done"]:
             time.sleep(0.25)
             if time.monotonic() - last_status > 1.0:
@@ -203,20 +249,37 @@ def _watch(client: StatusClient, ns: argparse.Namespace) -> int:
                 last_status = time.monotonic()
             if console.is_terminal:
                 live.update(render())
-        with contextlib.suppress(grpc.RpcError):
-            state["status"] = client.status()
+        t.join()
+        if state["error"] is None:
+            # The stream ended because the job did: show it stopped at its last step.
+            with contextlib.suppress(grpc.RpcError):
+                state["status"] = client.status()
+            final = type(state["status"])()
+            final.CopyFrom(state["status"])
+            # The server names the job's final phase in the stream's trailing metadata.
+            trailer = dict(stream.trailing_metadata() or ())
+            final.phase_name = trailer.get("tandem-phase", "ended")
+            final.last_error = trailer.get("tandem-last-error", final.last_error)
+            if recent:
+                final.step = recent[-1].step
+            state["status"] = final
         live.update(render())
     err = state["error"]
-    if err is not None and isinstance(err, grpc.RpcError):
-        if err.code() == grpc.StatusCode.CANCELLED:
-            return 0
-        return _rpc_error(err, client.address)
+    if isinstance(err, grpc.RpcError):
+        return 0 if err.code() == grpc.StatusCode.CANCELLED else _rpc_error(err, client.address)
     if err is not None:
         raise err
     console.print()
     console.print(f"the job's stream has ended: the job stopped after step "
-                  f"{state.get('last_step', state['status'].step)}", highlight=False)
+                  f"{recent[-1].step if recent else state['status'].step}", highlight=False)
     return 0
+
+
+class _Rec:
+    """A streamed step in the shape window_stats reads."""
+
+    def __init__(self, values: Any):
+        self.values = dict(values)
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
@@ -253,7 +316,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
         console.print(status_line(st), highlight=False)
         if topo is not None:
             console.print(f"devices: {topo.summary}", highlight=False)
-        console.print(metrics_table(mr, ns.all))
+        console.print(reply_table(mr, ns.all))
         return 0
     except grpc.RpcError as e:
         return _rpc_error(e, address)

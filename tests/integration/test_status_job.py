@@ -104,7 +104,7 @@ def _check_job(job, client):
     job.loop.on_phase = on_phase
     runner = threading.Thread(target=job.run)
     runner.start()
-    runner.join(120)
+    runner.join(600)  # generous: a loaded CI box compiles slowly; nothing here is timed
     assert not runner.is_alive()
 
     assert replies["ckpt"].accepted and replies["ckpt"].after_step == 1
@@ -141,6 +141,8 @@ def _check_job(job, client):
     late_seen = []
     late_thread = threading.Thread(target=lambda: late_seen.extend(m.step for m in late_stream))
     late_thread.start()
+    while job.status_server.servicer.open_watchers < len(watchers) + 1:
+        threading.Event().wait(0.01)  # the late stream is open on the server
 
     job.close()  # stops the server: open streams drain and end
     for t in [*threads, late_thread]:
@@ -150,6 +152,8 @@ def _check_job(job, client):
         assert [step for step, _ in s] == [1, 2, 3]
         assert [v["reward/mean"] for _, v in s] == r
     assert late_seen == [2, 3]
+    trailer = dict(late_stream.trailing_metadata())
+    assert trailer["tandem-phase"] == "stopped" and trailer["tandem-last-error"] == ""
     with pytest.raises(grpc.RpcError) as e:
         client.status()
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -184,16 +188,43 @@ def test_cli_status_against_a_job(capsys, monkeypatch):
         assert main([*base, "--token", "bad"]) == 1
         noauth = capsys.readouterr().err
         rc = []
-        watch = threading.Thread(target=lambda: rc.append(
+        watch_json = threading.Thread(target=lambda: rc.append(
             main([*base, "--watch", "--json", "--from-step", "1"])))
-        watch.start()
+        watch_json.start()
         while job.status_server.servicer.open_watchers < 1:
             threading.Event().wait(0.01)
-    watch.join(60)  # the stream ends when the job closes
+    watch_json.join(60)  # the stream ends when the job closes
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert "stopped | step 2/2" in table and "reward/mean" in table
-    assert js["status"]["phase"] == "STOPPED" and js["metrics"]["latest"]["step"] == "2"
+    assert js["status"]["phase"] == "STOPPED" and js["metrics"]["latest"]["step"] == 2
     assert js["topology"]["trainer"]["device_ids"] == [0, 1, 2, 3]
     assert "refused the call" in noauth and "--token" in noauth
     assert [x["step"] for x in lines] == [1, 2] and rc == [0]
     assert lines[1]["reward/mean"] == pytest.approx(job.metrics[1]["reward/mean"], abs=1e-12)
+
+
+def test_cli_watch_view_ends_with_the_job(capsys, monkeypatch):
+    """`tandem status --watch` (not a terminal: a log, then the final table) replays the last
+    --window steps, follows the run, and reports how the job ended."""
+    from controller.cli import main
+
+    monkeypatch.setenv("COLUMNS", "120")
+    job = Job(load_config(overrides=[*TINY, "run.steps=3"]))
+    try:
+        job.step()
+        rc = []
+        watch = threading.Thread(target=lambda: rc.append(
+            main(["status", "--address", job.status_address, "--watch", "--window", "5"])))
+        watch.start()
+        while job.status_server.servicer.open_watchers < 1:
+            threading.Event().wait(0.01)
+        job.run()
+    finally:
+        job.close()
+    watch.join(60)
+    out = capsys.readouterr().out
+    assert rc == [0], out
+    assert [ln.split()[1] for ln in out.splitlines() if ln.startswith("step  ")] == [
+        "1", "2", "3"]  # step 1 replayed, 2 and 3 live
+    assert "| stopped | step 3/3 |" in out and "step 3 | last 3 steps from step 1" in out
+    assert out.rstrip().endswith("the job's stream has ended: the job stopped after step 3")

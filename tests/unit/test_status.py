@@ -249,3 +249,17 @@ def _take(it, n):
             it.cancel()
             break
     return out
+
+
+def test_json_has_numbers_enum_names_and_every_field():
+    from controller.status_cli import to_dict
+
+    msg = pb.StatusReply(step=7, phase=pb.TRAINING)
+    d = to_dict(msg)
+    assert d["step"] == 7 and d["phase"] == "TRAINING" and d["last_error"] == ""
+    topo = to_dict(pb.TopologyReply(devices=[pb.Device(id=3, mesh="sampler")],
+                                    trainer=pb.SubMesh(axes={"fsdp": 4}, device_ids=[0, 1])))
+    assert topo["devices"][0]["id"] == 3 and topo["trainer"]["axes"] == {"fsdp": 4}
+    assert topo["trainer"]["device_ids"] == [0, 1] and topo["sampler"] is None
+    mr = to_dict(pb.MetricsReply(windowed={"r": pb.MetricStats(mean=1.5, count=2)}))
+    assert mr["windowed"]["r"]["mean"] == 1.5 and mr["latest"] is None
