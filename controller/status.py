@@ -213,6 +213,8 @@ class StatusServicer(pb_grpc.TandemStatusServicer):
                         s = board.snapshot
                         context.set_trailing_metadata((
                             ("tandem-phase", s.phase.value),
+                            ("tandem-step", str(s.step)),
+                            ("tandem-policy-version", str(s.policy_version)),
                             ("tandem-last-error", _printable(s.last_error)[:1000])))
                         return
                     continue

@@ -260,8 +260,10 @@ def _watch(client: StatusClient, ns: argparse.Namespace) -> int:
             trailer = dict(stream.trailing_metadata() or ())
             final.phase_name = trailer.get("tandem-phase", "ended")
             final.last_error = trailer.get("tandem-last-error", final.last_error)
-            if recent:
-                final.step = recent[-1].step
+            final.step = int(trailer.get("tandem-step", final.step))
+            final.policy_version = int(trailer.get("tandem-policy-version",
+                                                   final.policy_version))
+            final.uptime_s = time.time() - final.start_time_unix
             state["status"] = final
         live.update(render())
     err = state["error"]

@@ -154,6 +154,7 @@ def _check_job(job, client):
     assert late_seen == [2, 3]
     trailer = dict(late_stream.trailing_metadata())
     assert trailer["tandem-phase"] == "stopped" and trailer["tandem-last-error"] == ""
+    assert trailer["tandem-step"] == trailer["tandem-policy-version"] == "3"
     with pytest.raises(grpc.RpcError) as e:
         client.status()
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
