@@ -5,10 +5,12 @@
 
 One job runs its steps in blocks. In a *baseline* block no client is connected; in a *loaded*
 block a separate client process (as real monitoring clients would be: another process, another
-machine) opens 50 channels that each poll GetMetrics every `--poll-interval` seconds and 10
-channels that each follow WatchMetrics. Blocks alternate A B B A ... so that drift in the
-machine's load hits both conditions alike. Each step is timed around `job.step()` (so the
-snapshot publishing is inside the measurement).
+machine) opens 50 channels that each poll GetMetrics every `--poll-interval` seconds (default
+1 s) and 10 channels that each follow WatchMetrics. Blocks alternate A B B A ... so that drift
+in the machine's load hits both conditions alike. Each step is timed around `job.step()` (so the
+snapshot publishing is inside the measurement), and the controller process's CPU time per step
+is reported beside it (on a shared machine the client process competes for the same cores, so
+wall time also shows the clients' own cost).
 
 It prints a table and the ratio of the median step time loaded / baseline (target <= 1.05), and
 checks that every watcher of every loaded block saw every step of its block exactly once, in
@@ -128,7 +130,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     ap.add_argument("--pollers", type=int, default=50)
     ap.add_argument("--watchers", type=int, default=10)
-    ap.add_argument("--poll-interval", type=float, default=0.1, help="seconds between polls")
+    # 1 s: a dashboard or `watch -n1` refreshing every client once a second (50 RPC/s in all).
+    ap.add_argument("--poll-interval", type=float, default=1.0, help="seconds between polls")
     ap.add_argument("--max-ratio", type=float, default=1.05)
     ap.add_argument("--client", help=argparse.SUPPRESS)  # internal: run as the client process
     ns = ap.parse_args()
@@ -161,6 +164,9 @@ def main() -> int:
         return json.loads(line)
 
     times: dict[str, list[float]] = {"baseline": [], "loaded": []}
+    # The controller process's CPU time (all its threads: loop, XLA, gRPC server) per step:
+    # what the server costs the controller, whatever else the machine is running.
+    cpu: dict[str, float] = {"baseline": 0.0, "loaded": 0.0}
     polls, stream_msgs, bad = 0, 0, []
     loaded_wall = 0.0
     order = ["baseline", "loaded", "loaded", "baseline"] * ((ns.rounds + 1) // 2)
@@ -169,11 +175,12 @@ def main() -> int:
         if cond == "loaded":
             send({"op": "start", "first": first, "last": last})
             assert recv()["op"] == "ready"
-        t_block = time.perf_counter()
+        t_block, c_block = time.perf_counter(), time.process_time()
         for _ in range(ns.block):
             t0 = time.perf_counter()
             job.step()
             times[cond].append(time.perf_counter() - t0)
+        cpu[cond] += time.process_time() - c_block
         if cond == "loaded":
             loaded_wall += time.perf_counter() - t_block
             send({"op": "stop"})
@@ -189,18 +196,22 @@ def main() -> int:
     client.wait(60)
     job.close()
 
-    def row(name: str, xs: list[float]) -> str:
+    def row(name: str, cond: str) -> str:
+        xs = times[cond]
         return (f"| {name:<26} | {len(xs):>5} | {statistics.mean(xs) * 1e3:>9.2f} | "
-                f"{statistics.median(xs) * 1e3:>9.2f} | {pct(xs, 0.9) * 1e3:>9.2f} |")
+                f"{statistics.median(xs) * 1e3:>9.2f} | {pct(xs, 0.9) * 1e3:>9.2f} | "
+                f"{cpu[cond] / len(xs) * 1e3:>13.2f} |")
 
     base, load = times["baseline"], times["loaded"]
     ratio = statistics.median(load) / statistics.median(base)
     ratio_mean = statistics.mean(load) / statistics.mean(base)
     print()
-    print("| condition                  | steps | mean (ms) | median ms |  p90 (ms) |")
-    print("|----------------------------|------:|----------:|----------:|----------:|")
-    print(row("no clients", base))
-    print(row(f"{ns.pollers} pollers + {ns.watchers} watchers", load))
+    print("| condition                  | steps | mean (ms) | median ms |  p90 (ms) | "
+          "CPU ms / step |")
+    print("|----------------------------|------:|----------:|----------:|----------:|"
+          "--------------:|")
+    print(row("no clients", "baseline"))
+    print(row(f"{ns.pollers} pollers + {ns.watchers} watchers", "loaded"))
     print()
     print(f"GetMetrics answered: {polls} ({polls / loaded_wall:.0f}/s while loaded, each "
           f"poller every {ns.poll_interval}s) | stream messages: {stream_msgs} "
@@ -210,6 +221,8 @@ def main() -> int:
     for b in bad[:10]:
         print(f"  {b}")
     verdict = "PASS" if ratio <= ns.max_ratio and not bad else "FAIL"
+    cpu_ratio = (cpu["loaded"] / len(load)) / (cpu["baseline"] / len(base))
+    print(f"controller CPU per step loaded / baseline: {cpu_ratio:.3f}")
     print(f"step time loaded / baseline: median {ratio:.3f}, mean {ratio_mean:.3f} "
           f"(target <= {ns.max_ratio}) -> {verdict}")
     return 0 if verdict == "PASS" else 1
