@@ -11,9 +11,10 @@
 In CPU-proxy simulation (the default) the Job makes JAX's CPU backend expose
 `topology.simulated_devices` devices; construct it before any other JAX operation runs.
 
-With `status.enabled=true` the Job also serves the gRPC status service
+Unless `status.enabled=false`, the Job also serves the gRPC status service
 (controller/status.py) from the moment it is constructed until `close()`; `job.status_address`
-says where. The Job publishes its phase and each step's metrics to `job.board`.
+says where. The Job publishes its phase and each step's metrics to `job.board`, and honours
+graceful stops (`RequestStop`, `job.request_stop()`) after the current step.
 """
 
 from __future__ import annotations

@@ -21,14 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -217,7 +210,9 @@ class StatusConfig(_Section):
     token_env: str = Field("TANDEM_STATUS_TOKEN", min_length=1)
     tls_cert: str | None = None  # PEM certificate chain; with tls_key, serve TLS
     tls_key: str | None = None  # PEM private key
-    max_workers: int = Field(16, ge=1)  # the server's own thread pool (not the loop's)
+    # The server's own thread pool (not the loop's). Each open WatchMetrics stream holds one
+    # worker; 4 stay free for unary calls, so up to max_workers - 4 watchers at once.
+    max_workers: int = Field(32, ge=5)
     history: int = Field(10_000, ge=1)  # steps kept for GetMetrics windows and watch replay
 
     @model_validator(mode="after")

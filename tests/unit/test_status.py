@@ -263,3 +263,35 @@ def test_json_has_numbers_enum_names_and_every_field():
     assert topo["trainer"]["device_ids"] == [0, 1] and topo["sampler"] is None
     mr = to_dict(pb.MetricsReply(windowed={"r": pb.MetricStats(mean=1.5, count=2)}))
     assert mr["windowed"]["r"]["mean"] == 1.5 and mr["latest"] is None
+
+
+def test_tls_with_token(tmp_path):
+    """status.tls_cert/tls_key serve TLS: a client trusting the cert gets answers; a
+    plaintext client does not."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+         "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+         "-out", str(cert)], check=True, capture_output=True)
+    cfg = StatusConfig(tls_cert=str(cert), tls_key=str(key))
+    server = start_status_server(cfg, make_board(), token="tok")
+    try:
+        assert server.tls and server.token_required
+        secure = StatusClient(server.address, "tok", ca_cert=str(cert))
+        assert secure.status().job_id == "j-1"
+        secure.close()
+        plain = StatusClient(server.address, "tok", timeout=3)
+        with pytest.raises(grpc.RpcError) as e:
+            plain.status()
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        plain.close()
+    finally:
+        server.stop(0)
+    bad = StatusConfig(tls_cert=str(tmp_path / "nope.pem"), tls_key=str(key))
+    with pytest.raises(StatusServerError, match=r"status.tls_cert=.*cannot read"):
+        start_status_server(bad, make_board())
