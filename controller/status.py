@@ -14,10 +14,12 @@ when `status.tls_cert` and `status.tls_key` are set.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import os
 import threading
+import weakref
 from collections.abc import Mapping
 from concurrent import futures
 from dataclasses import dataclass
@@ -319,6 +321,26 @@ class StatusServer:
         self.server.stop(grace).wait()
 
 
+def _close_at_exit(board: StatusBoard) -> None:
+    """Ends open watch streams when the interpreter exits without Job.close().
+
+    Python joins the server's executor threads at exit, and a WatchMetrics stream lasts until
+    its board closes; closing the board first (a threading-atexit hook runs before the
+    executor's, which was registered earlier) keeps a forgotten close() from hanging exit.
+    """
+    ref = weakref.ref(board)
+
+    def close() -> None:
+        b = ref()
+        if b is not None:
+            b.close()
+
+    register = getattr(threading, "_register_atexit", None)  # private, but what
+    if register is not None:                                  # concurrent.futures uses
+        with contextlib.suppress(RuntimeError):  # "can't register atexit after shutdown"
+            register(close)
+
+
 def start_status_server(cfg: StatusConfig, board: StatusBoard,
                         token: str | None = None) -> StatusServer:
     """Starts the status server for `board` on its own thread pool; returns when bound.
@@ -369,6 +391,7 @@ def start_status_server(cfg: StatusConfig, board: StatusBoard,
             f"status.host={cfg.host!r} status.port={cfg.port}: cannot bind {bind} (in use, or "
             f"not an address of this machine) (fix: status.port=0 picks a free port)")
     server.start()
+    _close_at_exit(board)
     running = StatusServer(server, servicer, health_servicer, format_address(cfg.host, port),
                            port, tls, token is not None)
     running.set_serving(not board.snapshot.phase.terminal)
