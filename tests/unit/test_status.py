@@ -295,3 +295,47 @@ def test_tls_with_token(tmp_path):
     bad = StatusConfig(tls_cert=str(tmp_path / "nope.pem"), tls_key=str(key))
     with pytest.raises(StatusServerError, match=r"status.tls_cert=.*cannot read"):
         start_status_server(bad, make_board())
+
+
+def test_cli_against_a_bare_server(capsys, monkeypatch):
+    """`tandem status`: table, --json, a bad token, and --watch --json replay + follow."""
+    import json
+
+    from controller.cli import main
+
+    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.delenv("TANDEM_STATUS_TOKEN", raising=False)
+    board = make_board()
+    board.set_phase(Phase.IDLE)
+    _publish(board, 1, **{"reward/mean": 0.25})
+    _publish(board, 2, **{"reward/mean": 0.75})
+    server = start_status_server(StatusConfig(), board, token="tok")
+    base = ["status", "--address", server.address, "--token", "tok"]
+    try:
+        assert main(base) == 0
+        table = capsys.readouterr().out
+        assert "job j-1 (config abc) | idle | step 2/100" in table
+        assert "step 2 | last 2 steps from step 1" in table and "reward/mean" in table
+        assert main([*base, "--json", "--window", "2"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["status"]["step"] == 2 and d["status"]["phase"] == "IDLE"
+        assert d["metrics"]["windowed"]["reward/mean"]["mean"] == 0.5  # (0.25 + 0.75) / 2
+        assert "topology" not in d  # no job built meshes for this board
+        assert main(["status", "--address", server.address, "--token", "bad"]) == 1
+        err = capsys.readouterr().err
+        assert "refused the call" in err and "--token" in err
+        rc = []
+        t = threading.Thread(target=lambda: rc.append(
+            main([*base, "--watch", "--json", "--from-step", "2"])))
+        t.start()
+        while server.servicer.open_watchers < 1:
+            threading.Event().wait(0.01)
+        _publish(board, 3, **{"reward/mean": 1.0})
+    finally:
+        server.stop(5)  # closes the board: the watch drains and ends
+    t.join(30)
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert rc == [0] and [x["step"] for x in lines] == [2, 3]  # replayed 2, then live 3
+    assert lines[1]["reward/mean"] == 1.0
+    assert main(base) == 1  # the server is gone
+    assert "no status server answers" in capsys.readouterr().err
