@@ -339,3 +339,12 @@ def test_cli_against_a_bare_server(capsys, monkeypatch):
     assert lines[1]["reward/mean"] == 1.0
     assert main(base) == 1  # the server is gone
     assert "no status server answers" in capsys.readouterr().err
+
+
+def test_port_in_use_is_a_clear_error():
+    first = start_status_server(StatusConfig(), make_board())
+    try:
+        with pytest.raises(StatusServerError, match=r"status.port=\d+: cannot bind .*port=0"):
+            start_status_server(StatusConfig(port=first.port), make_board())
+    finally:
+        first.stop(0)
