@@ -10,20 +10,28 @@
 
 In CPU-proxy simulation (the default) the Job makes JAX's CPU backend expose
 `topology.simulated_devices` devices; construct it before any other JAX operation runs.
+
+Unless `status.enabled=false`, the Job also serves the gRPC status service
+(controller/status.py) from the moment it is constructed until `close()`; `job.status_address`
+says where. The Job publishes its phase and each step's metrics to `job.board`, and honours
+graceful stops (RequestStop, SIGTERM, `job.request_stop()`) after the current step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from controller.config import ConfigError, JobConfig
 from controller.metrics import MetricsLog
+from controller.status_board import Phase, StatusBoard
 from controller.topology import configure_devices
 from deploy.pathways import initialize_pathways
 
@@ -35,6 +43,25 @@ class Job:
 
     def __init__(self, config: JobConfig | None = None):
         self.config = cfg = config or JobConfig()
+        # STATUS: the board exists from the start; the server (if enabled) starts before the
+        # slow part, so operators can see the job while it builds and compiles.
+        self.board = StatusBoard(
+            job_id=f"{cfg.run.name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}",
+            run_name=cfg.run.name, config_digest=cfg.digest(), total_steps=cfg.run.steps,
+            history=cfg.status.history)
+        self.status_server = None
+        if cfg.status.enabled:
+            from controller.status import start_status_server
+
+            self.status_server = start_status_server(cfg.status, self.board)
+        try:
+            self._build(cfg)
+        except BaseException as e:
+            self.board.set_phase(Phase.FAILED, error=f"{type(e).__name__}: {e}")
+            self._stop_server()
+            raise
+
+    def _build(self, cfg: JobConfig) -> None:
         # No-op unless JAX_PLATFORMS=proxy; must precede anything that touches jax.devices().
         self.pathways = initialize_pathways(cfg.topology.backend)
         configure_devices(cfg.topology)  # before anything touches jax.devices()
@@ -99,15 +126,45 @@ class Job:
                                resharder, self.rewards, timeline=self.timeline)
         self.steps_done = 0
         self.resumed_from: int | None = None
-        self._stop_requested = False
-        self._checkpoint_requested = False
         self.checkpointer = self._open_checkpoints()
+        if self.checkpointer is not None:  # RequestCheckpoint / request_checkpoint() save here
+            self.set_checkpoint_hook(lambda step: self.save_checkpoint())
+        # Phases on the status board follow the timeline: each span's start is a phase change
+        # (with the async schedule both threads report, and the latest wins).
+        self.timeline.on_span_start = self._on_span_start
         # The sampler starts from the trainer's weights (initial, or just restored).
         self.loop.start(resumed_version=self.steps_done)
         self.log = MetricsLog(cfg.run.output_dir, resume_step=self.resumed_from,
                               sinks=self._extra_sinks())
         if cfg.run.output_dir:
             (Path(cfg.run.output_dir) / "config.yaml").write_text(cfg.to_yaml())
+        if self.status_server is not None:
+            from controller.status import topology_message
+
+            self.status_server.set_topology(topology_message(
+                self.meshes, self.trainer.shardings, self.sampler.shardings,
+                self.model_def.shapes(), cfg.topology.backend))
+        self.board.set_phase(Phase.IDLE)
+
+    _PHASES: ClassVar[dict[str, Phase]] = {
+        "sample": Phase.SAMPLING, "score": Phase.SCORING, "update": Phase.TRAINING,
+        "reshard": Phase.SYNCING}
+
+    def _on_span_start(self, phase: str, mesh: str, step: int) -> None:
+        if phase in self._PHASES and step > 0 and not self.board.snapshot.phase.terminal:
+            self.board.set_phase(self._PHASES[phase])
+
+    @property
+    def status_address(self) -> str | None:
+        """host:port of the status server, or None when status.enabled is false."""
+        return self.status_server.address if self.status_server is not None else None
+
+    def set_checkpoint_hook(self, hook: Callable[[int], Any] | None) -> None:
+        """Registers `hook(step)`, which saves a checkpoint as of `step` (RequestCheckpoint).
+
+        A job with a checkpoint directory registers its orbax checkpointer here itself.
+        """
+        self.board.checkpoint_hook = hook
 
     def _extra_sinks(self) -> list[Any]:
         from controller.metrics import TensorBoardSink, WandbSink
@@ -184,17 +241,35 @@ class Job:
                                wait=wait)
         return True
 
-    def request_checkpoint(self) -> None:
+    def request_checkpoint(self) -> tuple[bool, int, str]:
         """Asks for a checkpoint after the current step (safe from any thread)."""
-        self._checkpoint_requested = True
+        return self.board.request_checkpoint()
 
-    def request_stop(self) -> None:
-        """Asks the job to stop after the current step, with a checkpoint (any thread)."""
-        self._stop_requested = True
+    def request_stop(self, reason: str = "requested by the API") -> tuple[bool, int, str]:
+        """Asks `run()` to stop after the current step, with a checkpoint (any thread)."""
+        return self.board.request_stop(reason)
 
     @property
     def stop_requested(self) -> bool:
-        return self._stop_requested
+        """True once a graceful stop was asked for; `run()` honours it after the current
+        step, and custom loops around `step()` should check it."""
+        return self.board.stop_event.is_set()
+
+    def _checkpoint(self, raise_errors: bool) -> None:
+        hook = self.board.checkpoint_hook
+        if hook is None:
+            return
+        self.board.set_phase(Phase.CHECKPOINTING)
+        try:
+            hook(self.steps_done)
+        except Exception as e:
+            self.board.set_phase(Phase.IDLE, error=f"checkpoint after step {self.steps_done} "
+                                 f"failed: {type(e).__name__}: {e}")
+            if raise_errors:
+                raise
+            log.warning("%s", self.board.snapshot.last_error)
+            return
+        self.board.set_phase(Phase.IDLE)
 
     @property
     def metrics(self) -> list[dict[str, float]]:
@@ -202,14 +277,32 @@ class Job:
         return self.log.history
 
     def step(self) -> dict[str, float]:
-        """Runs one GRPO step and returns its metrics."""
-        m = self.loop.step(self.steps_done + 1)
+        """Runs one GRPO step and returns its metrics (a pending checkpoint is taken first)."""
+        m = self._step(honor_stop=False)
+        assert m is not None
+        return m
+
+    def _step(self, honor_stop: bool) -> dict[str, float] | None:
+        go, checkpoint_first = self.board.begin_step(honor_stop)
+        if not go:
+            return None
+        if checkpoint_first:
+            self._checkpoint(raise_errors=False)
+            self.board.set_phase(Phase.SAMPLING)
+        try:
+            m = self.loop.step(self.steps_done + 1)
+        except BaseException as e:
+            self.board.set_phase(Phase.FAILED, error=f"step {self.steps_done + 1}: "
+                                 f"{type(e).__name__}: {e}")
+            raise
+        if m.get("time/step_s", 0) > 0 and "completion/tokens" in m:
+            m["throughput/tokens_per_s"] = m["completion/tokens"] / m["time/step_s"]
         self.steps_done += 1
         self.log.append(m)
         every = self.config.checkpoint.every_steps
-        if self._checkpoint_requested or (every and self.steps_done % every == 0):
-            self._checkpoint_requested = False
-            self.save_checkpoint()
+        if every and self.steps_done % every == 0:
+            self.save_checkpoint()  # asynchronous: returns once the arrays are off the devices
+        self.board.publish_step(self.steps_done, m, self.loop.policy_version)
         return m
 
     def run(self, steps: int | None = None,
@@ -217,12 +310,19 @@ class Job:
         """Runs until `steps` steps (default: run.steps) are done in total."""
         target = steps if steps is not None else self.config.run.steps
         with _graceful_signals(self):
-            while self.steps_done < target and not self._stop_requested:
-                m = self.step()
+            while self.steps_done < target:
+                m = self._step(honor_stop=True)
+                if m is None:
+                    break
                 if on_step is not None:
                     on_step(m)
+        stopping = self.stop_requested
+        if self.board.take_checkpoint_request() or stopping:
+            self._checkpoint(raise_errors=stopping)
         # The end of a run, or a stop: a complete checkpoint of where it got to.
         self.save_checkpoint(wait=True)
+        if stopping or self.steps_done >= self.config.run.steps:
+            self.board.set_phase(Phase.STOPPED)
         return self.metrics
 
     def save_hf_model(self, path: str, *, max_shard_bytes: int = 4 * 1024**3,
@@ -241,7 +341,12 @@ class Job:
         return {**self.log.summary(), **self.timeline.summary(since_step=2)}
 
     def close(self) -> None:
-        """Stops the sampler thread (async), waits for saves, closes sinks; idempotent."""
+        """Stops the sampler thread (async), waits for saves, closes sinks, stops the status
+        server (watch streams drain first); idempotent."""
+        if not self.board.snapshot.phase.terminal:
+            if self.board.take_checkpoint_request():
+                self._checkpoint(raise_errors=False)
+            self.board.set_phase(Phase.STOPPED)
         self.loop.close()
         if self.config.run.output_dir and self.timeline.spans:
             self.timeline.write_chrome_trace(Path(self.config.run.output_dir) / "trace.json")
@@ -250,11 +355,20 @@ class Job:
             self.checkpointer = None
         self.log.close()
         self.rewards.close()  # stops reward worker processes / Ray actors
+        self._stop_server()
+
+    def _stop_server(self) -> None:
+        self.board.close()
+        if self.status_server is not None:
+            self.status_server.stop()
+            self.status_server = None
 
     def __enter__(self) -> Job:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc is not None and not self.board.snapshot.phase.terminal:
+            self.board.set_phase(Phase.FAILED, error=f"{exc_type.__name__}: {exc}")
         self.close()
 
 
@@ -270,8 +384,9 @@ def _graceful_signals(job: Job) -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and job.stop_requested:
             raise KeyboardInterrupt
-        log.warning("%s: stopping after the current step", signal.Signals(signum).name)
-        job.request_stop()
+        name = signal.Signals(signum).name
+        log.warning("%s: stopping after the current step", name)
+        job.request_stop(name)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -1,4 +1,5 @@
-"""`tandem` command line: `tandem run [config.yaml] [key.sub=value ...]`, `tandem submit`."""
+"""`tandem` command line: `tandem run [config.yaml] [key.sub=value ...]`, `tandem status`,
+`tandem plan`, `tandem submit`, `tandem image build`."""
 
 from __future__ import annotations
 
@@ -58,7 +59,11 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
 
     console = Console(stderr=False)
     console.print(f"[bold]tandem[/bold] run '{cfg.run.name}' (config {cfg.digest()})")
-    job = Job(cfg)
+    try:
+        job = Job(cfg)
+    except ConfigError as e:  # e.g. the split does not fit the devices, or status.host unsafe
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     console.print(f"devices: {job.meshes.describe()}")
     if job.resumed_from is not None:
         console.print(f"resumed from the checkpoint of step {job.resumed_from} in "
@@ -67,6 +72,9 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
         console.print(job.pathways.describe())
     spec = job.model_def.spec
     source = f" from {cfg.model.path} ({spec.hf_model_type})" if cfg.model.path else ""
+    if job.status_address is not None:
+        console.print(f"status: {job.status_address} (tandem status --address "
+                      f"{job.status_address} --watch)", highlight=False)
     console.print(
         f"model: {job.num_params:,} params{source}, {spec.num_layers} layers, "
         f"d={spec.hidden_size} | task: {cfg.data.task}, {cfg.data.prompts_per_step} prompts "
@@ -144,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     from controller.plan_cli import add_plan_parser
 
     add_plan_parser(sub)  # `tandem plan`
+    from controller.status_cli import add_status_parser
+
+    add_status_parser(sub)
     return parser
 
 

@@ -25,6 +25,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -368,6 +369,36 @@ class ReshardConfig(_Section):
     method: Literal["auto", "pathways", "device_put", "host_copy"] = "auto"
 
 
+class StatusConfig(_Section):
+    """The gRPC status service (controller/status.proto) that runs inside the controller."""
+
+    enabled: bool = True  # serve from Job construction to Job.close()
+    host: str = Field("127.0.0.1", min_length=1)  # bind address; loopback unless a token is set
+    port: int = Field(0, ge=0, le=65535)  # 0: pick a free port (printed by `tandem run`)
+    # Bearer token every RPC must carry (`authorization: Bearer <token>`); None: read the
+    # environment variable `token_env`. Required to bind a non-loopback address.
+    # Masked ("**********") in --print-config and the saved config.yaml; prefer the env var.
+    token: SecretStr | None = Field(None, min_length=1)
+    token_env: str = Field("TANDEM_STATUS_TOKEN", min_length=1)
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key, serve TLS
+    tls_key: str | None = None  # PEM private key
+    # The server's own thread pool (not the loop's). Each open WatchMetrics stream holds one
+    # worker; 4 stay free for unary calls, so up to max_workers - 4 watchers at once.
+    max_workers: int = Field(32, ge=5)
+    history: int = Field(10_000, ge=1)  # steps kept for GetMetrics windows and watch replay
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> StatusConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            have, need = ("tls_cert", "tls_key") if self.tls_key is None else ("tls_key",
+                                                                               "tls_cert")
+            raise ValueError(
+                f"status.{have} is set but status.{need} is not; TLS needs both "
+                f"(fix: set status.{need}=PATH.pem, or unset status.{have})"
+            )
+        return self
+
+
 class JobConfig(_Section):
     """Everything a Tandem job needs; the only validator."""
 
@@ -382,6 +413,7 @@ class JobConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     reshard: ReshardConfig = ReshardConfig()
+    status: StatusConfig = StatusConfig()
 
     @model_validator(mode="after")
     def _check_lengths(self) -> JobConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,9 @@ class Timeline:
         self.origin = time.perf_counter()
         self.spans: list[Span] = []
         self._lock = threading.Lock()
+        # Called with (phase, mesh, step) as each span begins (the Job maps it to the status
+        # board's phase); must return at once.
+        self.on_span_start: Callable[[str, str, int], Any] | None = None
 
     def add(self, phase: str, mesh: str, step: int, start: float, end: float) -> None:
         with self._lock:
@@ -118,6 +122,8 @@ class _SpanContext:
         self.timeline, self.phase, self.mesh, self.step = timeline, phase, mesh, step
 
     def __enter__(self) -> _SpanContext:
+        if self.timeline.on_span_start is not None:
+            self.timeline.on_span_start(self.phase, self.mesh, self.step)
         self.start = time.perf_counter()
         return self
 

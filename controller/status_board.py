@@ -1,0 +1,287 @@
+"""What the training loop publishes and the status server reads.
+
+The loop (one thread) writes; the gRPC status server (its own thread pool) reads. The contract
+that keeps the loop fast:
+
+- `set_phase` and `publish_step` build a new frozen `StatusSnapshot` and swap one reference.
+  They never wait for a reader: the only lock they take guards an append and a notify.
+- Readers get immutable objects (`StatusSnapshot`, `StepRecord`), so they can format replies
+  at leisure while the loop moves on.
+- Requests from outside (stop, checkpoint) are `threading.Event`s the loop polls between steps.
+
+This module imports neither JAX nor gRPC, so the Job can keep a board even without a server.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
+
+
+class Phase(enum.Enum):
+    """What the controller is doing; values match `tandem.v1.Phase` names, lower-cased."""
+
+    STARTING = "starting"
+    SAMPLING = "sampling"
+    SCORING = "scoring"
+    TRAINING = "training"
+    SYNCING = "syncing"
+    CHECKPOINTING = "checkpointing"
+    IDLE = "idle"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Phase.STOPPED, Phase.FAILED)
+
+
+@dataclass(frozen=True)
+class StatusSnapshot:
+    """The controller's state at one instant; replaced (never mutated) on every change."""
+
+    phase: Phase
+    step: int  # completed steps
+    policy_version: int  # optimizer updates reflected in the sampler's weights
+    last_error: str
+    phase_since: float  # time.time() when this phase began
+    updated_at: float
+
+
+@dataclass(frozen=True, eq=False)  # identity hash: readers may cache per record
+class StepRecord:
+    """One completed step's metrics, as published."""
+
+    seq: int  # 0, 1, 2, ... in publish order (steps may start above 1 after a resume)
+    step: int
+    time_unix: float
+    values: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class MetricStats:
+    mean: float
+    std: float  # population std: sqrt(mean((x - mean)^2))
+    min: float
+    max: float
+    count: int
+
+
+class WatcherBehind(RuntimeError):
+    """A watcher asked for records the board no longer keeps (more than `history` behind)."""
+
+
+def window_stats(records: list[StepRecord]) -> dict[str, MetricStats]:
+    """Per-key mean / std / min / max over `records`, NaNs excluded (count says how many)."""
+    cols: dict[str, list[float]] = {}
+    for r in records:
+        for k, v in r.values.items():
+            if not math.isnan(v):
+                cols.setdefault(k, []).append(v)
+    out = {}
+    for k, xs in cols.items():
+        n = len(xs)
+        mu = math.fsum(xs) / n
+        var = math.fsum((x - mu) ** 2 for x in xs) / n
+        out[k] = MetricStats(mu, math.sqrt(var), min(xs), max(xs), n)
+    return out
+
+
+@dataclass
+class StatusBoard:
+    """The loop's published state plus the requests the status server passes in.
+
+    Args:
+        job_id, run_name, config_digest, total_steps: static facts about the job.
+        history: how many step records to keep for windows and watch replay.
+    """
+
+    job_id: str
+    run_name: str
+    config_digest: str
+    total_steps: int
+    history: int = 10_000
+    start_time: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        now = time.time()
+        self._snapshot = StatusSnapshot(Phase.STARTING, 0, 0, "", now, now)
+        self._records: deque[StepRecord] = deque(maxlen=self.history)
+        self._total = 0  # records ever published; the next record's seq
+        self._cond = threading.Condition()
+        self._closed = False
+        # Orders the loop's "begin a step" against stop/checkpoint requests, so the step a
+        # request names in its reply is the step it really takes effect after.
+        self._request_lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.stop_reason = ""
+        self.checkpoint_event = threading.Event()
+        self.checkpoint_hook: Callable[[int], Any] | None = None
+        self._listeners: list[Callable[[Phase], Any]] = []
+
+    # -- written by the loop's thread --------------------------------------------------------
+
+    @property
+    def snapshot(self) -> StatusSnapshot:
+        return self._snapshot  # one reference read: always a complete, consistent snapshot
+
+    def set_phase(self, phase: Phase | str, *, error: str | None = None) -> None:
+        """Publishes a phase change (and, with `error`, the last error)."""
+        phase = Phase(phase)
+        old = self._snapshot
+        if phase is old.phase and error is None:
+            return
+        now = time.time()
+        self._snapshot = replace(old, phase=phase, phase_since=now, updated_at=now,
+                                 last_error=old.last_error if error is None else error)
+        if phase.terminal != old.phase.terminal:
+            for fn in self._listeners:
+                fn(phase)
+
+    def begin_step(self, honor_stop: bool) -> tuple[bool, bool]:
+        """Called by the loop before each step: -> (go, checkpoint_first).
+
+        go is False when `honor_stop` and a stop was requested. checkpoint_first is True (and
+        the request is consumed) when a checkpoint was requested since the last step; the
+        phase is then CHECKPOINTING, else SAMPLING.
+        """
+        with self._request_lock:
+            if honor_stop and self.stop_event.is_set():
+                return False, False
+            ckpt = self.checkpoint_event.is_set()
+            self.checkpoint_event.clear()
+            self.set_phase(Phase.CHECKPOINTING if ckpt else Phase.SAMPLING)
+            return True, ckpt
+
+    def take_checkpoint_request(self) -> bool:
+        """Consumes a pending checkpoint request (at the end of a run); True if there was one."""
+        with self._request_lock:
+            pending = self.checkpoint_event.is_set()
+            self.checkpoint_event.clear()
+            return pending
+
+    def _next_boundary(self) -> int:
+        # IDLE/STARTING: the next boundary is right after the last completed step; inside a
+        # step (or the checkpoint before it): after that step.
+        s = self._snapshot
+        return s.step + (0 if s.phase in (Phase.IDLE, Phase.STARTING) else 1)
+
+    def request_stop(self, reason: str) -> tuple[bool, int, str]:
+        """A graceful stop: -> (accepted, after_step, message). Safe from any thread."""
+        with self._request_lock:
+            s = self._snapshot
+            if s.phase.terminal:
+                return False, s.step, f"the job has already {s.phase.value}"
+            if not self.stop_event.is_set():
+                self.stop_reason = reason
+                self.stop_event.set()
+            after = self._next_boundary()
+        ckpt = " and save a checkpoint" if self.checkpoint_hook is not None else ""
+        return True, after, f"the job will finish step {after}{ckpt}, then stop"
+
+    def request_checkpoint(self) -> tuple[bool, int, str]:
+        """-> (accepted, after_step, message); not accepted without a checkpoint hook."""
+        if self.checkpoint_hook is None:
+            return False, self._snapshot.step, (
+                "checkpointing is not configured for this job, so no checkpoint can be taken "
+                "(fix: register a checkpoint hook with Job.set_checkpoint_hook(fn))")
+        with self._request_lock:
+            s = self._snapshot
+            if s.phase.terminal:
+                return False, s.step, f"the job has {s.phase.value}; no step will follow"
+            self.checkpoint_event.set()
+            after = self._next_boundary()
+        return True, after, f"a checkpoint will be saved after step {after}"
+
+    def publish_step(self, step: int, metrics: Mapping[str, float], policy_version: int) -> None:
+        """Publishes a completed step: a new snapshot (phase IDLE) and a record for watchers."""
+        now = time.time()
+        record = StepRecord(self._total, int(step), now, MappingProxyType(dict(metrics)))
+        with self._cond:  # held for an append and a notify; readers copy outside it
+            self._records.append(record)
+            self._total += 1
+            self._cond.notify_all()
+        old = self._snapshot
+        self._snapshot = StatusSnapshot(Phase.IDLE, int(step), int(policy_version),
+                                        old.last_error, now, now)
+        if old.phase.terminal:
+            for fn in self._listeners:
+                fn(Phase.IDLE)
+
+    def close(self) -> None:
+        """No more steps: open watch streams drain what is left and end."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def add_listener(self, fn: Callable[[Phase], Any]) -> None:
+        """`fn(phase)` runs (on the loop's thread) when the job enters or leaves a terminal
+        phase (stopped/failed); the server uses it to flip health to NOT_SERVING and back."""
+        self._listeners.append(fn)
+
+    # -- read by the server's threads --------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def latest(self) -> StepRecord | None:
+        records = self._records
+        return records[-1] if records else None
+
+    def window(self, n: int) -> list[StepRecord]:
+        """The last `n` published records (fewer before `n` steps have completed)."""
+        with self._cond:
+            n = min(n, len(self._records))
+            return [self._records[i] for i in range(len(self._records) - n, len(self._records))]
+
+    @property
+    def published(self) -> int:
+        """How many step records have been published (the next record's seq)."""
+        return self._total
+
+    def first_seq_at(self, step: int) -> int:
+        """The seq of the first retained record with step >= `step` (or the next one)."""
+        with self._cond:
+            for r in self._records:
+                if r.step >= step:
+                    return r.seq
+            return self._total
+
+    def wait_records(self, next_seq: int, timeout: float,
+                     cancelled: Callable[[], bool] = lambda: False) -> list[StepRecord]:
+        """Records with seq >= next_seq, waiting up to `timeout` s for the first of them.
+
+        Returns [] on timeout, on `cancelled()`, or when the board is closed and drained.
+        Raises WatcherBehind if record `next_seq` has already been dropped from the history.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._total <= next_seq and not self._closed and not cancelled():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                self._cond.wait(left)
+            oldest = self._total - len(self._records)
+            if next_seq < oldest:
+                raise WatcherBehind(
+                    f"this watcher is {self._total - next_seq} steps behind, more than the "
+                    f"status.history={self.history} steps the job keeps (fix: reconnect, or "
+                    f"raise status.history)")
+            start = next_seq - oldest
+            return [self._records[i] for i in range(start, len(self._records))]
+
+    def wake(self) -> None:
+        """Wakes every waiting watcher (e.g. one whose client went away)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def uptime(self) -> float:
+        return time.time() - self.start_time
