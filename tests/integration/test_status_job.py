@@ -89,8 +89,13 @@ def _check_job(job, client):
     # step 3 is training: both must name the step they take effect after.
     replies, phases = {}, []
 
-    def on_phase(name):
-        job.board.set_phase(name)
+    publish = job.timeline.on_span_start  # the Job's own hook: span start -> board phase
+
+    def on_span_start(span, mesh, step_of_span):
+        publish(span, mesh, step_of_span)
+        if span not in ("sample", "score", "update", "reshard"):
+            return
+        name = job.board.snapshot.phase.value
         step = job.steps_done + 1
         phases.append((step, name))
         if step == 1 and name == "scoring":
@@ -100,7 +105,7 @@ def _check_job(job, client):
         if step == STOP_DURING_STEP and name == "training":
             replies["stop"] = client.request_stop("test stop")
 
-    job.loop.on_phase = on_phase
+    job.timeline.on_span_start = on_span_start
     runner = threading.Thread(target=job.run)
     runner.start()
     runner.join(600)  # generous: a loaded CI box compiles slowly; nothing here is timed
