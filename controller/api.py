@@ -38,7 +38,7 @@ class Job:
         from rewards.registry import RewardSet
         from sampler.jax_sampler import JaxSampler
         from trainer.model import ModelSpec, define_model, init_params, param_count
-        from trainer.optim import build_optimizer
+        from trainer.optim import build_optimizer, build_schedule
         from trainer.trainer import Trainer
 
         self.meshes = build_meshes(cfg.topology)
@@ -48,8 +48,12 @@ class Job:
         self.model_def = define_model(spec)
         params = init_params(spec, cfg.model.init_seed)
         self.num_params = param_count(params)
-        self.trainer = Trainer(self.model_def, params, build_optimizer(cfg.optimizer),
-                               self.meshes.trainer, cfg.algorithm, cfg.sampling.temperature)
+        # η(s) over optimizer steps: μ × num_minibatches per GRPO step.
+        schedule = build_schedule(cfg.optimizer, cfg.run.steps * cfg.algorithm.num_iterations
+                                  * cfg.algorithm.num_minibatches)
+        self.trainer = Trainer(self.model_def, params, build_optimizer(cfg.optimizer, schedule),
+                               self.meshes.trainer, cfg.algorithm, cfg.sampling.temperature,
+                               lr_schedule=schedule)
         self.sampler = JaxSampler(self.model_def, self.meshes.sampler, cfg.sampling,
                                   pad_id=self.tokenizer.pad_id,
                                   stop_ids=(self.tokenizer.stop_id,))
