@@ -183,8 +183,9 @@ class AlgorithmConfig(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1)  # microbatches summed per optimizer step
 
     # -- DAPO data shaping (controller/loop.py) --
-    # Dynamic sampling: drop groups whose G rewards are all equal (zero advantage), sample more
-    # prompts to refill the batch, at most `dynamic_sampling_max_retries` extra rounds.
+    # Dynamic sampling: drop groups whose G reward-function scores (before the overlong
+    # penalty; DAPO filters on accuracy) are all equal, sample more prompts to refill the
+    # batch, at most `dynamic_sampling_max_retries` extra rounds; then top up with dropped ones.
     dynamic_sampling: bool = False
     dynamic_sampling_max_retries: int = Field(3, ge=0)
     overlong_filtering: bool = False  # DAPO: truncated completions (no stop) get no loss

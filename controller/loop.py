@@ -140,7 +140,9 @@ class SyncLoop:
             if not algo.dynamic_sampling:
                 kept.append(r)
                 break
-            uniform_P = uniform_groups(r.rewards_B.reshape(-1, g))
+            # Judged on the reward functions' scores, before the length penalty (DAPO filters
+            # on accuracy: the overlong penalty alone must not make a group "informative").
+            uniform_P = uniform_groups(r.scores_B.reshape(-1, g))
             take = np.flatnonzero(~uniform_P)[: want - n_kept]
             kept.append(r.groups(take, g))
             dropped.append(r.groups(np.flatnonzero(uniform_P), g))

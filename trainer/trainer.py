@@ -251,6 +251,12 @@ class Trainer:
             aux_pre["sampler/logp_abs_diff"] = (
                 jnp.sum(aux_S["_logp_diff"] * f)
                 / jnp.maximum(jnp.sum(aux_S["_logp_tokens"] * f), 1.0))
+        # No loss tokens at all (e.g. every row overlong-filtered): the update is a no-op for
+        # the surrogate; report neutral ratio bounds instead of ±inf.
+        has_tokens = jnp.sum(aux_S["_tokens"]) > 0
+        for k in (*_MIN, *_MAX):
+            aux[k] = jnp.where(has_tokens, aux[k], 1.0)
+        aux["loss/tokens"] = jnp.sum(loss_mask.astype(jnp.float32))
         for k in ("_tokens", "_logp_diff", "_logp_tokens"):
             aux.pop(k, None)
         aux.update(aux_pre)
