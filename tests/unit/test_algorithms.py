@@ -118,11 +118,15 @@ def test_aggregation_modes_hand_worked(mode, norm_length, want):
     assert float(jnp.sum(jnp.where(MASK == 0, jnp.abs(w), 0.0))) == 0.0
 
 
-def test_every_config_aggregation_is_registered():
+def test_every_config_choice_has_a_registry_entry():
     from controller.config import AlgorithmConfig
+    from trainer.loss import LOG_RATIOS
 
-    literal = AlgorithmConfig.model_fields["loss_aggregation"].annotation.__args__
-    assert set(literal) == set(AGGREGATIONS)
+    fields = AlgorithmConfig.model_fields
+    for field, registry in (("loss_aggregation", AGGREGATIONS), ("kl_estimator", KL_ESTIMATORS),
+                            ("advantage_estimator", ADVANTAGE_ESTIMATORS),
+                            ("importance_sampling_level", LOG_RATIOS)):
+        assert set(fields[field].annotation.__args__) == set(registry), field
 
 
 # ---------------------------------------------------------------------------------------------
