@@ -10,6 +10,7 @@ Host sync points are marked "HOST SYNC": each is a place where Python waits for 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -181,8 +182,7 @@ class SyncLoop:
                           "kl/reward_penalty_mean": float(algo.beta * kl_B.mean())}
         adv_PxG = compute_advantages(rewards_B.reshape(-1, g), algo.advantage_estimator,
                                      algo.advantage_eps, algo.advantage_normalization)
-        train = TrainBatch(*(adv_PxG.reshape(-1) if f == "advantages_B" else getattr(train, f)
-                             for f in TrainBatch.__dataclass_fields__))
+        train = dataclasses.replace(train, advantages_B=adv_PxG.reshape(-1))
 
         # UPDATE: μ × minibatches optimizer steps, one jitted, sharded call on the trainer mesh.
         aux = self.trainer.update(train)
