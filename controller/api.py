@@ -80,7 +80,7 @@ class Job:
             param_count,
             param_shardings,
         )
-        from trainer.optim import build_optimizer
+        from trainer.optim import build_optimizer, build_schedule
         from trainer.trainer import Trainer
 
         self.meshes = build_meshes(cfg.topology, colocated=cfg.schedule.kind == "colocated")
@@ -104,9 +104,12 @@ class Job:
             self.model_def = define_model(spec)
             params = init_params(spec, cfg.model.init_seed)
         self.num_params = param_count(params)
-        self.trainer = Trainer(self.model_def, params, build_optimizer(cfg.optimizer),
+        # η(s) over optimizer steps: μ × num_minibatches per GRPO step.
+        schedule = build_schedule(cfg.optimizer, cfg.run.steps * cfg.algorithm.num_iterations
+                                  * cfg.algorithm.num_minibatches)
+        self.trainer = Trainer(self.model_def, params, build_optimizer(cfg.optimizer, schedule),
                                self.meshes.trainer, cfg.algorithm, cfg.sampling.temperature,
-                               is_cap=cfg.schedule.is_cap)
+                               lr_schedule=schedule, is_cap=cfg.schedule.is_cap)
         hf_dir, to_hf = None, None
         if cfg.model.path and cfg.sampling.backend == "vllm":
             # vLLM serves the HF directory and takes each new policy by HF tensor name.

@@ -199,23 +199,106 @@ class SamplingConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    """GRPO (Shao et al., 2024, DeepSeekMath): group-relative advantages, clipped surrogate."""
+    """The GRPO family: advantages, clipped surrogate, KL, and the DAPO / Dr.GRPO / GSPO knobs.
 
-    beta: float = Field(0.02, ge=0)  # β: KL coefficient; 0 disables the reference model
-    epsilon: float = Field(0.2, gt=0, lt=1)  # ε: PPO clip range
+    Papers: GRPO (Shao et al., 2024, DeepSeekMath); DAPO (Yu et al., 2025); Dr.GRPO (Liu et al.,
+    2025, "Understanding R1-Zero-Like Training"); GSPO (Zheng et al., 2025); RLOO (Ahmadian et
+    al., 2024); dual-clip PPO (Ye et al., 2020); KL estimators k1/k2/k3 (Schulman, 2020).
+    """
+
+    # -- advantages (controller/advantages.py) --
+    # "grpo": (r - mean_g) / (std_g + eps), sample std (ddof=1); "dr_grpo": r - mean_g (no
+    # std, Liu et al., 2025); "rloo": r_i - mean_{j != i} r_j (leave-one-out, Ahmadian et al.).
+    advantage_estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    # Where GRPO's std comes from: "group" (GRPO) or "batch" (std of all rewards in the batch,
+    # group mean kept: Lite PPO, Liu et al., 2025 "Tricks or Traps"; TRL scale_rewards="batch").
+    advantage_normalization: Literal["group", "batch"] = "group"
     advantage_eps: float = Field(1e-4, gt=0)  # added to the group std before dividing
-    loss_aggregation: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+
+    # -- policy loss (trainer/loss.py) --
+    beta: float = Field(0.02, ge=0)  # β: KL coefficient; 0 disables the reference model
+    epsilon: float = Field(0.2, gt=0, lt=1)  # ε: PPO clip range, ρ ∈ [1-ε, 1+ε]
+    epsilon_low: float | None = Field(None, gt=0, lt=1)  # ε_low, DAPO clip-higher; None: ε
+    epsilon_high: float | None = Field(None, gt=0)  # ε_high, DAPO (Yu et al., 2025); None: ε
+    dual_clip_c: float | None = Field(None, gt=1)  # c, dual-clip PPO (Ye et al., 2020), A < 0
+    # "token": ρ_t = π_θ(y_t)/π_old(y_t) (PPO/GRPO); "sequence": GSPO's
+    # s_i = exp(mean_t log ρ_t) (Zheng et al., 2025), as TRL's importance_sampling_level.
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    # How per-token losses become one number (verl's loss_agg_mode names):
+    # "token-mean" (DAPO; TRL "dapo"/"bnpo"), "seq-mean-token-mean" (GRPO; TRL "grpo"),
+    # "seq-mean-token-sum", "seq-mean-token-sum-norm" (Dr.GRPO: Σ / (B·L), TRL "dr_grpo").
+    loss_aggregation: Literal[
+        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+    ] = "token-mean"
+    # L in Dr.GRPO's constant normaliser; None: sampling.max_new_tokens.
+    loss_norm_length: int | None = Field(None, ge=1)
+    entropy_coef: float = Field(0.0, ge=0)  # entropy bonus: loss -= coef · H(π_θ)
+
+    # -- KL to the frozen reference model π_ref --
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # Schulman (2020); k3 as in GRPO
+    # "loss": + β·KL per token in the loss (GRPO); "reward": r_i -= β·Σ_t KL_t before the
+    # advantages (InstructGPT-style; verl use_kl_in_reward).
+    kl_penalty: Literal["loss", "reward"] = "loss"
+
+    # -- the update: μ iterations × minibatches × gradient accumulation (trainer/trainer.py) --
+    num_iterations: int = Field(1, ge=1)  # μ: passes over each batch (GRPO, Shao et al.)
+    # π_old for the ratio: "recompute" (trainer forward before the update; with μ = 1 and one
+    # minibatch π_old = sg(π_θ), no extra pass) or "sampler" (the sampler's logprobs).
+    old_logprobs: Literal["recompute", "sampler"] = "recompute"
+    num_minibatches: int = Field(1, ge=1)  # optimizer steps per pass; rows split evenly
+    gradient_accumulation_steps: int = Field(1, ge=1)  # microbatches summed per optimizer step
+
+    # -- DAPO data shaping (controller/loop.py) --
+    # Dynamic sampling: drop groups whose G reward-function scores (before the overlong
+    # penalty; DAPO filters on accuracy) are all equal, sample more prompts to refill the
+    # batch, at most `dynamic_sampling_max_retries` extra rounds; then top up with dropped ones.
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_retries: int = Field(3, ge=0)
+    overlong_filtering: bool = False  # DAPO: truncated completions (no stop) get no loss
+    # Soft overlong punishment (DAPO eq. 13): L_cache; None disables. L_max = max_new_tokens.
+    overlong_buffer_len: int | None = Field(None, ge=1)
+    overlong_penalty_factor: float = Field(1.0, ge=0)  # scales the soft penalty (verl)
+
+    @model_validator(mode="after")
+    def _check_algorithm(self) -> AlgorithmConfig:
+        if self.advantage_normalization == "batch" and self.advantage_estimator != "grpo":
+            raise ValueError(
+                f"algorithm.advantage_normalization='batch' only applies to "
+                f"advantage_estimator='grpo' (got {self.advantage_estimator!r}, which divides "
+                f"by no std) (fix: algorithm.advantage_normalization=group)"
+            )
+        return self
+
+    @property
+    def clip_low(self) -> float:
+        """ε_low (DAPO), falling back to ε."""
+        return self.epsilon if self.epsilon_low is None else self.epsilon_low
+
+    @property
+    def clip_high(self) -> float:
+        """ε_high (DAPO), falling back to ε."""
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def uses_reference(self) -> bool:
+        """β > 0 needs the frozen reference model (in the loss or in the reward)."""
+        return self.beta > 0
 
 
 class OptimizerConfig(_Section):
-    """AdamW from optax."""
+    """AdamW from optax, with global-norm clipping and a warmup + constant/cosine schedule."""
 
-    learning_rate: float = Field(3e-3, gt=0)
-    b1: float = Field(0.9, ge=0, lt=1)
-    b2: float = Field(0.99, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)  # None disables clipping
-    warmup_steps: int = Field(0, ge=0)
+    learning_rate: float = Field(3e-3, gt=0)  # η (peak, after warmup)
+    b1: float = Field(0.9, ge=0, lt=1)  # β1
+    b2: float = Field(0.99, ge=0, lt=1)  # β2
+    weight_decay: float = Field(0.0, ge=0)  # λ (decoupled, AdamW)
+    max_grad_norm: float | None = Field(1.0, gt=0)  # global-norm clip; None disables clipping
+    warmup_steps: int = Field(0, ge=0)  # linear warmup 0 -> η, in optimizer steps
+    # After warmup: "constant" η, or "cosine" decay to min_lr_ratio·η over the rest of the run
+    # (decay_steps optimizer steps; None: run.steps × μ × num_minibatches).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    decay_steps: int | None = Field(None, ge=1)
 
 
 class RewardsConfig(_Section):
@@ -444,6 +527,29 @@ class JobConfig(_Section):
                 f"rewards.functions={self.rewards.functions} uses reverse_digits, the reward of "
                 f"the reverse_digits task, with data.task={self.data.task} "
                 f"(fix: e.g. rewards.functions=[gsm8k] or your own 'file.py:function')"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_algorithm_shapes(self) -> JobConfig:
+        a, g = self.algorithm, self.sampling.group_size
+        rows = self.data.prompts_per_step * g
+        chunks = a.num_minibatches * a.gradient_accumulation_steps
+        if rows % chunks:
+            raise ValueError(
+                f"algorithm.num_minibatches={a.num_minibatches} x "
+                f"algorithm.gradient_accumulation_steps={a.gradient_accumulation_steps} = "
+                f"{chunks} does not divide the batch of {rows} rows (data.prompts_per_step="
+                f"{self.data.prompts_per_step} x sampling.group_size={g}) (fix: e.g. "
+                f"algorithm.num_minibatches=1 algorithm.gradient_accumulation_steps=1)"
+            )
+        if a.overlong_buffer_len is not None and (
+                a.overlong_buffer_len >= self.sampling.max_new_tokens):
+            raise ValueError(
+                f"algorithm.overlong_buffer_len={a.overlong_buffer_len} must be shorter than "
+                f"sampling.max_new_tokens={self.sampling.max_new_tokens} (L_cache < L_max) "
+                f"(fix: e.g. algorithm.overlong_buffer_len="
+                f"{max(1, self.sampling.max_new_tokens // 4)})"
             )
         return self
 

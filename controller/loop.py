@@ -18,16 +18,17 @@ Host sync points are marked "HOST SYNC": each is a place where Python waits for 
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
 
-from controller.advantages import grpo_advantages
+from controller.advantages import compute_advantages, soft_overlong_penalty, uniform_groups
 from controller.config import JobConfig
 from controller.data import TaskDataset
 from controller.metrics import to_float
@@ -40,21 +41,67 @@ from trainer.trainer import TrainBatch, Trainer
 
 
 @dataclass
-class Rollout:
-    """One step's scored completions (host arrays), and the policy version that made them."""
+class Samples:
+    """Prompts × G completions with their rewards, on the host; rows grouped G at a time."""
 
-    step: int
-    policy_version: int
-    data_position: int  # dataset rows consumed once this batch was drawn
-    rows: list[dict[str, Any]]
+    rows: list[dict[str, Any]]  # one dataset row per completion
     prompt_tokens_BxP: np.ndarray
     prompt_mask_BxP: np.ndarray
     tokens_BxT: np.ndarray
     mask_BxT: np.ndarray
     logps_BxT: np.ndarray  # behaviour logprobs: what the sampler drew each token with
-    rewards_PxG: np.ndarray
-    reward_metrics: dict[str, float]
-    times: dict[str, float] = field(default_factory=dict)
+    truncated_B: np.ndarray  # no stop token within max_new_tokens
+    scores_B: np.ndarray  # the reward functions' weighted sum
+    rewards_B: np.ndarray  # scores + the soft overlong penalty: what advantages see
+
+    def groups(self, index_P: np.ndarray, g: int) -> Samples:
+        """The samples restricted to the groups `index_P` (in that order)."""
+        rows_B = (np.asarray(index_P, int)[:, None] * g + np.arange(g)).reshape(-1)
+        return Samples([self.rows[i] for i in rows_B],
+                       *(x[rows_B] for x in (
+                           self.prompt_tokens_BxP, self.prompt_mask_BxP, self.tokens_BxT,
+                           self.mask_BxT, self.logps_BxT, self.truncated_B, self.scores_B,
+                           self.rewards_B)))
+
+
+def concat_samples(parts: list[Samples], pad_id: int) -> Samples:
+    """Row-wise concatenation; prompts are left-padded to the widest part."""
+    width = max(p.prompt_tokens_BxP.shape[1] for p in parts)
+
+    def left_pad(x: np.ndarray, fill: Any) -> np.ndarray:
+        return np.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=fill)
+
+    return Samples(
+        [r for p in parts for r in p.rows],
+        np.concatenate([left_pad(p.prompt_tokens_BxP, pad_id) for p in parts]),
+        np.concatenate([left_pad(p.prompt_mask_BxP, False) for p in parts]),
+        *(np.concatenate([getattr(p, f) for p in parts]) for f in (
+            "tokens_BxT", "mask_BxT", "logps_BxT", "truncated_B", "scores_B", "rewards_B")))
+
+
+def merge_reward_metrics(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Per-round reward metrics -> one step's: failure counts add up, the rest average."""
+    out: dict[str, float] = {}
+    for k in {k for m in rounds for k in m}:
+        values = [m[k] for m in rounds if k in m]
+        if k.startswith("rewards/failures") and k != "rewards/failure_frac":
+            out[k] = float(sum(values))
+        elif k.endswith("_max"):
+            out[k] = float(max(values))
+        else:
+            out[k] = float(sum(values) / len(values))
+    return out
+
+
+@dataclass
+class Rollout:
+    """One step's batch, ready to train on, and the policy version that sampled it."""
+
+    step: int
+    policy_version: int  # the oldest weights any of its completions came from
+    data_position: int  # dataset rows consumed once this batch was drawn
+    batch: Samples  # what the trainer trains on (after dynamic sampling)
+    metrics: dict[str, float]  # rewards, lengths, dynamic sampling, sample/score times
 
 
 class Loop:
@@ -96,16 +143,16 @@ class Loop:
 
     # -- the sampler side ------------------------------------------------------------------
 
-    def produce(self, step: int) -> Rollout:
-        g = self.cfg.sampling.group_size
-        tl = self.timeline
+    def _sample_and_score(self, step: int, key: Any, times: dict[str, float]
+                          ) -> tuple[Samples, dict[str, float], int]:
+        """Samples G completions for the next prompts_per_step prompts and scores them."""
+        g, algo, tl = self.cfg.sampling.group_size, self.cfg.algorithm, self.timeline
 
         # SAMPLE: G completions for each prompt, on the sampler mesh.
         with tl.span("sample", "sampler", step) as sample_span:
             prompts = self.dataset.next_batch()
             prompt_tokens = np.repeat(prompts.tokens_PxL, g, axis=0)
             prompt_mask = np.repeat(prompts.mask_PxL, g, axis=0)
-            key = jax.random.fold_in(self.rng, step)
             with self._sampler_lock:
                 version = self.sampler_version
                 out = self.sampler.generate(prompt_tokens, prompt_mask, key)
@@ -118,30 +165,128 @@ class Loop:
             texts = [self.tokenizer.decode(t) for t in tokens]
             ids = [t[m].tolist() for t, m in zip(tokens, mask, strict=True)]
             # reward/<label>[/<component>] and rewards/failures_<kind> metrics come back too.
-            rewards, reward_metrics = self.rewards.score(
+            scores, reward_metrics = self.rewards.score(
                 [r["prompt"] for r in rows], texts, rows, ids)
-            rewards_PxG = np.asarray(rewards, np.float32).reshape(-1, g)
-        return Rollout(step, version, self.dataset.position, prompts.rows, prompt_tokens,
-                       prompt_mask, tokens, mask, logps, rewards_PxG, reward_metrics,
-                       {"time/sample_s": sample_span.seconds,
-                        "time/reward_s": score_span.seconds,
-                        **self.sampler.metrics()})  # sampler/compiles, sampler/kept_mass
+            scores_B = np.asarray(scores, np.float32)
+            truncated_B = ~np.isin(tokens, list(self.tokenizer.stop_ids)).any(axis=1)
+            rewards_B = scores_B
+            if algo.overlong_buffer_len is not None:
+                # DAPO soft overlong punishment: lengths in the last L_cache tokens pay linearly.
+                rewards_B = scores_B + soft_overlong_penalty(
+                    mask.sum(axis=1), self.cfg.sampling.max_new_tokens, algo.overlong_buffer_len,
+                    algo.overlong_penalty_factor)
+        times["sample"] += sample_span.seconds
+        times["reward"] += score_span.seconds
+        samples = Samples(rows, prompt_tokens, prompt_mask, tokens, mask, logps, truncated_B,
+                          scores_B, rewards_B)
+        return samples, reward_metrics, version
+
+    def produce(self, step: int) -> Rollout:
+        """Samples and scores one step's batch (with DAPO dynamic sampling when configured)."""
+        cfg, algo = self.cfg, self.cfg.algorithm
+        g, want = cfg.sampling.group_size, cfg.data.prompts_per_step
+        times = {"sample": 0.0, "reward": 0.0}
+
+        # DAPO dynamic sampling: keep only groups whose rewards differ (the others have zero
+        # advantage), and sample more prompts until `want` groups, or the retries, run out.
+        key = jax.random.fold_in(self.rng, step)
+        seen: list[Samples] = []
+        kept: list[Samples] = []
+        dropped: list[Samples] = []
+        reward_rounds: list[dict[str, float]] = []
+        versions: list[int] = []
+        n_kept = 0
+        rounds = 1 + (algo.dynamic_sampling_max_retries if algo.dynamic_sampling else 0)
+        for attempt in range(rounds):
+            r, reward_metrics, version = self._sample_and_score(
+                step, key if attempt == 0 else jax.random.fold_in(key, attempt), times)
+            seen.append(r)
+            reward_rounds.append(reward_metrics)
+            versions.append(version)
+            if not algo.dynamic_sampling:
+                kept.append(r)
+                break
+            # Judged on the reward functions' scores, before the length penalty (DAPO filters
+            # on accuracy: the overlong penalty alone must not make a group "informative").
+            uniform_P = uniform_groups(r.scores_B.reshape(-1, g))
+            take = np.flatnonzero(~uniform_P)[: want - n_kept]
+            kept.append(r.groups(take, g))
+            dropped.append(r.groups(np.flatnonzero(uniform_P), g))
+            n_kept += len(take)
+            if n_kept >= want:
+                break
+        n_filtered = sum(len(d.rows) // g for d in dropped)
+        shortfall = 0
+        if algo.dynamic_sampling and n_kept < want:
+            # Retries exhausted: top up with dropped groups (A = 0, so they add only KL and
+            # entropy terms) to keep the batch shape, and hence the compiled update, fixed.
+            shortfall = want - n_kept
+            kept.append(concat_samples(dropped, self.tokenizer.pad_id).groups(
+                np.arange(shortfall), g))
+        batch = concat_samples(kept, self.tokenizer.pad_id)
+        everything = concat_samples(seen, self.tokenizer.pad_id)
+
+        lengths = everything.mask_BxT.sum(axis=1)
+        metrics = {
+            # Over every completion sampled this step (all dynamic-sampling rounds).
+            "reward/mean": float(everything.scores_B.mean()),
+            "reward/std": float(everything.scores_B.std()),
+            **merge_reward_metrics(reward_rounds),
+            "completion/len_mean": float(lengths.mean()),
+            "completion/tokens": float(lengths.sum()),
+            "completion/stopped_frac": float(1.0 - everything.truncated_B.mean()),
+            "time/sample_s": times["sample"],
+            "time/reward_s": times["reward"],
+            **self.sampler.metrics(),  # sampler/compiles, sampler/kept_mass
+        }
+        if algo.overlong_buffer_len is not None:
+            metrics["reward/overlong_penalty_mean"] = float(
+                (everything.rewards_B - everything.scores_B).mean())
+        if algo.overlong_filtering:
+            metrics["overlong/filtered_frac"] = float(batch.truncated_B.mean())
+        if algo.dynamic_sampling:
+            metrics["dynamic_sampling/rounds"] = float(len(seen))
+            metrics["dynamic_sampling/groups_filtered"] = float(n_filtered)
+            metrics["dynamic_sampling/shortfall_groups"] = float(shortfall)
+            metrics["dynamic_sampling/kept_frac"] = float(
+                n_kept / max(len(everything.rows) // g, 1))
+        return Rollout(step, min(versions), self.dataset.position, batch, metrics)
 
     # -- the trainer side ------------------------------------------------------------------
 
     def consume(self, r: Rollout) -> dict[str, float]:
-        tl = self.timeline
-        # ADVANTAGES: group-relative, A = (r - mean_g) / (std_g + eps).
-        adv_B = grpo_advantages(r.rewards_PxG, self.cfg.algorithm.advantage_eps).reshape(-1)
+        algo, g, tl = self.cfg.algorithm, self.cfg.sampling.group_size, self.timeline
+        batch = r.batch
 
-        # UPDATE: one jitted, sharded GRPO step on the trainer mesh (the reference model's
-        # forward pass runs inside the same program). Off-policy batches (async) are corrected
-        # by the truncated importance ratio against the behaviour logprobs.
+        # Overlong filtering (DAPO): truncated completions keep their reward in the group
+        # statistics but contribute no loss.
+        loss_mask = batch.mask_BxT
+        if algo.overlong_filtering:
+            loss_mask = batch.mask_BxT & ~batch.truncated_B[:, None]
+        train = TrainBatch(batch.prompt_tokens_BxP, batch.prompt_mask_BxP, batch.tokens_BxT,
+                           batch.mask_BxT, np.zeros(len(batch.rows), np.float32),
+                           batch.logps_BxT, loss_mask)
+
+        # ADVANTAGES: group-relative (algorithm.advantage_estimator), from the final rewards.
+        rewards_B = batch.rewards_B
+        kl_metrics: dict[str, float] = {}
+        if algo.beta > 0 and algo.kl_penalty == "reward":
+            # KL in the reward: r_i -= β Σ_t KL_t(π_θ || π_ref). HOST SYNC: read the KL back.
+            kl_B = np.asarray(jax.device_get(self.trainer.sequence_kl(train)), np.float32)
+            rewards_B = rewards_B - algo.beta * kl_B
+            kl_metrics = {"kl/mean": float(kl_B.sum() / max(loss_mask.sum(), 1)),
+                          "kl/reward_penalty_mean": float(algo.beta * kl_B.mean())}
+        adv_PxG = compute_advantages(rewards_B.reshape(-1, g), algo.advantage_estimator,
+                                     algo.advantage_eps, algo.advantage_normalization)
+        train = dataclasses.replace(train, advantages_B=adv_PxG.reshape(-1))
+
+        # UPDATE: μ × minibatches optimizer steps, one jitted, sharded call on the trainer
+        # mesh (the reference model's forward pass runs inside the same program). Off-policy
+        # batches (async) are corrected by the truncated importance ratio against the
+        # behaviour logprobs.
         staleness = self.policy_version - r.policy_version
         with tl.span("update", "trainer", r.step) as update_span:
-            aux = self.trainer.update(
-                TrainBatch(r.prompt_tokens_BxP, r.prompt_mask_BxP, r.tokens_BxT, r.mask_BxT,
-                           adv_B, r.logps_BxT), off_policy=staleness > 0)
+            aux = self.trainer.update(train, off_policy=staleness > 0)
             aux = jax.device_get(aux)  # HOST SYNC: wait for the update and read its metrics.
         self.policy_version += 1
         self.consumed_position = r.data_position
@@ -149,18 +294,14 @@ class Loop:
         # RESHARD: new weights from the trainer layout to the sampler layout.
         stats = self.push_weights(r.step)  # HOST SYNC inside: timed to completion.
 
-        lengths = r.mask_BxT.sum(axis=1)
         return {
             "step": float(r.step),
-            "reward/mean": float(r.rewards_PxG.mean()),
-            "reward/std": float(r.rewards_PxG.std()),
-            **r.reward_metrics,
-            "completion/len_mean": float(lengths.mean()),
-            "completion/tokens": float(lengths.sum()),
-            "completion/stopped_frac": float(
-                np.isin(r.tokens_BxT, list(self.tokenizer.stop_ids)).any(axis=1).mean()),
+            **r.metrics,
+            "advantages/mean": float(adv_PxG.mean()),
+            "advantages/std": float(adv_PxG.std()),
+            "advantages/zero_frac": float((np.abs(adv_PxG) == 0).mean()),
+            **kl_metrics,
             **{k: to_float(v) for k, v in aux.items()},
-            **r.times,
             "time/update_s": update_span.seconds,
             "time/reshard_s": stats.seconds,
             "reshard/bytes": float(stats.bytes),

@@ -27,3 +27,11 @@ def token_entropy(logits_BxTxV: jax.Array, temperature: float = 1.0) -> jax.Arra
     """Entropy of the tempered next-token distribution at every position."""
     logp = tempered_log_softmax(logits_BxTxV, temperature)
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def token_logprobs_and_entropy(logits_BxTxV: jax.Array, tokens_BxT: jax.Array,
+                               temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """(log p_τ(token), H(p_τ)) at every position, from one log-softmax."""
+    logp_BxTxV = tempered_log_softmax(logits_BxTxV, temperature)
+    chosen = jnp.take_along_axis(logp_BxTxV, tokens_BxT[..., None], axis=-1)[..., 0]
+    return chosen, -jnp.sum(jnp.exp(logp_BxTxV) * logp_BxTxV, axis=-1)

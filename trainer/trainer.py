@@ -1,8 +1,20 @@
 """The trainer: owns the policy (and reference) parameters and optimizer state on its mesh.
 
-`Trainer.update(batch)` runs one jitted, sharded GRPO step. Params and optimizer state are
-donated to the step (their old buffers are reused), so callers must not hold on to
+`Trainer.update(batch)` runs one jitted, sharded GRPO update. Params and optimizer state are
+donated to it (their old buffers are reused), so callers must not hold on to
 `trainer.params` across an update: take what they need (the reshard) before the next one.
+
+One update, all inside one jitted function (GRPO, Shao et al., 2024, Algorithm 1):
+
+    π_ref logprobs (β > 0, KL in the loss)  and  π_old logprobs (see `old_logprobs`)
+    for iteration in 1..μ:                       # algorithm.num_iterations
+        for minibatch in 1..num_minibatches:     # one optimizer step each
+            g = Σ over gradient_accumulation_steps microbatches of ∇ loss(microbatch)
+            params <- AdamW(clip_by_global_norm(g))
+
+The microbatch losses use the aggregation weights of their whole minibatch (trainer/loss.py),
+so accumulating K microbatches gives exactly the minibatch gradient. μ × minibatches is a
+`lax.scan` (one compiled body, not μ·M copies); microbatches are an inner scan.
 """
 
 from __future__ import annotations
@@ -16,8 +28,8 @@ import numpy as np
 import optax
 
 from controller.config import AlgorithmConfig
-from trainer.logprobs import token_logprobs
-from trainer.loss import grpo_loss, truncated_is_weights
+from trainer.logprobs import token_logprobs_and_entropy
+from trainer.loss import KL_ESTIMATORS, aggregation_weights, grpo_loss, truncated_is_weights
 from trainer.model import ModelDef, Params, apply_model, causal_mask, positions_from_mask
 
 
@@ -31,39 +43,61 @@ class TrainBatch:
     completion_tokens_BxT: Any
     completion_mask_BxT: Any
     advantages_B: Any
-    sampler_logps_BxT: Any  # what the sampler drew each token with (for diagnostics)
+    sampler_logps_BxT: Any  # what the sampler drew each token with (diagnostics, or π_old)
+    # Tokens that count in the loss; None: completion_mask_BxT. DAPO's overlong filtering
+    # zeroes truncated rows here while their tokens stay visible to attention.
+    loss_mask_BxT: Any = None
+
+    @property
+    def loss_mask(self) -> Any:
+        return self.completion_mask_BxT if self.loss_mask_BxT is None else self.loss_mask_BxT
 
 
-def sequence_logprobs(mdef: ModelDef, params: Params, prompt_BxP, prompt_mask_BxP,
-                      completion_BxT, completion_mask_BxT, temperature: float) -> jax.Array:
-    """log π(completion token | prefix) for each completion position, by one full forward."""
+def sequence_logprobs_and_entropy(mdef: ModelDef, params: Params, prompt_BxP, prompt_mask_BxP,
+                                  completion_BxT, completion_mask_BxT, temperature: float
+                                  ) -> tuple[jax.Array, jax.Array]:
+    """(log π(completion token | prefix), entropy of π there) per completion position."""
     tokens_BxL = jnp.concatenate([prompt_BxP, completion_BxT], axis=1)
     mask_BxL = jnp.concatenate([prompt_mask_BxP, completion_mask_BxT], axis=1).astype(bool)
     p, length = prompt_BxP.shape[1], tokens_BxL.shape[1]
     logits_BxLxV, _ = apply_model(mdef, params, tokens_BxL, positions_from_mask(mask_BxL),
                                   causal_mask(mask_BxL, 0, length))
     # The logits at column j predict the token at column j + 1.
-    return token_logprobs(logits_BxLxV[:, p - 1 : length - 1], completion_BxT, temperature)
+    return token_logprobs_and_entropy(logits_BxLxV[:, p - 1 : length - 1], completion_BxT,
+                                      temperature)
+
+
+def sequence_logprobs(mdef: ModelDef, params: Params, prompt_BxP, prompt_mask_BxP,
+                      completion_BxT, completion_mask_BxT, temperature: float) -> jax.Array:
+    """log π(completion token | prefix) for each completion position, by one full forward."""
+    return sequence_logprobs_and_entropy(mdef, params, prompt_BxP, prompt_mask_BxP,
+                                         completion_BxT, completion_mask_BxT, temperature)[0]
+
+
+# How each loss aux value combines over microbatches and optimizer steps.
+_SUMMED = ("loss/policy", "loss/kl", "loss/entropy", "loss/total")  # Σ over microbatches
+_MIN, _MAX = ("ratio/min",), ("ratio/max",)  # everything else: token-count-weighted mean
 
 
 class Trainer:
     """GRPO updates on the trainer sub-mesh."""
 
     def __init__(self, mdef: ModelDef, params: Params, optimizer: optax.GradientTransformation,
-                 submesh: Any, algo: AlgorithmConfig, temperature: float,
-                 is_cap: float = 2.0):
+                 submesh: Any, algo: AlgorithmConfig, temperature: float, *,
+                 lr_schedule: optax.Schedule | None = None, is_cap: float = 2.0):
         self.mdef = mdef
         self.submesh = submesh
         self.algo = algo
         self.temperature = temperature
-        self.is_cap = is_cap
+        self.lr_schedule = lr_schedule  # for the optim/lr metric only
+        self.is_cap = is_cap  # C of the truncated IS weight for stale (async) batches
         self.shardings = jax.tree.map(
             lambda axes, shape: submesh.sharding(axes, shape.shape),
             mdef.logical_axes, mdef.shapes(), is_leaf=lambda x: isinstance(x, tuple),
         )
         params = jax.device_put(params, self.shardings)
         # β = 0 needs no reference model: skip its memory and its forward pass.
-        self.ref_params = jax.tree.map(jnp.copy, params) if algo.beta > 0 else None
+        self.ref_params = jax.tree.map(jnp.copy, params) if algo.uses_reference else None
         opt_state = optimizer.init(params)  # eager: moments are zeros_like(param), same layout
         state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
         # Moments follow their params' shardings; scalars (step counts) are replicated.
@@ -74,6 +108,7 @@ class Trainer:
         # Out shardings pinned to the in shardings: the state never drifts to another layout.
         self._update = jax.jit(self._update_step, donate_argnums=(0,),
                                out_shardings=(state_shardings, submesh.replicated()))
+        self._sequence_kl = jax.jit(self._sequence_kl_impl)
 
     def restore_state(self, state: dict[str, Any]) -> None:
         """Takes a state restored from a checkpoint (same tree, shardings on this mesh)."""
@@ -89,60 +124,163 @@ class Trainer:
     def step(self) -> int:
         return int(self.state["step"])  # host sync
 
+    @property
+    def optimizer_steps_per_update(self) -> int:
+        """μ × num_minibatches: optimizer steps taken by one `update`."""
+        return self.algo.num_iterations * self.algo.num_minibatches
+
     def place_batch(self, batch: TrainBatch) -> TrainBatch:
         """Host arrays -> the trainer mesh, rows split over the "batch" rule's axis."""
         def put(x):
+            if x is None:
+                return None
             x = np.asarray(x)
             return jax.device_put(x, self.submesh.batch_sharding(x.shape[0], x.ndim))
-        return TrainBatch(*(put(x) for x in (
-            batch.prompt_tokens_BxP, batch.prompt_mask_BxP, batch.completion_tokens_BxT,
-            batch.completion_mask_BxT, batch.advantages_B, batch.sampler_logps_BxT)))
+        return jax.tree.map(put, batch, is_leaf=lambda x: x is None)
+
+    def _logprobs_entropy(self, params: Params, b: TrainBatch) -> tuple[jax.Array, jax.Array]:
+        return sequence_logprobs_and_entropy(
+            self.mdef, params, b.prompt_tokens_BxP, b.prompt_mask_BxP, b.completion_tokens_BxT,
+            b.completion_mask_BxT, self.temperature)
 
     def _logprobs(self, params: Params, b: TrainBatch) -> jax.Array:
-        return sequence_logprobs(self.mdef, params, b.prompt_tokens_BxP, b.prompt_mask_BxP,
-                                 b.completion_tokens_BxT, b.completion_mask_BxT, self.temperature)
+        return self._logprobs_entropy(params, b)[0]
+
+    # -- chunking -----------------------------------------------------------------------------
+
+    def _chunks(self, x: jax.Array, n: int) -> jax.Array:
+        """[B, ...] -> [n, B/n, ...]: n consecutive row blocks (groups stay together)."""
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+    def _constrain_rows(self, x: jax.Array) -> jax.Array:
+        """A chunk's rows split over the trainer's batch axis again, as the full batch was."""
+        return jax.lax.with_sharding_constraint(
+            x, self.submesh.batch_sharding(x.shape[0], x.ndim))
+
+    def _chunked_logprobs(self, params: Params, b: TrainBatch, n: int) -> jax.Array:
+        """Logprobs of the whole batch, n row blocks at a time (activation memory of one)."""
+        chunks = jax.tree.map(lambda x: self._chunks(x, n), b)
+
+        def one(c: TrainBatch) -> jax.Array:
+            return self._logprobs(params, jax.tree.map(self._constrain_rows, c))
+
+        out = jax.lax.map(one, chunks)
+        return jax.lax.stop_gradient(out.reshape(b.completion_mask_BxT.shape))
+
+    # -- the update ---------------------------------------------------------------------------
 
     def _update_step(self, state, ref_params, b: TrainBatch, off_policy):
         algo = self.algo
+        n_mb, n_acc = algo.num_minibatches, algo.gradient_accumulation_steps
+        n_chunks, steps = n_mb * n_acc, algo.num_iterations * n_mb
+        loss_mask = b.loss_mask
+        aux_pre: dict[str, jax.Array] = {}
+
+        # REFERENCE AND OLD LOGPROBS: fixed for the whole update (no gradient).
         ref_logps = None
-        if ref_params is not None:
-            ref_logps = jax.lax.stop_gradient(self._logprobs(ref_params, b))
+        if ref_params is not None and algo.kl_penalty == "loss":
+            ref_logps = self._chunked_logprobs(ref_params, b, n_chunks)
+        if algo.old_logprobs == "sampler":
+            old_logps = b.sampler_logps_BxT
+        elif algo.num_iterations > 1 or n_mb > 1:
+            # π_old = the params before this update; later minibatches/iterations are off-policy.
+            old_logps = self._chunked_logprobs(state["params"], b, n_chunks)
+        else:
+            old_logps = None  # μ = 1, one minibatch: π_old = sg(π_θ) in the loss, no extra pass
+        if old_logps is not None and algo.old_logprobs == "recompute":
+            aux_pre["sampler/logp_abs_diff"] = _masked_mean(
+                jnp.abs(old_logps - b.sampler_logps_BxT), b.completion_mask_BxT)
 
-        def loss_fn(params):
-            logps = self._logprobs(params, b)
-            # μ = 1: the batch was sampled from the current policy, so π_old = π_θ (detached)
-            # and the ratio is exactly 1 in value; its gradient is the policy gradient.
-            old = jax.lax.stop_gradient(logps)
-            # A stale batch (async schedule) is reweighted by w = min(π_θ/μ, C) per token;
-            # on-policy batches use w = 1 exactly.
-            w = jnp.where(off_policy, truncated_is_weights(logps, b.sampler_logps_BxT,
-                                                           self.is_cap), 1.0)
-            adv_BxT = b.advantages_B[:, None] * w
-            loss, aux = grpo_loss(logps, old, ref_logps, adv_BxT, b.completion_mask_BxT,
-                                  epsilon=algo.epsilon, beta=algo.beta,
-                                  aggregation=algo.loss_aggregation)
-            aux["policy/is_weight_mean"] = jax.lax.stop_gradient(
-                jnp.sum(w * b.completion_mask_BxT) / jnp.maximum(jnp.sum(b.completion_mask_BxT), 1))
-            return loss, {**aux, "_logps": logps}
+        # Aggregation weights over each *minibatch*, then cut into its microbatches.
+        weights = jax.vmap(lambda m: aggregation_weights(m, algo.loss_aggregation,
+                                                         algo.loss_norm_length)
+                           )(self._chunks(loss_mask, n_mb)).reshape(loss_mask.shape)
+        data = {"b": b, "w": weights, "old": old_logps, "ref": ref_logps}
+        data = jax.tree.map(lambda x: self._chunks(x, n_chunks), data)
 
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        def loss_fn(params, d):
+            mb: TrainBatch = d["b"]
+            logps, ent = self._logprobs_entropy(params, mb)
+            if algo.entropy_coef == 0:
+                ent = jax.lax.stop_gradient(ent)  # metric only: skip its backward pass
+            # μ = 1, one minibatch: the batch came from the current policy, so π_old = sg(π_θ);
+            # the ratio is exactly 1 in value and its gradient is the policy gradient.
+            old = jax.lax.stop_gradient(logps) if d["old"] is None else d["old"]
+            # A stale batch (async schedule) is reweighted per token by w = min(π_θ/μ, C)
+            # against the behaviour logprobs; on-policy batches use w = 1 exactly.
+            w_is = jnp.where(off_policy, truncated_is_weights(logps, mb.sampler_logps_BxT,
+                                                              self.is_cap), 1.0)
+            loss, aux = grpo_loss(
+                logps, old, d["ref"], mb.advantages_B[:, None] * w_is, mb.loss_mask,
+                epsilon=algo.epsilon, epsilon_low=algo.epsilon_low,
+                epsilon_high=algo.epsilon_high, dual_clip_c=algo.dual_clip_c, beta=algo.beta,
+                kl_estimator=algo.kl_estimator, aggregation=algo.loss_aggregation,
+                norm_length=algo.loss_norm_length,
+                importance_sampling_level=algo.importance_sampling_level,
+                entropy_BxT=ent, entropy_coef=algo.entropy_coef, weights_BxT=d["w"])
+            aux["loss/total"] = loss
+            aux["policy/is_weight_mean"] = _masked_mean(w_is, mb.loss_mask)
+            aux["_tokens"] = jnp.sum(mb.loss_mask.astype(jnp.float32))
+            cm = mb.completion_mask_BxT
+            aux["_logp_diff"] = jnp.sum(jnp.abs(jax.lax.stop_gradient(logps)
+                                                - mb.sampler_logps_BxT) * cm)
+            aux["_logp_tokens"] = jnp.sum(cm.astype(jnp.float32))
+            return loss, aux
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def opt_step(carry, i):
+            params, opt_state = carry
+            mb_index = i % n_mb
+
+            def micro(g_acc, k):
+                d = jax.tree.map(lambda x: self._constrain_rows(x[mb_index * n_acc + k]), data)
+                (_, aux), g = grad_fn(params, d)
+                return jax.tree.map(jnp.add, g_acc, g), aux
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            grads, aux_K = jax.lax.scan(micro, zeros, jnp.arange(n_acc))
+            aux = _combine(aux_K)
+            aux["grad/norm"] = optax.tree.norm(grads)  # before clipping
+            if self.lr_schedule is not None:
+                aux["optim/lr"] = jnp.asarray(
+                    self.lr_schedule(state["step"] * steps + i), jnp.float32)
+            updates, opt_state = self._optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            return (params, opt_state), (aux, i == 0)
+
+        (params, opt_state), (aux_S, first_S) = jax.lax.scan(
+            opt_step, (state["params"], state["opt_state"]), jnp.arange(steps))
+        aux = _combine(aux_S)
+        for k in ("grad/norm", "optim/lr", *_SUMMED):  # per optimizer step: mean, not sum
+            if k in aux:
+                aux[k] = aux[k] / steps
         # Trainer and sampler score the same tokens with the same weights: a gap here means a
-        # stale or wrongly loaded sampler (it should be float rounding only).
-        logps = jax.lax.stop_gradient(aux.pop("_logps"))
-        m = b.completion_mask_BxT.astype(jnp.float32)
-        aux["sampler/logp_abs_diff"] = (
-            jnp.sum(jnp.abs(logps - b.sampler_logps_BxT) * m) / jnp.maximum(jnp.sum(m), 1.0))
-        updates, opt_state = self._optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        aux["loss/total"] = loss
-        aux["grad/norm"] = optax.tree.norm(grads)
+        # stale or wrongly loaded sampler (it should be float rounding only). Without a
+        # recompute pass, only the first optimizer step's logprobs are pre-update.
+        if "sampler/logp_abs_diff" not in aux_pre:
+            f = first_S.astype(jnp.float32)
+            aux_pre["sampler/logp_abs_diff"] = (
+                jnp.sum(aux_S["_logp_diff"] * f)
+                / jnp.maximum(jnp.sum(aux_S["_logp_tokens"] * f), 1.0))
+        # No loss tokens at all (e.g. every row overlong-filtered): the update is a no-op for
+        # the surrogate; report neutral ratio bounds instead of ±inf.
+        has_tokens = jnp.sum(aux_S["_tokens"]) > 0
+        for k in (*_MIN, *_MAX):
+            aux[k] = jnp.where(has_tokens, aux[k], 1.0)
+        aux["loss/tokens"] = jnp.sum(loss_mask.astype(jnp.float32))
+        for k in ("_tokens", "_logp_diff", "_logp_tokens"):
+            aux.pop(k, None)
+        aux.update(aux_pre)
+        aux["optim/steps"] = jnp.asarray(steps, jnp.float32)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
         return new_state, aux
 
     def update(self, batch: TrainBatch, *, off_policy: bool = False) -> dict[str, jax.Array]:
-        """One optimizer step; returns device-side metrics (no host sync here).
+        """One GRPO update (μ × num_minibatches optimizer steps); device-side metrics.
 
-        off_policy: the batch was sampled by older weights; apply the truncated IS correction.
+        off_policy: the batch was sampled by older weights (async schedule); each token's
+        advantage is reweighted by the truncated importance ratio w = min(π_θ/μ, C).
         """
         flag = jax.device_put(np.bool_(off_policy), self.submesh.replicated())
         self.state, aux = self._update(self.state, self.ref_params, self.place_batch(batch),
@@ -152,3 +290,45 @@ class Trainer:
     def logprobs(self, batch: TrainBatch) -> jax.Array:
         """Per-token logprobs of the batch's completions under the current params."""
         return jax.jit(self._logprobs)(self.params, self.place_batch(batch))
+
+    def _sequence_kl_impl(self, params, ref_params, b: TrainBatch) -> jax.Array:
+        n = self.algo.num_minibatches * self.algo.gradient_accumulation_steps
+        logps = self._chunked_logprobs(params, b, n)
+        ref = self._chunked_logprobs(ref_params, b, n)
+        on = b.loss_mask.astype(bool)
+        kl = KL_ESTIMATORS[self.algo.kl_estimator](logps, jnp.where(on, ref, logps))
+        return jnp.sum(jnp.where(on, kl, 0.0), axis=-1)
+
+    def sequence_kl(self, batch: TrainBatch) -> jax.Array:
+        """Σ_t KL_t(π_θ || π_ref) per row with `algorithm.kl_estimator` (for KL in the reward).
+
+        Device array [B]; the caller syncs. Needs the reference model (β > 0).
+        """
+        if self.ref_params is None:
+            raise RuntimeError("sequence_kl needs the reference model, which exists only when "
+                               "algorithm.beta > 0 (fix: e.g. algorithm.beta=0.02)")
+        return self._sequence_kl(self.params, self.ref_params, self.place_batch(batch))
+
+
+def _masked_mean(x_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
+    m = mask_BxT.astype(jnp.float32)
+    return jnp.sum(x_BxT * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _combine(aux_N: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-chunk aux (leading axis N) -> one dict: sums, min/max, token-weighted means."""
+    n_N = aux_N["_tokens"]
+    total = jnp.maximum(jnp.sum(n_N), 1.0)
+    out = {}
+    for k, v in aux_N.items():
+        if k in _SUMMED or k.startswith("_"):
+            out[k] = jnp.sum(v, axis=0)
+        elif k in _MIN:
+            out[k] = jnp.min(v, axis=0)
+        elif k in _MAX:
+            out[k] = jnp.max(v, axis=0)
+        elif k in ("grad/norm", "optim/lr"):
+            out[k] = jnp.sum(v, axis=0)  # divided by the step count by the caller
+        else:
+            out[k] = jnp.sum(v * n_N, axis=0) / total
+    return out

@@ -1,0 +1,328 @@
+"""The GRPO family against hand-worked numbers: estimators, losses, KL, aggregation, schedules."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from controller.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    compute_advantages,
+    dr_grpo_advantages,
+    grpo_advantages,
+    rloo_advantages,
+    soft_overlong_penalty,
+    uniform_groups,
+)
+from controller.config import ConfigError, OptimizerConfig, load_config
+from trainer.loss import (
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    aggregate,
+    aggregation_weights,
+    clipped_surrogate,
+    grpo_loss,
+)
+from trainer.optim import build_schedule
+
+LN2 = math.log(2.0)
+
+# ---------------------------------------------------------------------------------------------
+# Advantage estimators
+
+
+def test_grpo_batch_normalization_hand_worked():
+    # Group means [0.5, 3]; batch std (ddof=1) of [1, 0, 3, 3]: mean 1.75, squared deviations
+    # 0.5625 + 3.0625 + 1.5625 + 1.5625 = 6.75, / 3 = 2.25, std 1.5.
+    # A = [0.5, -0.5, 0, 0] / (1.5 + 1e-4).
+    adv = grpo_advantages(np.array([[1.0, 0.0], [3.0, 3.0]]), eps=1e-4, normalization="batch")
+    a = 0.5 / (1.5 + 1e-4)
+    np.testing.assert_allclose(adv, [[a, -a], [0.0, 0.0]], rtol=1e-6)
+
+
+def test_dr_grpo_advantages_hand_worked():
+    # mean 0.5, no std: A = r - 0.5.
+    adv = dr_grpo_advantages(np.array([[1.0, 0.0, 0.0, 1.0]]))
+    np.testing.assert_allclose(adv, [[0.5, -0.5, -0.5, 0.5]], rtol=1e-6)
+
+
+def test_rloo_advantages_hand_worked():
+    # r = [1, 0, 0]: baselines are the means of the other two: [0, 0.5, 0.5]
+    # -> A = [1, -0.5, -0.5]  (= 3/2 · (r - 1/3)).
+    adv = rloo_advantages(np.array([[1.0, 0.0, 0.0], [2.0, 4.0, 6.0]]))
+    # second group: baselines [5, 4, 3] -> A = [-3, 0, 3]
+    np.testing.assert_allclose(adv, [[1.0, -0.5, -0.5], [-3.0, 0.0, 3.0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ADVANTAGE_ESTIMATORS))
+def test_uniform_groups_get_exactly_zero_advantage(name):
+    # mean(0.1, 0.1, 0.1) rounds to 0.10000000000000002 in float64; A must still be exactly 0.
+    r = np.array([[0.1, 0.1, 0.1], [0.0, 1.0, 0.2]])
+    adv = compute_advantages(r, name)
+    assert np.all(adv[0] == 0.0) and np.all(adv[1] != 0.0)
+    np.testing.assert_array_equal(uniform_groups(r), [True, False])
+
+
+def test_unknown_estimator_and_batch_std_without_std():
+    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
+        compute_advantages(np.ones((1, 2)), "ppo")
+    with pytest.raises(ConfigError, match="advantage_normalization='batch' only applies"):
+        load_config(overrides=["algorithm.advantage_estimator=dr_grpo",
+                               "algorithm.advantage_normalization=batch"])
+
+
+def test_soft_overlong_penalty_hand_worked():
+    # L_max = 6, L_cache = 2: free up to 4 tokens; 5 -> (4 - 5)/2 = -0.5; 6 -> -1; 7 -> -1.
+    pen = soft_overlong_penalty(np.array([3, 4, 5, 6, 7]), max_len=6, buffer_len=2)
+    np.testing.assert_allclose(pen, [0.0, 0.0, -0.5, -1.0, -1.0])
+    np.testing.assert_allclose(
+        soft_overlong_penalty(np.array([5]), max_len=6, buffer_len=2, factor=0.5), [-0.25])
+
+
+def test_config_cross_checks_for_the_update_shape():
+    with pytest.raises(ConfigError, match=r"overlong_buffer_len=6 must be shorter"):
+        load_config(overrides=["algorithm.overlong_buffer_len=6"])
+    with pytest.raises(ConfigError, match=r"= 3 does not divide the batch of 128 rows"):
+        load_config(overrides=["algorithm.num_minibatches=3"])
+
+
+# ---------------------------------------------------------------------------------------------
+# KL estimators and aggregation
+
+
+def test_kl_estimators_hand_worked():
+    # log π_θ = 0, log π_ref = ln 2 (d = ln 2):
+    # k1 = 0 - ln 2 = -0.693147;  k2 = (ln 2)² / 2 = 0.240227;  k3 = 2 - ln 2 - 1 = 0.306853.
+    lp, ref = jnp.array([0.0, -1.0]), jnp.array([LN2, -1.0])
+    np.testing.assert_allclose(KL_ESTIMATORS["k1"](lp, ref), [-LN2, 0.0], atol=1e-6)
+    np.testing.assert_allclose(KL_ESTIMATORS["k2"](lp, ref), [LN2**2 / 2, 0.0], atol=1e-6)
+    np.testing.assert_allclose(KL_ESTIMATORS["k3"](lp, ref), [1 - LN2, 0.0], atol=1e-6)
+
+
+PER_TOKEN = jnp.array([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0], [99.0, 99.0, 99.0]])
+MASK = jnp.array([[1, 1, 1], [1, 0, 0], [0, 0, 0]])  # the 99s are padding; row 2 is empty
+
+
+@pytest.mark.parametrize(("mode", "norm_length", "want"), [
+    ("token-mean", None, 2.5),                 # (1 + 2 + 3 + 4) / 4
+    ("seq-mean-token-mean", None, 3.0),        # mean(2, 4) over the 2 non-empty rows
+    ("seq-mean-token-sum", None, 5.0),         # mean(6, 4)
+    ("seq-mean-token-sum-norm", None, 10 / 9),  # (6 + 4) / (B=3 · T=3)
+    ("seq-mean-token-sum-norm", 5, 10 / 15),   # (6 + 4) / (B=3 · L=5): Dr.GRPO's constant
+])
+def test_aggregation_modes_hand_worked(mode, norm_length, want):
+    assert float(aggregate(PER_TOKEN, MASK, mode, norm_length)) == pytest.approx(want, rel=1e-6)
+    w = aggregation_weights(MASK, mode, norm_length)
+    assert float(jnp.sum(jnp.where(MASK == 0, jnp.abs(w), 0.0))) == 0.0
+
+
+def test_every_config_choice_has_a_registry_entry():
+    from controller.config import AlgorithmConfig
+    from trainer.loss import LOG_RATIOS
+
+    fields = AlgorithmConfig.model_fields
+    for field, registry in (("loss_aggregation", AGGREGATIONS), ("kl_estimator", KL_ESTIMATORS),
+                            ("advantage_estimator", ADVANTAGE_ESTIMATORS),
+                            ("importance_sampling_level", LOG_RATIOS)):
+        assert set(fields[field].annotation.__args__) == set(registry), field
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy losses
+
+
+def test_asymmetric_clip_hand_worked():
+    # ε_low = 0.2, ε_high = 0.28 (DAPO).
+    # ρ 1.5, A +1 -> clipped at 1.28 -> L = -1.28          (high clip)
+    # ρ 0.5, A -1 -> max(0.5, 0.8) = 0.8 -> L = +0.8        (low clip)
+    # ρ 1.1, A +1 -> unclipped -> L = -1.1
+    # token-mean: (-1.28 + 0.8 - 1.1) / 3 = -0.526667
+    logps = jnp.log(jnp.array([[1.5], [0.5], [1.1]]))
+    loss, aux = grpo_loss(logps, jnp.zeros((3, 1)), None, jnp.array([1.0, -1.0, 1.0]),
+                          jnp.ones((3, 1)), epsilon_low=0.2, epsilon_high=0.28)
+    assert float(loss) == pytest.approx((-1.28 + 0.8 - 1.1) / 3, abs=1e-6)
+    assert float(aux["clip/high_frac"]) == pytest.approx(1 / 3)
+    assert float(aux["clip/low_frac"]) == pytest.approx(1 / 3)
+    assert float(aux["ratio/max"]) == pytest.approx(1.5, rel=1e-6)
+    assert float(aux["ratio/min"]) == pytest.approx(0.5, rel=1e-6)
+    assert float(aux["ratio/mean"]) == pytest.approx(3.1 / 3, rel=1e-6)
+
+
+def test_dual_clip_hand_worked():
+    # c = 3, ε = 0.2.  ρ 5, A -1: max(5, 1.2) = 5, dual-clipped to min(5, 3) = 3.
+    # ρ 2, A -1: max(2, 1.2) = 2 < 3 -> 2.   ρ 5, A +1: -min(5, 1.2) = -1.2 (dual clip only
+    # acts on A < 0).  token-mean: (3 + 2 - 1.2) / 3 = 1.266667.
+    logps = jnp.log(jnp.array([[5.0], [2.0], [5.0]]))
+    adv = jnp.array([-1.0, -1.0, 1.0])
+
+    def f(lp):
+        return grpo_loss(lp, jnp.zeros((3, 1)), None, adv, jnp.ones((3, 1)), epsilon=0.2,
+                         dual_clip_c=3.0)
+
+    loss, aux = f(logps)
+    assert float(loss) == pytest.approx((3 + 2 - 1.2) / 3, abs=1e-5)
+    assert float(aux["clip/dual_frac"]) == pytest.approx(1 / 3)
+    # Clipped tokens carry no gradient; the unclipped one: d(ρ·1/3)/dlogp = ρ/3 = 2/3.
+    g = jax.grad(lambda lp: f(lp)[0])(logps)
+    np.testing.assert_allclose(g[:, 0], [0.0, 2 / 3, 0.0], atol=1e-6)
+
+
+def test_clipped_surrogate_indicators_need_the_matching_advantage_sign():
+    # ρ 1.5 with A < 0 is not "high-clipped" (the min picks the unclipped term): L = 1.5.
+    pg, ind = clipped_surrogate(jnp.array([1.5]), jnp.array([-1.0]), clip_low=0.2,
+                                clip_high=0.2)
+    assert float(pg[0]) == pytest.approx(1.5) and float(ind["high"][0]) == 0.0
+
+
+def test_gspo_sequence_ratio_hand_worked():
+    # Row 0: log ρ = [ln 2, 0] -> log s = ln 2 / 2, s = √2 = 1.414214; A = +1 -> clipped at 1.2
+    #        -> L = -1.2 on both tokens.
+    # Row 1: log ρ = [ln 1.1, ln 1.1], third token padding (garbage 50) -> s = 1.1; A = -1:
+    #        max(1.1, clip 1.1) = 1.1 -> L = +1.1.
+    # seq-mean-token-mean: (-1.2 + 1.1) / 2 = -0.05.
+    logps = jnp.array([[LN2, 0.0, 0.0], [math.log(1.1), math.log(1.1), 50.0]])
+    mask = jnp.array([[1, 1, 0], [1, 1, 0]])
+
+    def f(lp):
+        return grpo_loss(lp, jnp.zeros((2, 3)), None, jnp.array([1.0, -1.0]), mask,
+                         epsilon=0.2, importance_sampling_level="sequence",
+                         aggregation="seq-mean-token-mean")
+
+    loss, aux = f(logps)
+    assert float(loss) == pytest.approx(-0.05, abs=1e-6)
+    assert float(aux["ratio/max"]) == pytest.approx(math.sqrt(2), rel=1e-6)
+    # Gradient: row 0 clipped -> 0. Row 1: L = -A·s/S, ds/dlogp_t = s/|y| -> 1.1 / (2·2) = 0.275.
+    g = jax.grad(lambda lp: f(lp)[0])(logps)
+    np.testing.assert_allclose(g, [[0, 0, 0], [0.275, 0.275, 0]], atol=1e-6)
+
+
+def test_kl_and_entropy_terms_hand_worked():
+    # ρ = 1, A = [2, -1]: L_pg = [-2, +1] on the 3 real tokens: token-mean (-2 - 2 + 1)/3 = -1.
+    # k2 at token (0,0): (0 - ln 2)²/2 = 0.240227; β = 0.5 -> β·Σ/3 = 0.040038.
+    # entropy [[1, 2], [3, pad]] -> token-mean 2; coef 0.1 -> -0.2.
+    logps = jnp.zeros((2, 2))
+    ref = jnp.array([[LN2, 0.0], [0.0, 5.0]])
+    ent = jnp.array([[1.0, 2.0], [3.0, 1e9]])
+    mask = jnp.array([[1, 1], [1, 0]])
+    loss, aux = grpo_loss(logps, logps, ref, jnp.array([2.0, -1.0]), mask, beta=0.5,
+                          kl_estimator="k2", entropy_BxT=ent, entropy_coef=0.1)
+    k2 = LN2**2 / 2
+    assert float(loss) == pytest.approx(-1.0 + 0.5 * k2 / 3 - 0.2, abs=1e-5)
+    assert float(aux["kl/mean"]) == pytest.approx(k2 / 3, abs=1e-6)
+    assert float(aux["policy/entropy"]) == pytest.approx(2.0, abs=1e-6)
+    assert float(aux["loss/policy"]) == pytest.approx(-1.0, abs=1e-6)
+
+
+# Every aggregation × ratio level; the KL estimators take turns (each is elementwise).
+_CASES = [(agg, level, sorted(KL_ESTIMATORS)[i % 3]) for i, (agg, level) in enumerate(
+    (a, lv) for a in sorted(AGGREGATIONS) for lv in ("token", "sequence"))]
+
+
+@pytest.mark.parametrize(("agg", "level", "est"), _CASES)
+def test_masked_tokens_never_contribute(agg, level, est):
+    # The same loss and gradient whatever sits under the mask, even NaN and inf.
+    rng = np.random.default_rng(0)
+    lp = jnp.asarray(rng.normal(-1.0, 0.3, (3, 4)), jnp.float32)
+    old = lp + jnp.asarray(rng.normal(0, 0.1, (3, 4)), jnp.float32)
+    ref = lp + jnp.asarray(rng.normal(0, 0.1, (3, 4)), jnp.float32)
+    ent = jnp.asarray(rng.uniform(0, 2, (3, 4)), jnp.float32)
+    mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    adv = jnp.array([1.0, -0.5, 0.3])
+
+    def f(lp, old, ref, ent):
+        return grpo_loss(lp, old, ref, adv, mask, epsilon=0.2, dual_clip_c=3.0, beta=0.1,
+                         kl_estimator=est, aggregation=agg, importance_sampling_level=level,
+                         entropy_BxT=ent, entropy_coef=0.01)[0]
+
+    f = jax.jit(f)
+    pad = mask == 0
+    dirty = [jnp.where(pad, v, x) for x, v in ((lp, 80.0), (old, -jnp.inf), (ref, jnp.nan),
+                                                 (ent, jnp.inf))]
+    clean_loss, clean_grad = jax.value_and_grad(f)(lp, old, ref, ent)
+    dirty_loss, dirty_grad = jax.value_and_grad(f)(*dirty)
+    assert np.isfinite(float(clean_loss))
+    assert float(dirty_loss) == pytest.approx(float(clean_loss), abs=1e-6)
+    np.testing.assert_allclose(dirty_grad, clean_grad, atol=1e-6)
+    assert float(jnp.abs(jnp.where(pad, dirty_grad, 0.0)).sum()) == 0.0
+
+
+@pytest.mark.parametrize("agg", sorted(AGGREGATIONS))
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_loss_gradient_matches_finite_differences(agg, level):
+    # A tiny categorical policy: logits_BxTxV -> logps of fixed tokens and entropy; the loss
+    # has the clipped surrogate (ratios away from the clip kinks), k3 KL and entropy bonus.
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(1)
+        logits = jnp.asarray(rng.normal(0, 1, (2, 3, 4)))
+        tokens = jnp.array([[0, 2, 1], [3, 3, 0]])
+        old = jnp.asarray(rng.normal(-1.4, 0.05, (2, 3)))
+        ref = jnp.asarray(rng.normal(-1.4, 0.3, (2, 3)))
+        mask = jnp.array([[1, 1, 0], [1, 1, 1]])
+        adv = jnp.array([0.7, -1.2])
+
+        def f(x):
+            logp = jax.nn.log_softmax(x, axis=-1)
+            lp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+            ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+            return grpo_loss(lp, old, ref, adv, mask, epsilon=0.9, epsilon_high=2.0,
+                             dual_clip_c=10.0, beta=0.1, aggregation=agg,
+                             importance_sampling_level=level, entropy_BxT=ent,
+                             entropy_coef=0.05)[0]
+
+        f = jax.jit(f)
+        g = np.asarray(jax.grad(f)(logits))
+        h = 1e-6
+        fd = np.zeros_like(g)
+        for idx in np.ndindex(*logits.shape):
+            e = np.zeros(logits.shape)
+            e[idx] = h
+            fd[idx] = (float(f(logits + e)) - float(f(logits - e))) / (2 * h)
+        np.testing.assert_allclose(g, fd, atol=1e-7, rtol=1e-6)
+        assert np.abs(g).sum() > 0
+
+
+def test_grpo_mu1_no_kl_is_the_plain_policy_gradient():
+    # With π_old = sg(π_θ) (μ = 1) and β = 0 the ratio is 1 in value and
+    # ∇L = -Σ_bt m A_b ∇log π_bt / Σ m: REINFORCE with the group-relative advantage.
+    rng = np.random.default_rng(2)
+    lp = jnp.asarray(rng.normal(-1.0, 0.5, (3, 4)), jnp.float32)
+    mask = jnp.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    adv = jnp.array([1.5, -0.5, -1.0])
+
+    def grpo(x):
+        return grpo_loss(x, jax.lax.stop_gradient(x), None, adv, mask, epsilon=0.2)[0]
+
+    def reinforce(x):
+        return -jnp.sum(adv[:, None] * x * mask) / jnp.sum(mask)
+
+    # In value the surrogate is -Σ m A / Σ m (ratio 1): -(3·1.5 - 2·0.5 - 4·1.0) / 9 = 1/18.
+    assert float(grpo(lp)) == pytest.approx(1 / 18, abs=1e-6)
+    np.testing.assert_allclose(jax.grad(grpo)(lp), jax.grad(reinforce)(lp), atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedules
+
+
+def test_warmup_cosine_schedule_hand_worked():
+    # W = 2, D = 10, r = 0.1, η = 1: s=0 -> 0, s=1 -> 0.5, s=2 -> 1;
+    # s=6: 0.1 + 0.9 · ½(1 + cos(π · 4/8)) = 0.55; s=10 -> 0.1; after D stays 0.1.
+    cfg = OptimizerConfig(learning_rate=1.0, warmup_steps=2, lr_schedule="cosine",
+                          min_lr_ratio=0.1, decay_steps=10)
+    sched = build_schedule(cfg)
+    got = [float(sched(s)) for s in (0, 1, 2, 6, 10, 20)]
+    np.testing.assert_allclose(got, [0.0, 0.5, 1.0, 0.55, 0.1, 0.1], atol=1e-6)
+    # The decay horizon defaults to the run's optimizer steps.
+    sched = build_schedule(OptimizerConfig(learning_rate=1.0, lr_schedule="cosine"), 4)
+    np.testing.assert_allclose([float(sched(s)) for s in (0, 2, 4)], [1.0, 0.5, 0.0],
+                               atol=1e-6)
+
+
+def test_constant_schedule_and_cosine_needs_a_horizon():
+    cfg = OptimizerConfig(learning_rate=0.5, warmup_steps=4)
+    np.testing.assert_allclose([float(build_schedule(cfg)(s)) for s in (0, 2, 4, 100)],
+                               [0.0, 0.25, 0.5, 0.5], atol=1e-7)
+    with pytest.raises(ValueError, match="decay_steps"):
+        build_schedule(OptimizerConfig(lr_schedule="cosine"))

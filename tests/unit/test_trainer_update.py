@@ -1,0 +1,151 @@
+"""The jitted update (μ iterations × minibatches × gradient accumulation) against plain loops."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from controller.config import AlgorithmConfig, ModelConfig
+from trainer.loss import grpo_loss
+from trainer.trainer import TrainBatch, Trainer, sequence_logprobs
+
+B, P, T = 8, 3, 4
+
+
+@pytest.fixture(scope="module")
+def small_model(tokenizer):
+    """1 layer, d=16: these tests compare update arithmetic, so compile as little as we can."""
+    from trainer.model import ModelSpec, define_model, init_params
+
+    cfg = ModelConfig(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=32)
+    spec = ModelSpec.from_config(cfg, tokenizer.vocab_size)
+    return define_model(spec), init_params(spec, seed=3)
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    rng = np.random.default_rng(0)
+    v = tokenizer.vocab_size
+    prompt = rng.integers(2, v, (B, P)).astype(np.int32)
+    pmask = np.ones((B, P), bool)
+    pmask[:4, 0] = False  # left padding on half the rows
+    comp = rng.integers(2, v, (B, T)).astype(np.int32)
+    cmask = np.ones((B, T), bool)
+    cmask[1, 2:] = False
+    cmask[5, 1:] = False
+    loss_mask = cmask.copy()
+    loss_mask[6] = False  # an overlong-filtered row: visible to attention, no loss
+    adv = rng.normal(0, 1, B).astype(np.float32)
+    return TrainBatch(prompt, pmask, comp, cmask, adv, np.zeros((B, T), np.float32), loss_mask)
+
+
+def _host(tree):
+    return jax.tree.map(lambda x: np.array(x), jax.device_get(tree))
+
+
+def _trainer(small_model, meshes, lr, **algo):
+    mdef, params = small_model
+    cfg = AlgorithmConfig(**{"beta": 0.0, **algo})
+    # A host copy: the trainer donates its state, which must not alias the shared fixture.
+    return Trainer(mdef, _host(params), optax.sgd(lr), meshes.trainer, cfg, temperature=1.0)
+
+
+AGG = "seq-mean-token-mean"  # per-row weights 1/(|y_b|·S): the mode most sensitive to chunking
+
+
+@pytest.fixture(scope="module")
+def one_step(small_model, meshes, batch):
+    """(params, aux) after one μ=1, β=0, single-minibatch update with SGD(0.1)."""
+    trainer = _trainer(small_model, meshes, 0.1, loss_aggregation=AGG)
+    aux = jax.device_get(trainer.update(batch))
+    return _host(trainer.params), aux
+
+
+def test_mu1_update_is_a_plain_policy_gradient_step(small_model, batch, one_step):
+    # μ = 1, β = 0, one minibatch, SGD(lr): θ' = θ - lr ∇(-Σ_bt w_bt A_b log π_bt) with the
+    # seq-mean-token-mean weights w_bt = m_bt / (|y_b| · S) (row 6 has no loss tokens: S = 7).
+    mdef, params = small_model
+    lr = 0.1
+    got_params, aux = one_step
+    b = jax.tree.map(jnp.asarray, batch)
+
+    def reinforce(p):
+        lp = sequence_logprobs(mdef, p, b.prompt_tokens_BxP, b.prompt_mask_BxP,
+                               b.completion_tokens_BxT, b.completion_mask_BxT, 1.0)
+        m = b.loss_mask_BxT.astype(jnp.float32)
+        n_B = m.sum(-1)
+        w = m / (jnp.maximum(n_B, 1.0)[:, None] * jnp.sum(n_B > 0))
+        return -jnp.sum(b.advantages_B[:, None] * lp * w)
+
+    g = jax.jit(jax.grad(reinforce))(params)
+    want = jax.tree.map(lambda x, gx: x - lr * gx, params, g)
+    for got_leaf, want_leaf in zip(jax.tree.leaves(got_params), jax.tree.leaves(_host(want)),
+                                   strict=True):
+        np.testing.assert_allclose(got_leaf, want_leaf, atol=1e-5)
+    assert aux["ratio/mean"] == pytest.approx(1.0) and aux["optim/steps"] == 1.0
+    assert aux["clip/low_frac"] == aux["clip/high_frac"] == 0.0
+
+
+def test_gradient_accumulation_is_exact(small_model, meshes, batch, one_step):
+    # K = 2 microbatches summed == one pass over the minibatch: the weights 1/(|y_b|·S) need S
+    # counted over the whole minibatch, not per microbatch.
+    two = _trainer(small_model, meshes, 0.1, loss_aggregation=AGG,
+                   gradient_accumulation_steps=2)
+    a2 = jax.device_get(two.update(batch))
+    p1, a1 = one_step
+    for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(_host(two.params)), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    for k in ("loss/policy", "loss/total", "policy/entropy", "grad/norm"):
+        assert a1[k] == pytest.approx(a2[k], rel=1e-5, abs=1e-7), k
+
+
+def test_mu2_minibatches2_matches_a_plain_loop(small_model, meshes, batch):
+    # μ = 2 passes × 2 minibatches = 4 SGD steps; π_old = θ_0's logprobs (recomputed once).
+    mdef, params = small_model
+    lr, algo = 0.5, {"num_iterations": 2, "num_minibatches": 2, "epsilon": 0.1,
+                     "loss_aggregation": "seq-mean-token-mean"}
+    trainer = _trainer(small_model, meshes, lr, **algo)
+    aux = jax.device_get(trainer.update(batch))
+    b = jax.tree.map(jnp.asarray, batch)
+
+    def logps(p, pt, pm, ct, cm):
+        return sequence_logprobs(mdef, p, pt, pm, ct, cm, 1.0)
+
+    inputs = (b.prompt_tokens_BxP, b.prompt_mask_BxP, b.completion_tokens_BxT,
+              b.completion_mask_BxT)
+    old = jax.jit(logps)(params, *inputs)
+
+    @jax.jit
+    def sgd_step(p, pt, pm, ct, cm, old, adv, lm):
+        def loss(p):
+            return grpo_loss(logps(p, pt, pm, ct, cm), old, None, adv, lm, epsilon=0.1,
+                             aggregation="seq-mean-token-mean")[0]
+        return jax.tree.map(lambda x, gx: x - lr * gx, p, jax.grad(loss)(p))
+
+    theta = params
+    for _ in range(2):
+        for mb in (slice(0, 4), slice(4, 8)):
+            theta = sgd_step(theta, *(x[mb] for x in inputs), old[mb], b.advantages_B[mb],
+                             b.loss_mask_BxT[mb])
+    for got_leaf, want_leaf in zip(jax.tree.leaves(_host(trainer.params)),
+                                   jax.tree.leaves(_host(theta)), strict=True):
+        np.testing.assert_allclose(got_leaf, want_leaf, atol=2e-5)
+    assert aux["optim/steps"] == 4.0
+    # Later steps are off-policy: ratios move away from 1 and some get clipped.
+    assert aux["ratio/max"] > 1.0 or aux["ratio/min"] < 1.0
+    assert np.isfinite(aux["policy/approx_kl"]) and aux["policy/approx_kl"] > 0
+
+
+def test_sampler_old_logprobs_enter_the_ratio(small_model, meshes, batch):
+    # old_logprobs="sampler": π_old is the sampler's logprob; shifting it by +0.1 makes the
+    # first-step ratio exp(log π_θ - (log π_θ + 0.1)) = exp(-0.1) on every token.
+    probe = _trainer(small_model, meshes, 0.0)
+    lp = np.asarray(probe.logprobs(batch))
+    shifted = dataclasses.replace(batch, sampler_logps_BxT=lp + 0.1)
+    trainer = _trainer(small_model, meshes, 0.0, old_logprobs="sampler")
+    aux = jax.device_get(trainer.update(shifted))
+    assert aux["ratio/min"] == pytest.approx(np.exp(-0.1), rel=1e-4)
+    assert aux["ratio/max"] == pytest.approx(np.exp(-0.1), rel=1e-4)
