@@ -239,6 +239,10 @@ class AlgorithmConfig(_Section):
     # "loss": + β·KL per token in the loss (GRPO); "reward": r_i -= β·Σ_t KL_t before the
     # advantages (InstructGPT-style; verl use_kl_in_reward).
     kl_penalty: Literal["loss", "reward"] = "loss"
+    # Keep the frozen reference model in host memory between steps and copy it to the trainer
+    # mesh only for the reference forward pass: frees its device memory for a host->device copy
+    # of its bytes per step.
+    reference_offload: bool = False
 
     # -- the update: μ iterations × minibatches × gradient accumulation (trainer/trainer.py) --
     num_iterations: int = Field(1, ge=1)  # μ: passes over each batch (GRPO, Shao et al.)

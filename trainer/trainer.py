@@ -98,6 +98,11 @@ class Trainer:
         params = jax.device_put(params, self.shardings)
         # β = 0 needs no reference model: skip its memory and its forward pass.
         self.ref_params = jax.tree.map(jnp.copy, params) if algo.uses_reference else None
+        self.ref_params_host = None
+        if self.ref_params is not None and algo.reference_offload:
+            # HOST SYNC (once): the reference model moves to host memory, off the devices.
+            self.ref_params_host = jax.device_get(self.ref_params)
+            self.ref_params = None
         opt_state = optimizer.init(params)  # eager: moments are zeros_like(param), same layout
         state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
         # Moments follow their params' shardings; scalars (step counts) are replicated.
@@ -283,7 +288,7 @@ class Trainer:
         advantage is reweighted by the truncated importance ratio w = min(π_θ/μ, C).
         """
         flag = jax.device_put(np.bool_(off_policy), self.submesh.replicated())
-        self.state, aux = self._update(self.state, self.ref_params, self.place_batch(batch),
+        self.state, aux = self._update(self.state, self._reference(), self.place_batch(batch),
                                        flag)
         return aux
 
@@ -304,10 +309,17 @@ class Trainer:
 
         Device array [B]; the caller syncs. Needs the reference model (β > 0).
         """
-        if self.ref_params is None:
+        if self.ref_params is None and self.ref_params_host is None:
             raise RuntimeError("sequence_kl needs the reference model, which exists only when "
                                "algorithm.beta > 0 (fix: e.g. algorithm.beta=0.02)")
-        return self._sequence_kl(self.params, self.ref_params, self.place_batch(batch))
+        return self._sequence_kl(self.params, self._reference(), self.place_batch(batch))
+
+    def _reference(self) -> Params | None:
+        """The reference params on the trainer mesh (copied in from the host when offloaded;
+        the copy is freed after the step that uses it)."""
+        if self.ref_params_host is not None:
+            return jax.device_put(self.ref_params_host, self.shardings)
+        return self.ref_params
 
 
 def _masked_mean(x_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:

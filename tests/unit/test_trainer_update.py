@@ -149,3 +149,17 @@ def test_sampler_old_logprobs_enter_the_ratio(small_model, meshes, batch):
     aux = jax.device_get(trainer.update(shifted))
     assert aux["ratio/min"] == pytest.approx(np.exp(-0.1), rel=1e-4)
     assert aux["ratio/max"] == pytest.approx(np.exp(-0.1), rel=1e-4)
+
+
+def test_reference_offload_lives_on_the_host_and_changes_nothing(small_model, meshes, batch):
+    # β > 0 puts the reference model's KL in the loss; offloaded or not, the update is the same.
+    on_device = _trainer(small_model, meshes, 0.1, beta=0.5)
+    offloaded = _trainer(small_model, meshes, 0.1, beta=0.5, reference_offload=True)
+    assert offloaded.ref_params is None
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(offloaded.ref_params_host))
+    aux_a = jax.device_get(on_device.update(batch))
+    aux_b = jax.device_get(offloaded.update(batch))
+    assert aux_a["kl/mean"] == aux_b["kl/mean"]
+    for a, b in zip(jax.tree.leaves(_host(on_device.params)),
+                    jax.tree.leaves(_host(offloaded.params)), strict=True):
+        np.testing.assert_array_equal(a, b)
