@@ -77,16 +77,11 @@ def _read_meta(step_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def _model_for(cfg: Any, step_dir: Path) -> Any:
+def _model_for(cfg: Any) -> Any:
     """The ModelDef the job trained, rebuilt from its config as `Job` builds it."""
     from trainer.model import ModelSpec, define_model
 
     if cfg.model.path:
-        if not Path(cfg.model.path).is_dir():
-            raise ExportError(
-                f"{step_dir} was trained from model.path={cfg.model.path!r}, which no longer "
-                f"exists; its config.json and tokenizer are needed (fix: pass --model-path with "
-                f"a copy of that Hugging Face directory)")
         from trainer.hf import load_hf_spec
 
         return define_model(load_hf_spec(cfg.model.path, cfg.model.dtype))
@@ -174,15 +169,27 @@ def _export_step(step_dir: Path, out: Path, model_path: str | None, overwrite: b
     from trainer.hf import save_hf_model
 
     meta = _read_meta(step_dir)
-    data = meta["config"]
+    data = dict(meta["config"])
+    # The run's own export target is checked to be empty on validation, and was filled by the
+    # run itself: it has nothing to do with this export.
+    data["run"] = {**data.get("run", {}), "export_hf_dir": None}
+    model = dict(data.get("model", {}))
     if model_path is not None:
-        data = {**data, "model": {**data.get("model", {}), "path": model_path}}
+        model["path"] = model_path
+    elif model.get("path") and not (Path(model["path"]) / "config.json").is_file():
+        raise ExportError(
+            f"{step_dir} was trained from model.path={model['path']!r}, which no longer holds "
+            f"a Hugging Face model; its config.json and tokenizer are needed (fix: pass "
+            f"--model-path with a copy of that directory)")
+    if model.get("path"):  # the HF config.json defines the shape: as the run was configured
+        model = {k: model[k] for k in ("path", "dtype") if k in model}
+    data["model"] = model
     try:
         cfg = validate_config(data)
     except ConfigError as e:
         raise ExportError(f"the config recorded in {step_dir / 'meta'} does not validate "
                           f"(written by another Tandem version?): {e}") from None
-    mdef = _model_for(cfg, step_dir)
+    mdef = _model_for(cfg)
     _check_shapes(step_dir, mdef)
     try:
         params = restore_params(step_dir, mdef)

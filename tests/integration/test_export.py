@@ -125,3 +125,39 @@ def test_errors_name_the_path_and_the_fix(run, tmp_path, capsys):
     e = _err(capsys, str(other), str(tmp_path / "o"))
     assert "another config or model" in e and str(other / "2" / "state") in e
     assert not Path(tmp_path / "o").exists()  # no half-written export on failure
+
+
+def test_a_run_from_model_path_exports_its_weights_and_tokenizer(tmp_path, capsys):
+    # A checkpoint as a `model.path` job writes it (the meta's config is the full model_dump,
+    # so every model field looks set; the run's own export_hf_dir exists by now), saved
+    # directly: the export must be the source model's weights and tokenizer, bit for bit.
+    from hf_fixtures import write_tiny_hf_model
+    from safetensors.numpy import load_file
+
+    from trainer.checkpoint import Checkpointer
+    from trainer.hf import load_hf_model
+
+    src = write_tiny_hf_model("qwen3", tmp_path / "qwen3")
+    done = tmp_path / "done"
+    cfg = load_config(overrides=[f"model.path={src}", f"run.export_hf_dir={done}"])
+    done.mkdir()
+    (done / "config.json").write_text("{}")
+    _, params = load_hf_model(src, dtype="float32")
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    state = {"params": params, "opt_state": jax.tree.map(np.zeros_like, params), "step": 3}
+    ckpt.save(3, state, {"step": 3, "config": cfg.model_dump(mode="json")}, wait=True)
+    ckpt.close()
+
+    assert main(["export", str(tmp_path / "checkpoints"), str(tmp_path / "hf")]) == 0
+    got, want = (load_file(d / "model.safetensors") for d in (tmp_path / "hf", src))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    tokenizer = (tmp_path / "hf" / "tokenizer.json").read_bytes()
+    assert tokenizer == (src / "tokenizer.json").read_bytes()
+
+    moved = src.rename(tmp_path / "moved")  # the source model moved: say how to point at it
+    e = _err(capsys, str(tmp_path / "checkpoints"), str(tmp_path / "hf2"))
+    assert str(src) in e and "--model-path" in e
+    args = [str(tmp_path / "checkpoints"), str(tmp_path / "hf2"), "--model-path", str(moved)]
+    assert main(["export", *args]) == 0
