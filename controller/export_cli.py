@@ -13,9 +13,11 @@ for a job that started from `model.path`, that directory's tokenizer files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,19 @@ class ExportError(RuntimeError):
 
 class _Unreadable(ExportError):
     """One step's files are incomplete or corrupt: an earlier step may still export."""
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Reading `<step>/state` on its own makes orbax warn that the step-level metadata file is
+    not in it (it is one level up); that is expected here, so absl warnings are muted."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
 
 
 def _is_step_dir(p: Path) -> bool:
@@ -96,7 +111,8 @@ def _check_shapes(step_dir: Path, mdef: Any) -> None:
     import orbax.checkpoint as ocp
 
     try:
-        stored = ocp.PyTreeCheckpointer().metadata(step_dir / "state")
+        with _quiet_orbax():
+            stored = ocp.PyTreeCheckpointer().metadata(step_dir / "state")
     except Exception as e:  # unreadable metadata: a corrupt checkpoint
         stored, why = None, f"{type(e).__name__}: {e}"
     else:
@@ -133,11 +149,12 @@ def restore_params(step_dir: Path, mdef: Any) -> Any:
     one = jax.sharding.SingleDeviceSharding(device)
     target = {"params": jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), mdef.shapes())}
-    out = ocp.PyTreeCheckpointer().restore(
-        step_dir / "state",
-        args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True))
+    with _quiet_orbax():
+        out = ocp.PyTreeCheckpointer().restore(
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True))
     return out["params"]
 
 
