@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     from controller.status_cli import add_status_parser
 
     add_status_parser(sub)
+    from controller.export_cli import add_export_parser
+
+    add_export_parser(sub)  # `tandem export`
     return parser
 
 
