@@ -16,6 +16,12 @@ Rows:
   measures the cost of the partitioned program and its collectives, not a speed-up.
 - naive (1 device): the same weights and sampling, jitted, but every new token runs a full
   forward over the whole [P + T] sequence (no KV cache), inside one compiled loop.
+- hf generate (torch CPU): the same weights written with `trainer.hf.save_hf_model` and loaded
+  by `transformers.AutoModelForCausalLM.from_pretrained` (float32, default attention), the same
+  left-padded prompts with their attention mask, `generate(do_sample=True, temperature=1,
+  top_k=0, top_p=1, min_new_tokens=max_new_tokens=T)`: pure sampling like the first row, and EOS
+  suppressed so every row runs T steps. torch keeps its default thread count (printed).
+  "compile s" for it is the first call minus a steady call (warm-up, no compilation).
 
 "compile s" is the first call minus a steady-state call (tracing + XLA compilation);
 "steady s" is the median of --repeats calls after it. "ms/step" = steady / new tokens.
@@ -197,6 +203,47 @@ def bench_naive(name, mdef, params, cfg, tokens, mask, repeats) -> Row:
                cfg.max_new_tokens)
 
 
+def _torch_threads(skip: bool) -> str:
+    if skip:
+        return ""
+    import torch
+
+    return f" | torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}"
+
+
+def bench_hf(name, mdef, params, tokens, mask, cfg, repeats) -> Row:
+    """transformers `generate` on the same weights (exported to a HF directory), torch CPU."""
+    import tempfile
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.hf import save_hf_model
+
+    n_new = cfg.max_new_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_hf_model(f"{tmp}/model", mdef.spec, params)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    attn = torch.from_numpy(mask.astype(np.int64))
+    eos = PAD_ID + 1  # an EOS for min_new_tokens to suppress; the JAX rows have no stop ids
+
+    def call(i):
+        torch.manual_seed(i)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True,
+                                 temperature=cfg.temperature, top_k=0, top_p=1.0,
+                                 max_new_tokens=n_new, min_new_tokens=n_new,
+                                 eos_token_id=eos, pad_token_id=PAD_ID)
+        assert out.shape == (ids.shape[0], ids.shape[1] + n_new), out.shape  # fixed work
+        # torch is eager: generate has returned when the tokens exist.
+
+    compile_s, steady_s = time_calls(call, repeats)
+    return Row(f"{name}, {torch.get_num_threads()} threads", compile_s, steady_s,
+               tokens.shape[0] * n_new, n_new)
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=16)
@@ -205,6 +252,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-tp", action="store_true", help="skip the simulated tp=4 row")
     ap.add_argument("--skip-naive", action="store_true", help="skip the no-cache baseline")
+    ap.add_argument("--skip-hf", action="store_true",
+                    help="skip the Hugging Face generate baseline (needs torch + transformers)")
     ap.add_argument("--profile", action="store_true",
                     help="also print XLA cost analysis and copy counts of the sampler program")
     args = ap.parse_args(argv)
@@ -217,7 +266,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print(f"model: Qwen2-style, {param_count(params):,} params, hidden 256, 4 layers, 4/2 heads, "
           f"MLP 688, vocab 1024 | batch {args.batch}, prompts <= {args.prompt_len} tokens "
           f"(left-padded), {args.new_tokens} new tokens | {jax.devices()[0].device_kind}, "
-          f"{os.cpu_count()} CPU cores")
+          f"{os.cpu_count()} CPU cores{_torch_threads(args.skip_hf)}")
 
     if args.profile:
         profile_jax(mdef, params, one, base, tokens, mask)
@@ -229,8 +278,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
         sampler_mesh = build_meshes(JobConfig().topology).sampler
         rows.append(bench_jax("jax sampler (tp=4 simulated)", mdef, params, sampler_mesh, base,
                               tokens, mask, args.repeats))
-    # HF `generate` baseline (torch CPU, same weights via trainer/hf.py): added at merge time,
-    # as its own row here, once the HF export lands on main.
+    if not args.skip_hf:
+        rows.append(bench_hf("hf generate (torch CPU)", mdef, params, tokens, mask, base,
+                             args.repeats))
     if not args.skip_naive:
         rows.append(bench_naive("naive: full forward per token, no cache", mdef, params, base,
                                 tokens, mask, args.repeats))
@@ -247,6 +297,10 @@ def print_table(rows: list[Row]) -> None:
         ms_step = 1000 * r.steady_s / r.steps
         print(f"| {r.name:<42} | {r.compile_s:9.2f} | {r.steady_s:8.3f} | {ms_step:7.2f} | "
               f"{r.tokens_per_s:8.0f} | {r.tokens_per_s / ref.tokens_per_s:16.2f}x |")
+    hf = [r for r in rows if r.name.startswith("hf generate")]
+    if hf:
+        print(f"\nJAX sampler (1 device) vs Hugging Face generate: "
+              f"{ref.tokens_per_s / hf[0].tokens_per_s:.2f}x tokens/s (target >= 2x)")
     naive = [r for r in rows if r.name.startswith("naive")]
     if naive:
         print(f"\nKV-cache sampler vs naive no-cache sampler: "
