@@ -1,5 +1,5 @@
 """`tandem` command line: `tandem run [config.yaml] [key.sub=value ...]`, `tandem status`,
-`tandem plan`, `tandem submit`, `tandem image build`."""
+`tandem export`, `tandem plan`, `tandem submit`, `tandem image build`."""
 
 from __future__ import annotations
 
