@@ -37,7 +37,14 @@ import numpy as np
 from controller.config import SamplingConfig
 from sampler.base import Completions, check_weights
 from sampler.sampling import sample_tokens
-from trainer.model import ModelDef, apply_model, causal_mask, init_cache, positions_from_mask
+from trainer.model import (
+    ModelDef,
+    apply_model,
+    causal_mask,
+    init_cache,
+    param_shardings,
+    positions_from_mask,
+)
 
 CACHE_AXES = ("batch", None, "kv_heads", "head_dim")  # logical axes of each [B, S, K, Dh]
 
@@ -105,10 +112,7 @@ class JaxSampler:
                 f"sampling.stop_tokens={list(cfg.stop_tokens)}: ids {bad} are outside the "
                 f"model's vocabulary [0, {vocab}) (fix: use token ids below {vocab})"
             )
-        self.shardings = jax.tree.map(
-            lambda axes, shape: submesh.sharding(axes, shape.shape),
-            mdef.logical_axes, mdef.shapes(), is_leaf=lambda x: isinstance(x, tuple),
-        )
+        self.shardings = param_shardings(mdef, submesh)
         # param_dtype (reshard.dtype): the dtype the weight sync sends floating params in.
         self._expected = jax.tree.map(
             lambda s: (s.shape, jnp.dtype(param_dtype) if param_dtype is not None

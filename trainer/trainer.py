@@ -30,7 +30,14 @@ import optax
 from controller.config import AlgorithmConfig
 from trainer.logprobs import token_logprobs_and_entropy
 from trainer.loss import KL_ESTIMATORS, aggregation_weights, grpo_loss, truncated_is_weights
-from trainer.model import ModelDef, Params, apply_model, causal_mask, positions_from_mask
+from trainer.model import (
+    ModelDef,
+    Params,
+    apply_model,
+    causal_mask,
+    param_shardings,
+    positions_from_mask,
+)
 
 
 @jax.tree_util.register_dataclass
@@ -91,10 +98,7 @@ class Trainer:
         self.temperature = temperature
         self.lr_schedule = lr_schedule  # for the optim/lr metric only
         self.is_cap = is_cap  # C of the truncated IS weight for stale (async) batches
-        self.shardings = jax.tree.map(
-            lambda axes, shape: submesh.sharding(axes, shape.shape),
-            mdef.logical_axes, mdef.shapes(), is_leaf=lambda x: isinstance(x, tuple),
-        )
+        self.shardings = param_shardings(mdef, submesh)
         params = jax.device_put(params, self.shardings)
         # β = 0 needs no reference model: skip its memory and its forward pass.
         self.ref_params = jax.tree.map(jnp.copy, params) if algo.uses_reference else None
