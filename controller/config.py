@@ -183,6 +183,11 @@ class SamplingConfig(_Section):
     # reuses a compiled program (at most log2(longest / prompt_bucket) + 1 programs per batch
     # size). None: exact widths, one compilation per new width.
     prompt_bucket: int | None = Field(16, ge=1)
+    # The G rows of a group share one prompt: run it through the model once per group (the
+    # sampler's prefill, the trainer's and the reference's forward) and share its keys/values
+    # with the group's completions. Same numbers as per-row (up to float rounding), with the
+    # prompt's FLOPs divided by G. false: every row runs its own copy of the prompt.
+    share_prompt: bool = True
     # Extra keyword arguments for vllm.LLM(...) (backend=vllm only), e.g.
     # {gpu_memory_utilization: 0.5, tensor_parallel_size: 4}.
     vllm_engine_args: dict[str, Any] = Field(default_factory=dict)

@@ -46,7 +46,7 @@ from trainer.model import (
     positions_from_mask,
 )
 
-CACHE_AXES = ("batch", None, "kv_heads", "head_dim")  # logical axes of each [B, S, K, Dh]
+CACHE_AXES = ("batch", "kv_heads", None, "head_dim")  # logical axes of each [B, K, S, Dh]
 
 
 def bucket_width(width: int, bucket: int | None) -> int:
@@ -77,12 +77,14 @@ def prefill(mdef: ModelDef, params: Any, prompt_BxP: jax.Array, valid_BxS: jax.A
     """Runs the prompts through the model, writing cache columns [0, P).
 
     valid_BxS marks the cache columns holding real tokens (the prompt mask, then False).
-    Returns (logits_BxPxV, cache).
+    Returns (logits_BxV of the last prompt column, the only ones sampled from; cache).
     """
     p = prompt_BxP.shape[1]
     positions_BxP = positions_from_mask(valid_BxS[:, :p])
-    return apply_model(mdef, params, prompt_BxP, positions_BxP, causal_mask(valid_BxS, 0, p),
-                       cache, 0)
+    logits_Bx1xV, cache = apply_model(mdef, params, prompt_BxP, positions_BxP,
+                                      causal_mask(valid_BxS, 0, p), cache, 0,
+                                      logit_cols=slice(p - 1, p))
+    return logits_Bx1xV[:, 0], cache
 
 
 def decode_step(mdef: ModelDef, params: Any, tok_B: jax.Array, pos_B: jax.Array,
@@ -121,7 +123,8 @@ class JaxSampler:
         self._cache: tuple[tuple[int, int], list] | None = None  # ((B, S), donated buffer)
         self._traces = 0  # how many times generate was traced = compiled (see metrics())
         self._last: dict[str, Any] = {}
-        self._generate = jax.jit(self._generate_impl, donate_argnames=("cache",))
+        self._generate = jax.jit(self._generate_impl, donate_argnames=("cache",),
+                                 static_argnames=("group",))
 
     # -- weights ---------------------------------------------------------------------------
 
@@ -159,7 +162,7 @@ class JaxSampler:
         rng = jax.device_put(rng, self.submesh.replicated())
         cache = self._take_cache(b, width + self.cfg.max_new_tokens - 1)
         out_tokens, out_logps, out_mask, kept_mass, cache = self._generate(
-            self._params, tokens, mask, rng, cache)
+            self._params, tokens, mask, rng, cache, group=self._group(tokens, mask))
         self._cache = ((b, width + self.cfg.max_new_tokens - 1), cache)
         self._last = {"prompt_width": width, "kept_mass": kept_mass}
         return Completions(out_tokens, out_logps, out_mask)
@@ -174,6 +177,18 @@ class JaxSampler:
             out["sampler/kept_mass"] = float(self._last["kept_mass"])
         return out
 
+    def _group(self, tokens_BxP: np.ndarray, mask_BxP: np.ndarray) -> int:
+        """G when the rows come G at a time with one prompt each (sampling.share_prompt), so
+        each prompt is prefilled once; else 1. Checked on the host, so any batch is exact."""
+        g = self.cfg.group_size
+        if not self.cfg.share_prompt or g <= 1 or tokens_BxP.shape[0] % g:
+            return 1
+        for x in (tokens_BxP, mask_BxP):
+            x_NxGxP = x.reshape(-1, g, x.shape[1])
+            if not (x_NxGxP == x_NxGxP[:, :1]).all():
+                return 1
+        return g
+
     def _take_cache(self, b: int, s: int) -> list:
         """The kept cache buffer if its shape fits, else a new one (the old one is freed)."""
         if self._cache is not None and self._cache[0] == (b, s):
@@ -186,11 +201,11 @@ class JaxSampler:
 
     def _cache_sharding(self, b: int, s: int) -> Any:
         spec = self.mdef.spec
-        shape = (b, s, spec.num_kv_heads, spec.head_dim)
+        shape = (b, spec.num_kv_heads, s, spec.head_dim)
         one = self.submesh.sharding(CACHE_AXES, shape)
         return [(one, one) for _ in range(spec.num_layers)]
 
-    def _generate_impl(self, params, prompt_BxP, pmask_BxP, rng, cache):
+    def _generate_impl(self, params, prompt_BxP, pmask_BxP, rng, cache, group: int = 1):
         self._traces += 1  # runs only while tracing, i.e. once per compiled program
         cfg, mdef = self.cfg, self.mdef
         n_new = cfg.max_new_tokens
@@ -209,11 +224,32 @@ class JaxSampler:
                 return jnp.zeros(tok_B.shape, bool)
             return jnp.isin(tok_B, stop_ids)
 
-        # PREFILL: zero the donated cache in place, then the whole prompt in one pass.
-        cache = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, cache), cache_sh)
         valid_BxS = jnp.concatenate([pmask_BxP, jnp.zeros((b, n_new - 1), bool)], axis=1)
-        logits_BxPxV, cache = prefill(mdef, params, prompt_BxP, valid_BxS, cache)
-        tok_B, lp_B, kept_B, rng = sample(logits_BxPxV[:, -1], rng)
+        if group == 1:
+            # PREFILL: zero the donated cache in place, then the whole prompt in one pass.
+            cache = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, cache),
+                                                     cache_sh)
+            logits_BxV, cache = prefill(mdef, params, prompt_BxP, valid_BxS, cache)
+        else:
+            # PREFILL once per group of G rows with the same prompt, then give each row its
+            # group's keys/values and last logits (the donated buffer takes the result).
+            n = b // group
+
+            def to_rows(x):  # [N, ...] -> [B, ...]
+                return jnp.broadcast_to(x[:, None], (n, group, *x.shape[1:])
+                                        ).reshape(b, *x.shape[1:])
+
+            first = (prompt_BxP.reshape(n, group, p)[:, 0],
+                     pmask_BxP.reshape(n, group, p)[:, 0])
+            logits_NxV, small = prefill(mdef, params, first[0], first[1],
+                                        init_cache(mdef.spec, n, p, cache[0][0].dtype))
+            k_heads, dh = cache[0][0].shape[1], cache[0][0].shape[3]
+            pad = jnp.zeros((b, k_heads, n_new - 1, dh), cache[0][0].dtype)
+            cache = jax.lax.with_sharding_constraint(
+                [tuple(jnp.concatenate([to_rows(x), pad], axis=2) for x in kv) for kv in small],
+                cache_sh)
+            logits_BxV = to_rows(logits_NxV)
+        tok_B, lp_B, kept_B, rng = sample(logits_BxV, rng)
         tokens_BxT = jnp.full((b, n_new), self.pad_id, jnp.int32).at[:, 0].set(tok_B)
         logps_BxT = jnp.zeros((b, n_new), jnp.float32).at[:, 0].set(lp_B)
         mask_BxT = jnp.zeros((b, n_new), bool).at[:, 0].set(True)

@@ -232,29 +232,34 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = rope(q, positions_BxL, self.rope_theta, self.rope_scaling)
         k = rope(k, positions_BxL, self.rope_theta, self.rope_scaling)
+        # Keys and values live head-major, [B, K, S, Dh] (the cache's layout too), so that the
+        # attention products need no transpose of the keys: one decode step then touches the
+        # cache only where it writes the new column and where it reads it in the products.
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if kv is not None:
             k_cache, v_cache = kv
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype),
-                                                    cache_index, axis=1)
+                                                    cache_index, axis=2)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype),
-                                                    cache_index, axis=1)
+                                                    cache_index, axis=2)
             kv = (k, v)
         b, l_, h, dh = q.shape
         groups = h // spec.num_kv_heads
-        q = q.reshape(b, l_, spec.num_kv_heads, groups, dh)
+        q = q.reshape(b, l_, spec.num_kv_heads, groups, dh).transpose(0, 2, 3, 1, 4)
         scale = spec.attn_scale if spec.attn_scale is not None else dh**-0.5
-        scores = jnp.einsum("blkgd,bskd->bkgls", q, k).astype(jnp.float32) * scale
+        scores = jnp.einsum("bkgld,bksd->bkgls", q, k).astype(jnp.float32) * scale
         scores = softcap(scores, spec.attn_softcap)
         mask_BxLxS = mask_BxLxS.astype(bool)
         if self.sliding and spec.sliding_window is not None:
             # Query column c = cache_index + i sees key column s only if c - s < W.
-            s_len = k.shape[1]
+            s_len = k.shape[2]
             q_cols_L = (0 if cache_index is None else cache_index) + jnp.arange(l_)
             window_LxS = q_cols_L[:, None] - jnp.arange(s_len)[None, :] < spec.sliding_window
             mask_BxLxS = mask_BxLxS & window_LxS[None]
         scores = jnp.where(mask_BxLxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, l_, h, dh)
+        out = jnp.einsum("bkgls,bksd->bkgld", probs, v).transpose(0, 3, 1, 2, 4)
+        out = out.reshape(b, l_, h, dh)
         out = jnp.einsum("blhk,hkd->bld", out, self.o_proj[...])
         if spec.o_bias:
             out = out + self.o_bias[...][None, None]
@@ -312,11 +317,14 @@ class Decoder(nnx.Module):
         if not spec.tie_embeddings:
             self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), dt, d**-0.5)
 
-    def __call__(self, tokens_BxL, positions_BxL, mask_BxLxS, cache=None, cache_index=None):
+    def __call__(self, tokens_BxL, positions_BxL, mask_BxLxS, cache=None, cache_index=None,
+                 logit_cols: slice | None = None):
         """Returns (logits_BxLxV in float32, new cache or None).
 
-        cache: a list of (k, v) per layer, each [B, S, K, Dh]; the L new positions are written at
+        cache: a list of (k, v) per layer, each [B, K, S, Dh]; the L new positions are written at
         `cache_index` and `mask_BxLxS` covers all S cache slots.
+        logit_cols: compute logits only for these query columns (a static slice); the LM head
+        is then applied to those hidden states alone (a prefill needs just the last one).
         """
         x = jnp.take(self.embed[...], tokens_BxL, axis=0)
         if self.spec.embed_scale != 1.0:
@@ -328,6 +336,8 @@ class Decoder(nnx.Module):
             x, kv = layer(x, positions_BxL, mask_BxLxS, kv, cache_index)
             if new_cache is not None:
                 new_cache.append(kv)
+        if logit_cols is not None:
+            x = x[:, logit_cols]
         x = self.final_norm(x)
         head = self.embed[...].T if self.spec.tie_embeddings else self.lm_head[...]
         logits = (x @ head).astype(jnp.float32)
@@ -370,12 +380,12 @@ def init_params(spec: ModelSpec, seed: int) -> Params:
 
 
 def apply_model(mdef: ModelDef, params: Params, tokens_BxL, positions_BxL, mask_BxLxS,
-                cache=None, cache_index=None):
-    """Runs the decoder on a pure params dict (call inside jit)."""
+                cache=None, cache_index=None, logit_cols: slice | None = None):
+    """Runs the decoder on a pure params dict (call inside jit); see `Decoder.__call__`."""
     state = jax.tree.map(lambda x: x, mdef.abstract_state)  # a fresh State to fill
     nnx.replace_by_pure_dict(state, params)
     model = nnx.merge(mdef.graphdef, state)
-    return model(tokens_BxL, positions_BxL, mask_BxLxS, cache, cache_index)
+    return model(tokens_BxL, positions_BxL, mask_BxLxS, cache, cache_index, logit_cols)
 
 
 def positions_from_mask(mask_BxL: jax.Array) -> jax.Array:
@@ -393,7 +403,7 @@ def causal_mask(valid_BxS: jax.Array, query_offset: int | jax.Array, length: int
 
 def init_cache(spec: ModelSpec, batch: int, length: int, dtype: Any = None) -> list:
     dt = dtype or spec.dtype
-    shape = (batch, length, spec.num_kv_heads, spec.head_dim)
+    shape = (batch, spec.num_kv_heads, length, spec.head_dim)  # [B, K, S, Dh]
     return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(spec.num_layers)]
 
 

@@ -35,6 +35,7 @@ from trainer.model import (
     Params,
     apply_model,
     causal_mask,
+    init_cache,
     param_shardings,
     positions_from_mask,
 )
@@ -61,17 +62,58 @@ class TrainBatch:
 
 
 def sequence_logprobs_and_entropy(mdef: ModelDef, params: Params, prompt_BxP, prompt_mask_BxP,
-                                  completion_BxT, completion_mask_BxT, temperature: float
-                                  ) -> tuple[jax.Array, jax.Array]:
-    """(log π(completion token | prefix), entropy of π there) per completion position."""
-    tokens_BxL = jnp.concatenate([prompt_BxP, completion_BxT], axis=1)
-    mask_BxL = jnp.concatenate([prompt_mask_BxP, completion_mask_BxT], axis=1).astype(bool)
-    p, length = prompt_BxP.shape[1], tokens_BxL.shape[1]
-    logits_BxLxV, _ = apply_model(mdef, params, tokens_BxL, positions_from_mask(mask_BxL),
-                                  causal_mask(mask_BxL, 0, length))
-    # The logits at column j predict the token at column j + 1.
-    return token_logprobs_and_entropy(logits_BxLxV[:, p - 1 : length - 1], completion_BxT,
-                                      temperature)
+                                  completion_BxT, completion_mask_BxT, temperature: float,
+                                  group: int = 1) -> tuple[jax.Array, jax.Array]:
+    """(log π(completion token | prefix), entropy of π there) per completion position.
+
+    The logits at column j predict the token at column j + 1, so only the T columns P - 1 ..
+    P + T - 2 go through the LM head.
+
+    group > 1: rows come in consecutive groups of `group` that share one prompt (GRPO's G
+    completions of a prompt). Each prompt then runs through the model once, as a prefill into a
+    KV cache, and its keys and values are broadcast to the group's completions, which run as one
+    chunk at cache columns [P, P + T). Every logit is the one the per-row forward computes (up
+    to float rounding); the prompt's share of the FLOPs is divided by G, and the backward sums
+    each completion's gradient into the shared prompt activations, as the per-row forward's
+    identical copies would.
+    """
+    p, t = prompt_BxP.shape[1], completion_BxT.shape[1]
+    if group == 1:
+        tokens_BxL = jnp.concatenate([prompt_BxP, completion_BxT], axis=1)
+        mask_BxL = jnp.concatenate([prompt_mask_BxP, completion_mask_BxT], axis=1).astype(bool)
+        logits_BxTxV, _ = apply_model(mdef, params, tokens_BxL, positions_from_mask(mask_BxL),
+                                      causal_mask(mask_BxL, 0, p + t),
+                                      logit_cols=slice(p - 1, p + t - 1))
+        return token_logprobs_and_entropy(logits_BxTxV, completion_BxT, temperature)
+
+    b = prompt_BxP.shape[0]
+    n = b // group
+
+    def first_of_group(x):  # [B, ...] -> [N, ...]
+        return x.reshape(n, group, *x.shape[1:])[:, 0]
+
+    def to_rows(x):  # [N, ...] -> [B, ...], each group's value repeated G times
+        return jnp.broadcast_to(x[:, None], (n, group, *x.shape[1:])).reshape(b, *x.shape[1:])
+
+    # PROMPTS, once per group: keys/values of every layer into a [N, P] cache.
+    prompt_NxP = first_of_group(prompt_BxP)
+    pmask_NxP = first_of_group(prompt_mask_BxP).astype(bool)
+    cache = init_cache(mdef.spec, n, p)
+    last_Nx1xV, cache = apply_model(mdef, params, prompt_NxP, positions_from_mask(pmask_NxP),
+                                    causal_mask(pmask_NxP, 0, p), cache, 0,
+                                    logit_cols=slice(p - 1, p))
+    # COMPLETIONS, per row, against their group's prompt keys/values.
+    valid_BxS = jnp.concatenate([prompt_mask_BxP, completion_mask_BxT], axis=1).astype(bool)
+    k_heads, dh = cache[0][0].shape[1], cache[0][0].shape[3]
+    pad_BxKxTxDh = jnp.zeros((b, k_heads, t, dh), cache[0][0].dtype)
+    cache = [tuple(jnp.concatenate([to_rows(x), pad_BxKxTxDh], axis=2) for x in kv)
+             for kv in cache]
+    logits_BxT1xV, _ = apply_model(mdef, params, completion_BxT,
+                                   positions_from_mask(valid_BxS)[:, p:],
+                                   causal_mask(valid_BxS, p, t), cache, p,
+                                   logit_cols=slice(0, t - 1))
+    logits_BxTxV = jnp.concatenate([to_rows(last_Nx1xV), logits_BxT1xV], axis=1)
+    return token_logprobs_and_entropy(logits_BxTxV, completion_BxT, temperature)
 
 
 def sequence_logprobs(mdef: ModelDef, params: Params, prompt_BxP, prompt_mask_BxP,
@@ -91,13 +133,16 @@ class Trainer:
 
     def __init__(self, mdef: ModelDef, params: Params, optimizer: optax.GradientTransformation,
                  submesh: Any, algo: AlgorithmConfig, temperature: float, *,
-                 lr_schedule: optax.Schedule | None = None, is_cap: float = 2.0):
+                 lr_schedule: optax.Schedule | None = None, is_cap: float = 2.0,
+                 prompt_group: int = 1):
         self.mdef = mdef
         self.submesh = submesh
         self.algo = algo
         self.temperature = temperature
         self.lr_schedule = lr_schedule  # for the optim/lr metric only
         self.is_cap = is_cap  # C of the truncated IS weight for stale (async) batches
+        # G: rows come G at a time with one prompt each (sampling.share_prompt); see `_group`.
+        self.prompt_group = prompt_group
         self.shardings = param_shardings(mdef, submesh)
         params = jax.device_put(params, self.shardings)
         # β = 0 needs no reference model: skip its memory and its forward pass.
@@ -115,9 +160,9 @@ class Trainer:
         state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self._optimizer = optimizer
         # Out shardings pinned to the in shardings: the state never drifts to another layout.
-        self._update = jax.jit(self._update_step, donate_argnums=(0,),
+        self._update = jax.jit(self._update_step, donate_argnums=(0,), static_argnames=("group",),
                                out_shardings=(state_shardings, submesh.replicated()))
-        self._sequence_kl = jax.jit(self._sequence_kl_impl)
+        self._sequence_kl = jax.jit(self._sequence_kl_impl, static_argnames=("group",))
 
     def restore_state(self, state: dict[str, Any]) -> None:
         """Takes a state restored from a checkpoint (same tree, shardings on this mesh)."""
@@ -147,13 +192,31 @@ class Trainer:
             return jax.device_put(x, self.submesh.batch_sharding(x.shape[0], x.ndim))
         return jax.tree.map(put, batch, is_leaf=lambda x: x is None)
 
-    def _logprobs_entropy(self, params: Params, b: TrainBatch) -> tuple[jax.Array, jax.Array]:
+    def _group(self, batch: TrainBatch) -> int:
+        """G for the shared-prompt forward, or 1 (per-row) when the batch is not G-grouped.
+
+        Every microbatch must hold whole groups whose rows carry the same prompt; checked on
+        the host (the batch is host data here), so a batch of other rows is still exact.
+        """
+        g = self.prompt_group
+        rows = np.asarray(batch.prompt_tokens_BxP).shape[0]
+        chunks = self.algo.num_minibatches * self.algo.gradient_accumulation_steps
+        if g <= 1 or rows % (chunks * g):
+            return 1
+        for x in (batch.prompt_tokens_BxP, batch.prompt_mask_BxP):
+            x_NxGxP = np.asarray(x).reshape(rows // g, g, -1)
+            if not (x_NxGxP == x_NxGxP[:, :1]).all():
+                return 1
+        return g
+
+    def _logprobs_entropy(self, params: Params, b: TrainBatch, group: int = 1
+                          ) -> tuple[jax.Array, jax.Array]:
         return sequence_logprobs_and_entropy(
             self.mdef, params, b.prompt_tokens_BxP, b.prompt_mask_BxP, b.completion_tokens_BxT,
-            b.completion_mask_BxT, self.temperature)
+            b.completion_mask_BxT, self.temperature, group)
 
-    def _logprobs(self, params: Params, b: TrainBatch) -> jax.Array:
-        return self._logprobs_entropy(params, b)[0]
+    def _logprobs(self, params: Params, b: TrainBatch, group: int = 1) -> jax.Array:
+        return self._logprobs_entropy(params, b, group)[0]
 
     # -- chunking -----------------------------------------------------------------------------
 
@@ -166,19 +229,22 @@ class Trainer:
         return jax.lax.with_sharding_constraint(
             x, self.submesh.batch_sharding(x.shape[0], x.ndim))
 
-    def _chunked_logprobs(self, params: Params, b: TrainBatch, n: int) -> jax.Array:
+    def _chunked_logprobs(self, params: Params, b: TrainBatch, n: int, group: int = 1
+                          ) -> jax.Array:
         """Logprobs of the whole batch, n row blocks at a time (activation memory of one)."""
+        if n == 1:
+            return jax.lax.stop_gradient(self._logprobs(params, b, group))
         chunks = jax.tree.map(lambda x: self._chunks(x, n), b)
 
         def one(c: TrainBatch) -> jax.Array:
-            return self._logprobs(params, jax.tree.map(self._constrain_rows, c))
+            return self._logprobs(params, jax.tree.map(self._constrain_rows, c), group)
 
         out = jax.lax.map(one, chunks)
         return jax.lax.stop_gradient(out.reshape(b.completion_mask_BxT.shape))
 
     # -- the update ---------------------------------------------------------------------------
 
-    def _update_step(self, state, ref_params, b: TrainBatch, off_policy):
+    def _update_step(self, state, ref_params, b: TrainBatch, off_policy, group: int = 1):
         algo = self.algo
         n_mb, n_acc = algo.num_minibatches, algo.gradient_accumulation_steps
         n_chunks, steps = n_mb * n_acc, algo.num_iterations * n_mb
@@ -188,12 +254,12 @@ class Trainer:
         # REFERENCE AND OLD LOGPROBS: fixed for the whole update (no gradient).
         ref_logps = None
         if ref_params is not None and algo.kl_penalty == "loss":
-            ref_logps = self._chunked_logprobs(ref_params, b, n_chunks)
+            ref_logps = self._chunked_logprobs(ref_params, b, n_chunks, group)
         if algo.old_logprobs == "sampler":
             old_logps = b.sampler_logps_BxT
         elif algo.num_iterations > 1 or n_mb > 1:
             # π_old = the params before this update; later minibatches/iterations are off-policy.
-            old_logps = self._chunked_logprobs(state["params"], b, n_chunks)
+            old_logps = self._chunked_logprobs(state["params"], b, n_chunks, group)
         else:
             old_logps = None  # μ = 1, one minibatch: π_old = sg(π_θ) in the loss, no extra pass
         if old_logps is not None and algo.old_logprobs == "recompute":
@@ -209,7 +275,7 @@ class Trainer:
 
         def loss_fn(params, d):
             mb: TrainBatch = d["b"]
-            logps, ent = self._logprobs_entropy(params, mb)
+            logps, ent = self._logprobs_entropy(params, mb, group)
             if algo.entropy_coef == 0:
                 ent = jax.lax.stop_gradient(ent)  # metric only: skip its backward pass
             # μ = 1, one minibatch: the batch came from the current policy, so π_old = sg(π_θ);
@@ -247,8 +313,13 @@ class Trainer:
                 (_, aux), g = grad_fn(params, d)
                 return jax.tree.map(jnp.add, g_acc, g), aux
 
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            grads, aux_K = jax.lax.scan(micro, zeros, jnp.arange(n_acc))
+            if n_acc == 1:  # no accumulation: no scan (and no zero gradient tree to add to)
+                d = jax.tree.map(lambda x: self._constrain_rows(x[mb_index]), data)
+                (_, aux), grads = grad_fn(params, d)
+                aux_K = jax.tree.map(lambda x: x[None], aux)
+            else:
+                zeros = jax.tree.map(jnp.zeros_like, params)
+                grads, aux_K = jax.lax.scan(micro, zeros, jnp.arange(n_acc))
             aux = _combine(aux_K)
             aux["grad/norm"] = optax.tree.norm(grads)  # before clipping
             if self.lr_schedule is not None:
@@ -258,8 +329,13 @@ class Trainer:
             params = optax.apply_updates(params, updates)
             return (params, opt_state), (aux, i == 0)
 
-        (params, opt_state), (aux_S, first_S) = jax.lax.scan(
-            opt_step, (state["params"], state["opt_state"]), jnp.arange(steps))
+        carry = (state["params"], state["opt_state"])
+        if steps == 1:  # one optimizer step (the common GRPO setting): no scan around it
+            (params, opt_state), (aux, first) = opt_step(carry, 0)
+            aux_S, first_S = jax.tree.map(lambda x: jnp.asarray(x)[None], (aux, first))
+        else:
+            (params, opt_state), (aux_S, first_S) = jax.lax.scan(opt_step, carry,
+                                                                 jnp.arange(steps))
         aux = _combine(aux_S)
         for k in ("grad/norm", "optim/lr", *_SUMMED):  # per optimizer step: mean, not sum
             if k in aux:
@@ -293,17 +369,18 @@ class Trainer:
         """
         flag = jax.device_put(np.bool_(off_policy), self.submesh.replicated())
         self.state, aux = self._update(self.state, self._reference(), self.place_batch(batch),
-                                       flag)
+                                       flag, group=self._group(batch))
         return aux
 
     def logprobs(self, batch: TrainBatch) -> jax.Array:
         """Per-token logprobs of the batch's completions under the current params."""
-        return jax.jit(self._logprobs)(self.params, self.place_batch(batch))
+        return jax.jit(self._logprobs, static_argnums=2)(self.params, self.place_batch(batch),
+                                                         self._group(batch))
 
-    def _sequence_kl_impl(self, params, ref_params, b: TrainBatch) -> jax.Array:
+    def _sequence_kl_impl(self, params, ref_params, b: TrainBatch, group: int = 1) -> jax.Array:
         n = self.algo.num_minibatches * self.algo.gradient_accumulation_steps
-        logps = self._chunked_logprobs(params, b, n)
-        ref = self._chunked_logprobs(ref_params, b, n)
+        logps = self._chunked_logprobs(params, b, n, group)
+        ref = self._chunked_logprobs(ref_params, b, n, group)
         on = b.loss_mask.astype(bool)
         kl = KL_ESTIMATORS[self.algo.kl_estimator](logps, jnp.where(on, ref, logps))
         return jnp.sum(jnp.where(on, kl, 0.0), axis=-1)
@@ -316,7 +393,8 @@ class Trainer:
         if self.ref_params is None and self.ref_params_host is None:
             raise RuntimeError("sequence_kl needs the reference model, which exists only when "
                                "algorithm.beta > 0 (fix: e.g. algorithm.beta=0.02)")
-        return self._sequence_kl(self.params, self._reference(), self.place_batch(batch))
+        return self._sequence_kl(self.params, self._reference(), self.place_batch(batch),
+                                 group=self._group(batch))
 
     def _reference(self) -> Params | None:
         """The reference params on the trainer mesh (copied in from the host when offloaded;

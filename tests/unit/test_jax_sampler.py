@@ -85,7 +85,7 @@ def test_cached_decoding_equals_a_full_forward_at_every_position(tiny_model, tok
     run_decode = jax.jit(
         lambda prm, tok, pos, v, col, c: decode_step(mdef, prm, tok, pos, v, col, c))
     logits, cache = run_prefill(params, ptok, valid, init_cache(mdef.spec, b, s))
-    got = [logits[:, -1]]
+    got = [logits]
     pos = np.asarray(positions_from_mask(jnp.asarray(pmask)))[:, -1] + 1
     for i in range(t - 1):
         valid[:, width + i] = True
@@ -237,3 +237,20 @@ def test_params_and_cache_live_on_the_sampler_mesh(sampler, meshes):
     for k, v in cache:
         assert set(k.sharding.device_set) == sampler_devices
         assert k.sharding == v.sharding
+
+
+def test_shared_prompt_prefill_draws_the_same_completions(tiny_model, meshes, tokenizer):
+    # G rows with one prompt: prefilling it once and sharing its cache gives the very tokens
+    # and logprobs that prefilling every row does (same key), and other rows fall back.
+    kw = dict(max_new_tokens=6, temperature=1.0, group_size=4)
+    shared = _sampler(tiny_model, meshes, tokenizer, share_prompt=True, **kw)
+    per_row = _sampler(tiny_model, meshes, tokenizer, share_prompt=False, **kw)
+    tokens, mask = _prompts(tokenizer, ["12=", "98765="], repeat=4)
+    assert shared._group(tokens, mask) == 4 and per_row._group(tokens, mask) == 1
+    mixed = np.arange(8).reshape(2, 4).T.reshape(-1)  # rows alternate between the prompts
+    assert shared._group(tokens[mixed], mask[mixed]) == 1
+    a = shared.generate(tokens, mask, jax.random.key(3))
+    b = per_row.generate(tokens, mask, jax.random.key(3))
+    np.testing.assert_array_equal(np.asarray(a.tokens_BxT), np.asarray(b.tokens_BxT))
+    np.testing.assert_array_equal(np.asarray(a.mask_BxT), np.asarray(b.mask_BxT))
+    np.testing.assert_allclose(np.asarray(a.logps_BxT), np.asarray(b.logps_BxT), atol=1e-5)

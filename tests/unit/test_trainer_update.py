@@ -163,3 +163,58 @@ def test_reference_offload_lives_on_the_host_and_changes_nothing(small_model, me
     for a, b in zip(jax.tree.leaves(_host(on_device.params)),
                     jax.tree.leaves(_host(offloaded.params)), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _grouped(batch, g):
+    """The batch with every G consecutive rows sharing the first row's prompt (GRPO's layout)."""
+    first = lambda x: np.repeat(np.asarray(x)[::g], g, 0)  # noqa: E731
+    return dataclasses.replace(batch, prompt_tokens_BxP=first(batch.prompt_tokens_BxP),
+                               prompt_mask_BxP=first(batch.prompt_mask_BxP))
+
+
+@pytest.mark.parametrize("g", [2, 4])
+def test_shared_prompt_forward_equals_the_per_row_forward(small_model, batch, g):
+    # Each prompt once, its keys/values shared by its group: same logprobs, entropies and
+    # gradients as running every row's copy of the prompt (left padding and short completions
+    # included: rows 0-3 are padded, rows 1 and 5 stop early).
+    mdef, params = small_model
+    b = jax.tree.map(jnp.asarray, _grouped(batch, g))
+
+    def run(group):
+        def f(p):
+            from trainer.trainer import sequence_logprobs_and_entropy
+            return sequence_logprobs_and_entropy(
+                mdef, p, b.prompt_tokens_BxP, b.prompt_mask_BxP, b.completion_tokens_BxT,
+                b.completion_mask_BxT, 0.7, group)
+
+        lp, ent = jax.jit(f)(params)
+        m = b.completion_mask_BxT.astype(jnp.float32)
+        grads = jax.jit(jax.grad(lambda p: jnp.sum(f(p)[0] * m * b.advantages_B[:, None])))(
+            params)
+        return np.asarray(lp), np.asarray(ent), _host(grads)
+
+    (lp1, ent1, g1), (lpg, entg, gg) = run(1), run(g)
+    np.testing.assert_allclose(lpg, lp1, atol=1e-5)
+    np.testing.assert_allclose(entg, ent1, atol=1e-5)
+    for x, y in zip(jax.tree.leaves(gg), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_update_shares_prompts_only_when_the_rows_really_share_them(small_model, meshes, batch):
+    mdef, params = small_model
+    cfg = AlgorithmConfig(beta=0.0, loss_aggregation=AGG)
+    trainer = Trainer(mdef, _host(params), optax.sgd(0.1), meshes.trainer, cfg, temperature=1.0,
+                      prompt_group=4)
+    assert trainer._group(_grouped(batch, 4)) == 4
+    assert trainer._group(batch) == 1  # different prompts within a group: per-row forward
+    two_mb = Trainer(mdef, _host(params), optax.sgd(0.1), meshes.trainer,
+                     AlgorithmConfig(beta=0.0, num_minibatches=4), temperature=1.0,
+                     prompt_group=4)
+    assert two_mb._group(_grouped(batch, 4)) == 1  # a 2-row minibatch cannot hold a group
+    # And the grouped update lands where the per-row update does.
+    per_row = _trainer(small_model, meshes, 0.1, loss_aggregation=AGG)
+    per_row.update(_grouped(batch, 4))
+    trainer.update(_grouped(batch, 4))
+    for x, y in zip(jax.tree.leaves(_host(trainer.params)), jax.tree.leaves(_host(per_row.params)),
+                    strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-6)
