@@ -80,9 +80,17 @@ STANDARD_JOB = {
 
 # Tandem placements: name -> config overrides. A placement whose overrides this build rejects
 # (e.g. before the colocated schedule lands) is reported as unavailable, not skipped silently.
+# Each side's layout is a choice within the placement. A 3M-parameter model fits every device
+# many times over, so the fast layout is data parallel on both sides: params replicated, rows
+# split (the trainer all-reduces its gradients once per step; the sampler needs no collective).
+# The FSDP trainer / tensor-parallel sampler layout (Tandem's default, for models that need
+# sharding) is kept as a row to show what the layout costs on this job.
+DATA_PARALLEL = ["topology.trainer_rules={batch: fsdp}", "topology.sampler_mesh={dp: -1, tp: 1}"]
 TANDEM_PLACEMENTS = {
-    "disaggregated": ["topology.simulated_devices=8", "topology.trainer_devices=4"],
-    "colocated": ["topology.simulated_devices=8", "schedule.kind=colocated"],
+    "disaggregated": ["topology.simulated_devices=8", "topology.trainer_devices=4",
+                      *DATA_PARALLEL],
+    "disaggregated-fsdp-tp": ["topology.simulated_devices=8", "topology.trainer_devices=4"],
+    "colocated": ["topology.simulated_devices=8", "schedule.kind=colocated", *DATA_PARALLEL],
 }
 
 # Peer environments, pinned to the versions this bench was written against.
