@@ -37,6 +37,7 @@ from controller.tokenizer import CharTokenizer
 from reshard.transfer import Resharder
 from rewards.registry import RewardSet
 from sampler.base import Sampler
+from sampler.jax_sampler import bucket_width, left_pad
 from trainer.trainer import TrainBatch, Trainer
 
 
@@ -263,9 +264,13 @@ class Loop:
         loss_mask = batch.mask_BxT
         if algo.overlong_filtering:
             loss_mask = batch.mask_BxT & ~batch.truncated_B[:, None]
-        train = TrainBatch(batch.prompt_tokens_BxP, batch.prompt_mask_BxP, batch.tokens_BxT,
-                           batch.mask_BxT, np.zeros(len(batch.rows), np.float32),
-                           batch.logps_BxT, loss_mask)
+        # Prompt columns left-padded (masked) to the sampler's bucket width: the trainer, too,
+        # compiles once per bucket rather than once per prompt width.
+        width = bucket_width(batch.prompt_tokens_BxP.shape[1], self.cfg.sampling.prompt_bucket)
+        prompt_BxP, pmask_BxP = left_pad(batch.prompt_tokens_BxP, batch.prompt_mask_BxP, width,
+                                         self.tokenizer.pad_id)
+        train = TrainBatch(prompt_BxP, pmask_BxP, batch.tokens_BxT, batch.mask_BxT,
+                           np.zeros(len(batch.rows), np.float32), batch.logps_BxT, loss_mask)
 
         # ADVANTAGES: group-relative (algorithm.advantage_estimator), from the final rewards.
         rewards_B = batch.rewards_B

@@ -46,6 +46,8 @@ from trainer.model import (
     positions_from_mask,
 )
 
+# Draw every decode step's Gumbel noise [T, B, V] before the loop when it fits in this much.
+GUMBEL_BUDGET_BYTES = 64 * 2**20
 CACHE_AXES = ("batch", "kv_heads", None, "head_dim")  # logical axes of each [B, K, S, Dh]
 
 
@@ -213,9 +215,27 @@ class JaxSampler:
         cache_sh = self._cache_sharding(b, p + n_new - 1)
         stop_ids = jnp.asarray(self.stop_ids, jnp.int32)
 
-        def sample(logits_BxV, rng):
-            # One split per token (the key stream the foundation's sampler used, so a seeded
-            # run reproduces): token t is drawn with the second half, the first carries on.
+        # One split per token (the key stream the foundation's sampler used, so a seeded run
+        # reproduces): token t is drawn with the second half, the first carries on. When the
+        # noise of all T steps is small, it is drawn up front from those same keys in one
+        # vectorised pass (not T small single-threaded ones in the loop): the same tokens.
+        vocab = mdef.spec.vocab_size
+        gumbel_TxBxV = None
+        if cfg.temperature > 0 and n_new * b * vocab * 4 <= GUMBEL_BUDGET_BYTES:
+            def split(r, _):
+                r, key = jax.random.split(r)
+                return r, key
+
+            _, keys_T = jax.lax.scan(split, rng, None, length=n_new)
+            gumbel_TxBxV = jax.lax.with_sharding_constraint(
+                jax.vmap(lambda k: jax.random.gumbel(k, (b, vocab), jnp.float32))(keys_T),
+                self.submesh.sharding((None, "batch", None), (n_new, b, vocab)))
+
+        def sample(logits_BxV, rng, t=0):
+            if gumbel_TxBxV is not None:
+                g = jax.lax.dynamic_index_in_dim(gumbel_TxBxV, t, keepdims=False)
+                return (*sample_tokens(logits_BxV, rng, cfg.temperature, cfg.top_k, cfg.top_p,
+                                       g), rng)
             rng, key = jax.random.split(rng)
             return (*sample_tokens(logits_BxV, key, cfg.temperature, cfg.top_k, cfg.top_p), rng)
 
@@ -267,7 +287,7 @@ class JaxSampler:
             valid_BxS = jax.lax.dynamic_update_slice_in_dim(
                 valid_BxS, jnp.ones((b, 1), bool), col, axis=1)
             logits_BxV, cache = decode_step(mdef, params, tok_B, pos_B, valid_BxS, col, cache)
-            tok_B, lp_B, kept_B, rng = sample(logits_BxV, rng)
+            tok_B, lp_B, kept_B, rng = sample(logits_BxV, rng, t)
             live_B = ~done_B
             tok_B = jnp.where(live_B, tok_B, self.pad_id)
             tokens_BxT = jax.lax.dynamic_update_slice_in_dim(tokens_BxT, tok_B[:, None], t, 1)

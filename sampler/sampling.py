@@ -91,12 +91,17 @@ def sample_tokens(
     temperature: float,
     top_k: int = 0,
     top_p: float = 1.0,
+    gumbel_BxV: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Draws one token per row. Returns (token_B, logprob_B, kept_mass_B).
 
     logprob_B = log p_τ(token) (untruncated; see the module docstring), kept_mass_B = Z, the
     tempered probability mass that top-k / top-p kept (1 when both are off, and for greedy).
     The knobs are Python values: they are fixed per compiled program.
+
+    The draw is the Gumbel-max trick, argmax(logits + g) with g = `jax.random.gumbel(rng,
+    [B, V])`, exactly what `jax.random.categorical(rng, logits)` computes; `gumbel_BxV` passes
+    g drawn beforehand (then `rng` is unused), which gives the same token for the same key.
     """
     logits_BxV = logits_BxV.astype(jnp.float32)
     if temperature == 0:
@@ -108,10 +113,17 @@ def sample_tokens(
         logp_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
         if top_k > 0 or top_p < 1.0:
             keep_BxV = truncation_mask(scaled_BxV, top_k, top_p)
-            tok_B = jax.random.categorical(rng, jnp.where(keep_BxV, scaled_BxV, NEG_INF), axis=-1)
+            tok_B = _categorical(rng, jnp.where(keep_BxV, scaled_BxV, NEG_INF), gumbel_BxV)
             kept_B = jnp.sum(jnp.where(keep_BxV, jnp.exp(logp_BxV), 0.0), axis=-1)
         else:
-            tok_B = jax.random.categorical(rng, scaled_BxV, axis=-1)
+            tok_B = _categorical(rng, scaled_BxV, gumbel_BxV)
             kept_B = jnp.ones(tok_B.shape, jnp.float32)
     lp_B = jnp.take_along_axis(logp_BxV, tok_B[:, None], axis=-1)[:, 0]
     return tok_B.astype(jnp.int32), lp_B, kept_B
+
+
+def _categorical(rng: jax.Array, logits_BxV: jax.Array, gumbel_BxV: jax.Array | None
+                 ) -> jax.Array:
+    if gumbel_BxV is None:
+        return jax.random.categorical(rng, logits_BxV, axis=-1)
+    return jnp.argmax(gumbel_BxV + logits_BxV, axis=-1)  # categorical's own formula

@@ -50,3 +50,21 @@ def test_optimised_run_has_the_unoptimised_curves(unoptimised, extra):
     # rounding alone, so params are compared at 1% of the 5 steps' reach (5 · lr = 1.5e-2).
     for x, y in zip(jax.tree.leaves(p_base), jax.tree.leaves(p_fast), strict=True):
         np.testing.assert_allclose(y, x, atol=1.5e-4)
+
+
+def test_trainer_compiles_once_per_prompt_bucket_not_per_width():
+    # reverse_digits prompts vary in width from batch to batch; the loop pads them to the
+    # sampler's bucket, so neither side recompiles when the width changes.
+    cfg = load_config(overrides=["data.prompts_per_step=2", "sampling.group_size=2",
+                                 "data.min_digits=1", "data.max_digits=5", "run.steps=6",
+                                 "run.progress=false", "status.enabled=false"])
+    with Job(cfg) as job:
+        widths = set()
+        for _ in range(cfg.run.steps):
+            before = job.dataset.position
+            job.step()
+            rows = [job.dataset.row(i) for i in range(before, job.dataset.position)]
+            widths.add(max(len(job.tokenizer.encode(r["prompt"])) for r in rows))
+        assert len(widths) > 1  # the test means something only if widths changed
+        assert job.trainer._update._cache_size() == 1
+        assert job.sampler.metrics()["sampler/compiles"] == 1

@@ -254,3 +254,22 @@ def test_shared_prompt_prefill_draws_the_same_completions(tiny_model, meshes, to
     np.testing.assert_array_equal(np.asarray(a.tokens_BxT), np.asarray(b.tokens_BxT))
     np.testing.assert_array_equal(np.asarray(a.mask_BxT), np.asarray(b.mask_BxT))
     np.testing.assert_allclose(np.asarray(a.logps_BxT), np.asarray(b.logps_BxT), atol=1e-5)
+
+
+@pytest.mark.parametrize("knobs", [{}, {"top_k": 5, "top_p": 0.7}])
+def test_noise_drawn_up_front_gives_the_tokens_of_the_per_step_draw(tiny_model, meshes,
+                                                                     tokenizer, monkeypatch,
+                                                                     knobs):
+    import sampler.jax_sampler as js
+
+    kw = dict(max_new_tokens=6, temperature=0.5, **knobs)
+    tokens, mask = _prompts(tokenizer, ["12=", "98765=", "4="], repeat=2)
+    up_front = _sampler(tiny_model, meshes, tokenizer, **kw).generate(tokens, mask,
+                                                                      jax.random.key(7))
+    monkeypatch.setattr(js, "GUMBEL_BUDGET_BYTES", 0)  # too small: one draw per step
+    per_step = _sampler(tiny_model, meshes, tokenizer, **kw).generate(tokens, mask,
+                                                                      jax.random.key(7))
+    np.testing.assert_array_equal(np.asarray(up_front.tokens_BxT),
+                                  np.asarray(per_step.tokens_BxT))
+    np.testing.assert_array_equal(np.asarray(up_front.logps_BxT),
+                                  np.asarray(per_step.logps_BxT))
