@@ -15,6 +15,7 @@
  */
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -146,4 +147,35 @@ void tandem_copy_blocks(const tandem_block *blocks, int64_t n, int streaming) {
   (void)streaming;
 #endif
   copy_plain(blocks, n);
+}
+
+/* Copies stage after stage, for a copy thread that runs while the caller prepares the stages:
+ * stage s is blocks[ranges[2s] : ranges[2s+1]] and starts once ready[s] != 0 (the caller has
+ * filled in its source addresses and called tandem_publish). ready[s] < 0 cancels the rest.
+ * Waiting spins briefly, then sleeps 20 us at a time, so a waiting thread leaves the core to the
+ * caller. Returns the number of stages copied. */
+int64_t tandem_copy_stages(const tandem_block *blocks, const int64_t *ranges, int64_t n_stages,
+                           const int64_t *ready, int streaming) {
+  for (int64_t s = 0; s < n_stages; s++) {
+    int64_t flag;
+    int spins = 0;
+    while ((flag = __atomic_load_n(&ready[s], __ATOMIC_ACQUIRE)) == 0) {
+      if (++spins < 200) {
+#ifdef TANDEM_X86
+        _mm_pause();
+#endif
+      } else {
+        struct timespec ts = {0, 20000};
+        nanosleep(&ts, 0);
+      }
+    }
+    if (flag < 0) return s;
+    tandem_copy_blocks(blocks + ranges[2 * s], ranges[2 * s + 1] - ranges[2 * s], streaming);
+  }
+  return n_stages;
+}
+
+/* Stores value into *flag after every earlier store of this thread (a release store). */
+void tandem_publish(int64_t *flag, int64_t value) {
+  __atomic_store_n(flag, value, __ATOMIC_RELEASE);
 }

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +63,37 @@ class _Native:
         lib.tandem_copy_blocks.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
         lib.tandem_copy_blocks.restype = None
         lib.tandem_stream_level.restype = ctypes.c_int
+        lib.tandem_copy_stages.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                           ctypes.c_void_p, ctypes.c_int]
+        lib.tandem_copy_stages.restype = ctypes.c_int64
+        lib.tandem_publish.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        lib.tandem_publish.restype = None
         self.stream_level = int(lib.tandem_stream_level())
 
     def copy(self, blocks_Nx8: np.ndarray, streaming: bool) -> None:
-        assert blocks_Nx8.dtype == np.int64 and blocks_Nx8.shape[1:] == (8,)
-        assert blocks_Nx8.flags.c_contiguous
-        # ctypes releases the GIL for the call, so copy threads run in parallel.
+        _check_blocks(blocks_Nx8)
+        # ctypes releases the GIL for the call.
         self.lib.tandem_copy_blocks(blocks_Nx8.ctypes.data, len(blocks_Nx8), int(streaming))
+
+    def copy_stages(self, blocks_Nx8: np.ndarray, ranges_Sx2: np.ndarray, ready_S: np.ndarray,
+                    streaming: bool) -> int:
+        """Copies stage s = blocks[ranges[s, 0]:ranges[s, 1]] once ready[s] is published;
+        returns the stages copied (fewer when one was published as cancelled)."""
+        _check_blocks(blocks_Nx8)
+        assert ranges_Sx2.dtype == ready_S.dtype == np.int64 and len(ranges_Sx2) == len(ready_S)
+        assert ranges_Sx2.flags.c_contiguous and ready_S.flags.c_contiguous
+        assert ranges_Sx2.min(initial=0) >= 0 and ranges_Sx2.max(initial=0) <= len(blocks_Nx8)
+        return int(self.lib.tandem_copy_stages(
+            blocks_Nx8.ctypes.data, ranges_Sx2.ctypes.data,
+            len(ranges_Sx2), ready_S.ctypes.data, int(streaming)))
+
+    def publish(self, ready_S: np.ndarray, stage: int, value: int) -> None:
+        """ready[stage] = value, after every earlier store of this thread (release order)."""
+        self.lib.tandem_publish(ready_S.ctypes.data + 8 * stage, value)
+
+
+def _check_blocks(blocks: np.ndarray) -> None:
+    assert blocks.dtype == np.int64 and blocks.shape[1:] == (8,) and blocks.flags.c_contiguous
 
 
 _native_lock = threading.Lock()
@@ -256,6 +280,7 @@ class Plan:
     pieces: list[tuple[int, tuple[slice, ...], int, tuple[slice, ...], np.dtype]]
     src_shapes: list[tuple[int, ...]]  # per source buffer
     nbytes: int  # bytes written per sync
+    _ranges: dict[int, list[np.ndarray]] = field(default_factory=dict)  # worker_ranges cache
 
     @staticmethod
     def build(xs: list[Any], dsts: list[Any]) -> Plan:
@@ -350,6 +375,38 @@ class Plan:
         plan._check_bounds(buf_idx)
         return plan
 
+    def worker_ranges(self, threads: int) -> list[np.ndarray]:
+        """Per copy thread, its [lo, hi) block range in each stage (int64 [stages, 2]).
+
+        Each stage is split into contiguous runs of about equal bytes, never inside a lockstep
+        group.
+        """
+        cached = self._ranges.get(threads)
+        if cached is not None:
+            return cached
+        b = self.blocks_Nx8
+        starts = np.zeros(len(b) + 1, bool)  # where a group (or a lone block) starts
+        i = 0
+        while i < len(b):
+            starts[i] = True
+            i += max(1, int(b[i, 6]))
+        starts[len(b)] = True
+        cum = np.concatenate([[0], np.cumsum(b[:, 2] * b[:, 3])]) if len(b) else np.zeros(1)
+        out = np.zeros((threads, len(self.stages), 2), np.int64)
+        for s, (_, _, lo, hi) in enumerate(self.stages):
+            cuts = [lo]
+            for w in range(1, threads):
+                want = cum[lo] + (cum[hi] - cum[lo]) * w / threads
+                j = max(cuts[-1], min(hi, int(np.searchsorted(cum, want))))
+                while not starts[j]:
+                    j += 1
+                cuts.append(min(j, hi))
+            cuts.append(hi)
+            for w in range(threads):
+                out[w, s] = cuts[w], cuts[w + 1]
+        self._ranges[threads] = result = list(out)
+        return result
+
     def _check_bounds(self, buf_idx: np.ndarray) -> None:
         """Every block lies inside its target and source buffers (the C kernel trusts them)."""
         if not len(self.blocks_Nx8):
@@ -402,7 +459,15 @@ class _BufferSet:
                       for off, n, (shape, dt) in zip(plan.offsets, plan.sizes, plan.shapes,
                                                      strict=True)]
         self.addresses = [self.address + off for off in plan.offsets]
+        self.leaf_views = [[self.views[i] for i in leaf.buffers] for leaf in plan.leaves]
+        # The C kernel's blocks with this set's destination addresses; a sync fills in the
+        # source addresses (in place: no allocation per sync).
+        self.blocks = plan.blocks_Nx8.copy()
+        self.blocks[:, 0] += self.address
         self.adopted: bool | None = None  # whether JAX's arrays alias these buffers
+        # Each view's reference count when nothing outside this object holds it (counted the
+        # way in_use counts: from inside a comprehension over the views).
+        self._idle_refs = [sys.getrefcount(v) for v in self.views]
 
     def in_use(self) -> bool:
         """Whether anything outside this set still references one of its buffers.
@@ -410,8 +475,8 @@ class _BufferSet:
         JAX's CPU client holds a reference to each numpy buffer it adopted until the device
         buffer is freed, i.e. until no array and no pending computation uses it.
         """
-        # References to an idle view: self.views, the loop variable, getrefcount's argument.
-        return any(sys.getrefcount(v) > 3 for v in self.views)
+        refs = [sys.getrefcount(v) for v in self.views]
+        return any(r > n for r, n in zip(refs, self._idle_refs, strict=True))
 
 
 try:  # JAX's make_array_from_callback recipe, minus its per-shard checks and callbacks.
@@ -450,6 +515,7 @@ class HostCopier:
         self._sets: dict[int, list[_BufferSet]] = {}
         self._executor: ThreadPoolExecutor | None = None
         self.last: dict[str, Any] = {}  # what the last run did (kernel, buffers reused)
+        self._lock = threading.Lock()  # one run at a time: runs share plans and buffers
 
     def plan(self, xs: list[Any], dsts: list[Any]) -> Plan:
         key = tuple((tuple(x.shape), x.dtype, _layout_key(x), x.sharding, d)
@@ -472,6 +538,10 @@ class HostCopier:
 
     def run(self, xs: list[Any], dsts: list[Any]) -> list[Any]:
         """Copies each leaf into its target layout; returns arrays with the target shardings."""
+        with self._lock:
+            return self._run(xs, dsts)
+
+    def _run(self, xs: list[Any], dsts: list[Any]) -> list[Any]:
         kernel = native_kernel() if self.native is not False else None
         if self.native and kernel is None:
             raise RuntimeError(f"host_copy native=True, but {native_status()}")
@@ -488,25 +558,35 @@ class HostCopier:
         # Once JAX has been seen to adopt this set's buffers (same address), the arrays are
         # made while the copy threads still fill them: JAX does not read them to adopt them.
         overlap = self.threads > 0 and bufset.adopted is True
-        pending = []
         ptrs = np.empty(len(plan.src_shapes), np.int64)
-        k = 0
-        for leaf_lo, leaf_hi, lo, hi in plan.stages:
-            # The next stage's addresses are read while the previous stage is copied.
-            for x, leaf in zip(xs[leaf_lo:leaf_hi], plan.leaves[leaf_lo:leaf_hi], strict=True):
-                for j in leaf.src_data:
-                    ptrs[k] = x.addressable_data(j).unsafe_buffer_pointer()
-                    k += 1
-            b = plan.blocks_Nx8[lo:hi].copy()
-            b[:, 0] += bufset.address
-            b[:, 1] += ptrs[plan.block_src[lo:hi]]
-            if self.threads:
-                pending.append(self._pool().submit(kernel.copy, b, streaming))
-            else:
-                kernel.copy(b, streaming)
-        out = self._wrap(plan, bufset) if overlap else None
-        for f in pending:
-            f.result()
+        ready = np.zeros(len(plan.stages), np.int64)
+        # The copy threads wait for each stage's go-ahead inside one native call each, so they
+        # never need the GIL between stages.
+        pending = [self._pool().submit(kernel.copy_stages, bufset.blocks, ranges, ready,
+                                       streaming)
+                   for ranges in plan.worker_ranges(self.threads)] if self.threads else []
+        published, k, out = 0, 0, None
+        try:
+            for s, (leaf_lo, leaf_hi, lo, hi) in enumerate(plan.stages):
+                # Read this stage's source addresses while the previous stage is copied.
+                for x, leaf in zip(xs[leaf_lo:leaf_hi], plan.leaves[leaf_lo:leaf_hi],
+                                   strict=True):
+                    for j in leaf.src_data:
+                        ptrs[k] = x.addressable_data(j).unsafe_buffer_pointer()
+                        k += 1
+                b = bufset.blocks[lo:hi]
+                np.add(plan.blocks_Nx8[lo:hi, 1], ptrs[plan.block_src[lo:hi]], out=b[:, 1])
+                if pending:
+                    kernel.publish(ready, s, 1)
+                    published += 1
+                else:
+                    kernel.copy(b, streaming)
+            out = self._wrap(plan, bufset) if overlap else None
+        finally:
+            if published < len(plan.stages) and pending:
+                kernel.publish(ready, published, -1)  # cancel: the threads stop there
+            for f in pending:
+                f.result()
         if out is None:
             out = self._wrap(plan, bufset)
             if bufset.adopted is None:  # first use of this set: did JAX adopt or copy?
@@ -529,7 +609,8 @@ class HostCopier:
     @staticmethod
     def _wrap(plan: Plan, bufset: _BufferSet) -> list[Any]:
         """The filled buffers as arrays with the target shardings, without copying them."""
-        return [_adopt(leaf, [bufset.views[i] for i in leaf.buffers]) for leaf in plan.leaves]
+        return [_adopt(leaf, views) for leaf, views in zip(plan.leaves, bufset.leaf_views,
+                                                            strict=True)]
 
 
 def _aliases(out: list[Any], plan: Plan, bufset: _BufferSet) -> bool:
