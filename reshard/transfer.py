@@ -91,6 +91,19 @@ def _is_sharding(x: Any) -> bool:
     return isinstance(x, jax.sharding.Sharding)
 
 
+def _platforms(shardings: Sequence[Any]) -> set[str]:
+    """The platforms of these shardings' devices. Runs on every sync: a params tree has a few
+    meshes but a sharding object per leaf, so each mesh's devices are looked at once."""
+    meshes: dict[int, Any] = {}
+    for s in shardings:
+        mesh = getattr(s, "mesh", None)
+        devices = getattr(mesh, "devices", None)  # None for non-mesh shardings
+        key = id(mesh) if devices is not None else id(s)
+        if key not in meshes:
+            meshes[key] = s.device_set if devices is None else np.asarray(devices).flat
+    return {d.platform for devices in meshes.values() for d in devices}
+
+
 class Resharder:
     """Moves trees to target shardings and reports bytes moved, time taken and peak temporaries.
 
@@ -133,6 +146,10 @@ class Resharder:
 
     def resolve_method(self, tree: Any, target_shardings: Any) -> str:
         """The method `transfer` will use for these arrays and targets."""
+        return self._resolve([x.sharding for x in jax.tree.leaves(tree)],
+                             jax.tree.leaves(target_shardings, is_leaf=_is_sharding))
+
+    def _resolve(self, sources: list[Any], targets: list[Any]) -> str:
         api = self._pathways_api() if self.method in ("auto", "pathways") else None
         if self.method == "pathways" and api is None:
             raise TransferError(
@@ -143,10 +160,7 @@ class Resharder:
             return "pathways"
         if self.method != "auto":
             return self.method
-        platforms = {d.platform for x in jax.tree.leaves(tree) for d in x.sharding.device_set}
-        platforms |= {d.platform for s in jax.tree.leaves(target_shardings, is_leaf=_is_sharding)
-                      for d in s.device_set}
-        return "host_copy" if platforms == {"cpu"} else "device_put"
+        return "host_copy" if _platforms([*sources, *targets]) == {"cpu"} else "device_put"
 
     # -- the move --------------------------------------------------------------------------
 
@@ -162,9 +176,10 @@ class Resharder:
                 x.sharding == s for x, s in zip(leaves, targets, strict=True)):
             # Same layout on the same devices (colocated): hand the arrays over, copy nothing.
             return tree, TransferStats(0, time.perf_counter() - start, method="none")
-        method = self.resolve_method(tree, target_shardings)
+        sources = [x.sharding for x in leaves]
+        method = self._resolve(sources, targets)
         api = self._pathways_api() if method == "pathways" else None
-        cpu = any(d.platform == "cpu" for x in leaves for d in x.sharding.device_set)
+        cpu = "cpu" in _platforms(sources)
         donate = self.donate and not cpu  # never on CPU (see the module docstring)
         out: list[Any] = [None] * len(leaves)
         peak = 0
@@ -192,15 +207,17 @@ class Resharder:
                 moved, staged = _staged_device_put(xs, dsts, owned if donate else None)
                 extra += staged
             # HOST SYNC: wait for the chunk, so its temporaries are freed before the next one
-            # and the time measured is the transfer's.
-            jax.block_until_ready(moved)
+            # and the time measured is the transfer's. (host_copy returns when its copy is
+            # done: its arrays are host buffers that are ready by construction.)
+            if method != "host_copy":
+                jax.block_until_ready(moved)
             peak = max(peak, extra)
             for i, y in zip(idx, moved, strict=True):
                 out[i] = y
             del xs, moved
         result = jax.tree.unflatten(treedef, out)
         return result, TransferStats(
-            bytes=tree_bytes(result), seconds=time.perf_counter() - start, method=method,
+            bytes=tree_bytes(out), seconds=time.perf_counter() - start, method=method,
             chunks=len(chunks), peak_extra_bytes=peak, cast_seconds=cast_s, donated=donate)
 
     def _chunks(self, leaves: Sequence[Any]) -> list[list[int]]:
