@@ -58,6 +58,24 @@ static inline int whole_lines(const tandem_block *k) {
             ROW(d, s, k->row_bytes);                                                         \
         continue;                                                                            \
       }                                                                                      \
+      if (lines && g <= 8) { /* whole lines: walk each member's row pointers */             \
+        char *dp[8];                                                                         \
+        const char *sp[8];                                                                   \
+        for (int64_t m = 0; m < g; m++) {                                                    \
+          dp[m] = (char *)(uintptr_t)blocks[b + m].dst;                                      \
+          sp[m] = (const char *)(uintptr_t)blocks[b + m].src;                                \
+        }                                                                                    \
+        for (int64_t r = 0; r < rows; r++)                                                   \
+          for (int64_t m = 0; m < g; m++) {                                                  \
+            const tandem_block *k = &blocks[b + m];                                          \
+            if (r >= k->rows) continue;                                                      \
+            LINES(dp[m], sp[m], k->row_bytes);                                               \
+            dp[m] += k->dst_stride;                                                          \
+            sp[m] += k->src_stride;                                                          \
+          }                                                                                  \
+        b += g;                                                                              \
+        continue;                                                                            \
+      }                                                                                      \
       for (int64_t r = 0; r < rows; r++)                                                     \
         for (int64_t m = 0; m < g; m++) {                                                    \
           const tandem_block *k = &blocks[b + m];                                            \
