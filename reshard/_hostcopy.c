@@ -17,7 +17,8 @@
 #include <string.h>
 #include <time.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
+/* -DTANDEM_NO_SIMD builds the portable path (memcpy rows) on x86 too, to test it. */
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(TANDEM_NO_SIMD)
 #include <immintrin.h>
 #define TANDEM_X86 1
 #endif

@@ -445,3 +445,29 @@ def test_native_kernel_builds_into_the_cache_dir(monkeypatch, tmp_path):
 def test_copy_threads_must_not_be_negative():
     with pytest.raises(TransferError, match="copy_threads=-1"):
         Resharder(copy_threads=-1)
+
+
+def test_portable_kernel_without_simd_copies_exactly(monkeypatch, tmp_path, eight_devices):
+    """The kernel as it builds off x86 (plain memcpy rows, no streaming stores)."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    cc = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if cc is None:
+        pytest.skip("no C compiler")
+    so = tmp_path / "portable.so"
+    subprocess.run([cc, "-O2", "-std=gnu11", "-DTANDEM_NO_SIMD", "-shared", "-fPIC",
+                    str(hostcopy._SOURCE), "-o", str(so)], check=True)
+    kernel = hostcopy._Native(ctypes.CDLL(str(so)))
+    assert kernel.stream_level == 0
+    monkeypatch.setattr(hostcopy, "_native", kernel)
+    monkeypatch.setattr(hostcopy, "STREAM_MIN_BYTES", 0)
+    for case in ("2->6", "uneven 3->5", "2d mesh + int + scalar"):
+        src_sh, dst_sh = _cases(eight_devices)[case]
+        tree = _tree(src_sh)
+        for threads in (0, 2):
+            copier = hostcopy.HostCopier(threads=threads, native=True)
+            out = dict(zip(tree, copier.run(list(tree.values()), list(dst_sh.values())),
+                           strict=True))
+            _shards_equal(out, tree, dst_sh)
