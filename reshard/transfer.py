@@ -5,9 +5,10 @@ Three ways to move, chosen per backend (`Resharder(method="auto")`):
 - **pathways**: under Pathways (`JAX_PLATFORMS=proxy`) when pathwaysutils reports IFRT reshard
   available, `pathwaysutils.reshard.reshard` moves every leaf device-to-device over ICI/DCN.
 - **host_copy** (the CPU backend): every simulated CPU device's memory is host memory, so the
-  wire is memcpy. Each target shard is one fresh 64-byte-aligned buffer, filled straight from
-  zero-copy views of the source shards (one read and one write per byte), then handed to its
-  device without another copy. No host staging array, no per-shard slicing copies.
+  wire is memcpy. Each target shard is filled straight from the source shards (one read and
+  one write per byte) by a cached copy plan, with streaming stores, into recycled 64-byte
+  aligned host buffers that JAX adopts without copying (reshard/hostcopy.py says why each of
+  those matters).
 - **device_put** (TPU/GPU without Pathways): `jax.device_put` of the whole tree at once. When
   the source and target layouts differ, each leaf is first relaid out *on the source devices*
   into the target's layout (one jitted identity, an all-to-all over ICI), so the cross-mesh
@@ -27,16 +28,15 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import jax
 import numpy as np
 
+from reshard.hostcopy import HostCopier
 from reshard.plan import as_dtype, cast_dtype
 
 Method = Literal["auto", "pathways", "device_put", "host_copy"]
@@ -91,6 +91,19 @@ def _is_sharding(x: Any) -> bool:
     return isinstance(x, jax.sharding.Sharding)
 
 
+def _platforms(shardings: Sequence[Any]) -> set[str]:
+    """The platforms of these shardings' devices. Runs on every sync: a params tree has a few
+    meshes but a sharding object per leaf, so each mesh's devices are looked at once."""
+    meshes: dict[int, Any] = {}
+    for s in shardings:
+        mesh = getattr(s, "mesh", None)
+        devices = getattr(mesh, "devices", None)  # None for non-mesh shardings
+        key = id(mesh) if devices is not None else id(s)
+        if key not in meshes:
+            meshes[key] = s.device_set if devices is None else np.asarray(devices).flat
+    return {d.platform for devices in meshes.values() for d in devices}
+
+
 class Resharder:
     """Moves trees to target shardings and reports bytes moved, time taken and peak temporaries.
 
@@ -104,8 +117,10 @@ class Resharder:
         ignored on CPU.
       method: "auto" (pathways if available, host_copy on CPU, device_put elsewhere) or one of
         them by name.
-      copy_threads: threads for host_copy (default: half the CPUs, 1 to 8; the copy is
-        memory-bound, and on a small shared host one thread wastes the least).
+      copy_threads: threads that run host_copy's copies (default: half the CPUs, 1 to 8; the
+        copy is memory-bound). While they copy, the calling thread reads the next leaves'
+        source addresses and wraps the filled buffers into arrays; 0 does all of it on the
+        calling thread.
       pathways_api: returns pathwaysutils' reshard function or None (a seam for tests).
     """
 
@@ -120,14 +135,21 @@ class Resharder:
         self.chunk_bytes = chunk_bytes
         self.donate = donate
         self.method = method
-        self.copy_threads = copy_threads or max(1, min(8, (os.cpu_count() or 1) // 2))
+        if copy_threads is not None and copy_threads < 0:
+            raise TransferError(f"copy_threads={copy_threads}: must be >= 0 (or None)")
+        self.copy_threads = (max(1, min(8, (os.cpu_count() or 1) // 2))
+                             if copy_threads is None else copy_threads)
         self._pathways_api = pathways_api
-        self._pool = _ArenaPool()  # host_copy's recycled output buffers
+        self._host = HostCopier(threads=self.copy_threads)  # plans + recycled buffers
 
     # -- choosing the path -----------------------------------------------------------------
 
     def resolve_method(self, tree: Any, target_shardings: Any) -> str:
         """The method `transfer` will use for these arrays and targets."""
+        return self._resolve([x.sharding for x in jax.tree.leaves(tree)],
+                             jax.tree.leaves(target_shardings, is_leaf=_is_sharding))
+
+    def _resolve(self, sources: list[Any], targets: list[Any]) -> str:
         api = self._pathways_api() if self.method in ("auto", "pathways") else None
         if self.method == "pathways" and api is None:
             raise TransferError(
@@ -138,10 +160,7 @@ class Resharder:
             return "pathways"
         if self.method != "auto":
             return self.method
-        platforms = {d.platform for x in jax.tree.leaves(tree) for d in x.sharding.device_set}
-        platforms |= {d.platform for s in jax.tree.leaves(target_shardings, is_leaf=_is_sharding)
-                      for d in s.device_set}
-        return "host_copy" if platforms == {"cpu"} else "device_put"
+        return "host_copy" if _platforms([*sources, *targets]) == {"cpu"} else "device_put"
 
     # -- the move --------------------------------------------------------------------------
 
@@ -157,9 +176,10 @@ class Resharder:
                 x.sharding == s for x, s in zip(leaves, targets, strict=True)):
             # Same layout on the same devices (colocated): hand the arrays over, copy nothing.
             return tree, TransferStats(0, time.perf_counter() - start, method="none")
-        method = self.resolve_method(tree, target_shardings)
+        sources = [x.sharding for x in leaves]
+        method = self._resolve(sources, targets)
         api = self._pathways_api() if method == "pathways" else None
-        cpu = any(d.platform == "cpu" for x in leaves for d in x.sharding.device_set)
+        cpu = "cpu" in _platforms(sources)
         donate = self.donate and not cpu  # never on CPU (see the module docstring)
         out: list[Any] = [None] * len(leaves)
         peak = 0
@@ -182,20 +202,22 @@ class Resharder:
             if method == "pathways":
                 moved = _split_by_donation(api, xs, dsts, owned if donate else None)
             elif method == "host_copy":
-                moved = _host_copy(xs, dsts, self.copy_threads, self._pool)
+                moved = self._host.run(xs, dsts)
             else:
                 moved, staged = _staged_device_put(xs, dsts, owned if donate else None)
                 extra += staged
             # HOST SYNC: wait for the chunk, so its temporaries are freed before the next one
-            # and the time measured is the transfer's.
-            jax.block_until_ready(moved)
+            # and the time measured is the transfer's. (host_copy returns when its copy is
+            # done: its arrays are host buffers that are ready by construction.)
+            if method != "host_copy":
+                jax.block_until_ready(moved)
             peak = max(peak, extra)
             for i, y in zip(idx, moved, strict=True):
                 out[i] = y
             del xs, moved
         result = jax.tree.unflatten(treedef, out)
         return result, TransferStats(
-            bytes=tree_bytes(result), seconds=time.perf_counter() - start, method=method,
+            bytes=tree_bytes(out), seconds=time.perf_counter() - start, method=method,
             chunks=len(chunks), peak_extra_bytes=peak, cast_seconds=cast_s, donated=donate)
 
     def _chunks(self, leaves: Sequence[Any]) -> list[list[int]]:
@@ -251,141 +273,6 @@ def _split_by_donation(move: Callable[..., Any], xs: list[Any], dsts: list[Any],
 def _cast_fn(xs: list[Any], dtype: str) -> list[Any]:
     # Elementwise, so each output keeps its input's sharding: the cast stays on the trainer.
     return [x.astype(dtype) for x in xs]
-
-
-# ---------------------------------------------------------------------------------------------
-# host_copy: the CPU backend's wire is memcpy
-
-
-class _ArenaPool:
-    """Host buffers for host_copy, recycled once no array uses them any more.
-
-    Why: writing into fresh memory costs a page fault per page, which on a busy host costs
-    several times the copy itself (measured: np.copy of 410 MB into fresh memory took 0.6-1.3
-    CPU-s, into already-touched memory 0.04 CPU-s). Each sync's buffers are exactly the size of
-    the previous sync's, and the sampler drops the previous weights when it loads the new ones,
-    so the next sync refills them, as an accelerator's allocator reuses HBM. A buffer is reused
-    only when its reference count shows that no shard (no JAX array) points into it. At most
-    `keep` buffers per size are held, so the idle memory is one sync's worth.
-    """
-
-    def __init__(self, keep: int = 2):
-        self.keep = keep
-        self._by_size: dict[int, list[np.ndarray]] = {}
-
-    def take(self, nbytes: int) -> np.ndarray:
-        held = self._by_size.setdefault(nbytes, [])
-        for raw in held:
-            # References: this list, the loop variable, getrefcount's argument; any more are
-            # shard views still owned by live arrays.
-            if sys.getrefcount(raw) <= 3:
-                return raw
-        raw = np.empty(nbytes, np.uint8)
-        held.append(raw)
-        while len(held) > self.keep:
-            held.pop(0)  # forget the oldest; its memory is freed when its arrays die
-        return raw
-
-
-class _Arena:
-    """One host allocation carved into 64-byte-aligned shard buffers.
-
-    The alignment lets jax.device_put on the CPU backend adopt each buffer without copying;
-    each shard buffer keeps the allocation alive until the last shard of the chunk dies. One
-    allocation (rather than one per shard) gets huge pages and recycles as a whole.
-    """
-
-    ALIGN = 64
-
-    def __init__(self, sizes: Sequence[int], pool: _ArenaPool | None = None):
-        self.offsets = []
-        total = 0
-        for n in sizes:
-            self.offsets.append(total)
-            total += -(-max(n, 1) // self.ALIGN) * self.ALIGN
-        nbytes = total + self.ALIGN
-        raw = pool.take(nbytes) if pool is not None else np.empty(nbytes, np.uint8)
-        self.base = (-raw.ctypes.data) % self.ALIGN
-        self.raw = raw
-
-    def buffer(self, i: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        start = self.base + self.offsets[i]
-        n = int(np.prod(shape)) * dtype.itemsize
-        return self.raw[start:start + n].view(dtype).reshape(shape)
-
-
-def _box(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    return tuple(s.indices(d)[:2] for s, d in zip(index, shape, strict=True))
-
-
-def _host_copy(xs: Sequence[Any], dsts: Sequence[Any], threads: int,
-               pool: _ArenaPool | None = None) -> list[Any]:
-    """Each target shard = one aligned buffer filled from zero-copy views of the source shards.
-
-    Bytes written = sum of target shard sizes (replicated targets get one copy per device).
-    """
-    maps = [s.addressable_devices_indices_map(tuple(x.shape)) for x, s in zip(xs, dsts,
-                                                                              strict=True)]
-    shard_shapes = [[tuple(b - a for a, b in _box(idx, tuple(x.shape))) for idx in m.values()]
-                    for x, m in zip(xs, maps, strict=True)]
-    arena = _Arena([int(np.prod(sh)) * np.dtype(x.dtype).itemsize
-                    for x, shapes in zip(xs, shard_shapes, strict=True) for sh in shapes],
-                   pool)
-    plans = []  # per leaf: (shape, sharding, [(device, buffer)])
-    jobs = []  # per target shard: (buffer, [(dst slices, source view, src slices)])
-    k = 0
-    for x, sharding, index_map in zip(xs, dsts, maps, strict=True):
-        shape = tuple(x.shape)
-        views: dict[Any, np.ndarray] = {}
-        for shard in x.addressable_shards:
-            box = _box(shard.index, shape)
-            if box not in views:
-                # HOST SYNC: np.asarray waits for the shard; on CPU it is a view, not a copy.
-                views[box] = np.asarray(shard.data)
-        bufs = []
-        for dev, index in index_map.items():
-            dbox = _box(index, shape)
-            buf = arena.buffer(k, tuple(b - a for a, b in dbox), np.dtype(x.dtype))
-            k += 1
-            pieces = []
-            for sbox, view in views.items():
-                inter = [(max(a0, b0), min(a1, b1)) for (a0, a1), (b0, b1) in
-                         zip(dbox, sbox, strict=True)]
-                if any(lo >= hi for lo, hi in inter):
-                    continue
-                dsl = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, dbox,
-                                                                            strict=True))
-                ssl = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, sbox,
-                                                                            strict=True))
-                pieces.append((dsl, view, ssl))
-            jobs.append((buf, pieces))
-            bufs.append((dev, buf))
-        plans.append((shape, sharding, bufs))
-
-    def fill(job: tuple[np.ndarray, list]) -> None:
-        buf, pieces = job
-        for dsl, view, ssl in pieces:
-            buf[dsl] = view[ssl]  # numpy releases the GIL for the copy
-
-    # Big shards first, so the threads finish together.
-    order = sorted(jobs, key=lambda j: -j[0].nbytes)
-    if threads > 1 and len(order) > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(fill, order))
-    else:
-        for job in order:
-            fill(job)
-    # One batched device_put for every buffer; aligned buffers are adopted, not copied.
-    flat_bufs = [b for _, _, bufs in plans for _, b in bufs]
-    flat_devs = [d for _, _, bufs in plans for d, _ in bufs]
-    singles = jax.device_put(flat_bufs, flat_devs)
-    out = []
-    k = 0
-    for shape, sharding, bufs in plans:
-        out.append(jax.make_array_from_single_device_arrays(
-            shape, sharding, singles[k:k + len(bufs)]))
-        k += len(bufs)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

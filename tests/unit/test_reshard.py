@@ -252,3 +252,222 @@ def test_host_copy_recycles_buffers_only_after_their_arrays_die(eight_devices):
     for out, src in ((b, b_src), (c, c_src)):  # and nothing alive was overwritten
         for k in src:
             np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(src[k]))
+
+
+# -- host_copy: plans, the native kernel, recycled buffers -------------------------------------
+
+from reshard import hostcopy  # noqa: E402
+
+
+def test_box_blocks_merge_what_is_contiguous_on_both_sides():
+    # float32 (itemsize 4). A 2x3 box of a (4, 5) source into a contiguous (2, 3) target:
+    # rows of 3*4 = 12 bytes, 20 bytes apart in the source and 12 in the target.
+    assert hostcopy.box_blocks((2, 3), [12, 4], [20, 4], 4) == [(0, 0, 2, 12, 12, 20)]
+    # Whole rows on both sides: one contiguous run of 2*5*4 = 40 bytes.
+    assert hostcopy.box_blocks((2, 5), [20, 4], [20, 4], 4) == [(0, 0, 1, 40, 40, 40)]
+    # The FSDP -> TP q_proj piece: (192, 3, 64) of a (192, 12, 64) source shard into a
+    # (768, 3, 64) target shard. The inner (3, 64) = 768 bytes are contiguous on both sides;
+    # the 192 rows are 768 bytes apart in the target and 12*64*4 = 3072 in the source.
+    assert hostcopy.box_blocks((192, 3, 64), [768, 256, 4], [3072, 256, 4], 4) == [
+        (0, 0, 192, 768, 768, 3072)]
+    # Unit dimensions vanish; an outer dimension that continues neither side evenly is
+    # unrolled: (2, 3, 4) of a (2, 6, 8) source (strides 192, 32, 4) into a contiguous target
+    # (48, 16, 4): rows of 16 bytes, and the second 3-row block starts 48 / 192 bytes in.
+    assert hostcopy.box_blocks((2, 1, 3, 4), [48, 48, 16, 4], [192, 192, 32, 4], 4) == [
+        (0, 0, 3, 16, 16, 32), (48, 192, 3, 16, 16, 32)]
+    assert hostcopy.box_blocks((0, 4), [16, 4], [16, 4], 4) == []
+
+
+def _shards_equal(out, tree, dst_sh):
+    for k in tree:
+        assert out[k].sharding == dst_sh[k] and out[k].dtype == tree[k].dtype, k
+        want = np.asarray(tree[k])
+        for shard in out[k].addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), want[shard.index])
+
+
+def _need_native():
+    if hostcopy.native_kernel() is None:
+        pytest.skip(hostcopy.native_status())
+
+
+ODD = {  # rows that are not whole 64-byte lines: partial first / last lines per row
+    "odd rows": ({"w": ((16, 100), np.float32, "fsdp"), "b": ((5, 300), jnp.bfloat16, None)},
+                 {"w": P(None, "tp"), "b": P(None, "tp")}),
+}
+
+
+@pytest.mark.parametrize("case", [*CASES, "odd rows"])
+def test_native_kernel_and_numpy_copies_agree_bit_for_bit(case, eight_devices, monkeypatch):
+    _need_native()
+    monkeypatch.setattr(hostcopy, "STREAM_MIN_BYTES", 0)  # streaming stores, even this small
+    d = eight_devices
+    if case in ODD:
+        t4, s4 = _mesh(d[:4], (4,), ("fsdp",)), _mesh(d[4:], (4,), ("tp",))
+        src, dst = ODD[case]
+        src_sh = {k: (shape, dt, NamedSharding(t4, P(ax))) for k, (shape, dt, ax) in src.items()}
+        dst_sh = {k: NamedSharding(s4, spec) for k, spec in dst.items()}
+        dtypes = [None]
+    else:
+        src_sh, dst_sh = _cases(d)[case]
+        dtypes = [np.float32, jnp.bfloat16, np.int8]
+    for dtype in dtypes:
+        tree = _tree({k: (shape, dtype or dt, sh) for k, (shape, dt, sh) in src_sh.items()})
+        xs, dsts = list(tree.values()), list(dst_sh.values())
+        for copier in (hostcopy.HostCopier(threads=0, native=True),
+                       hostcopy.HostCopier(threads=2, native=True),
+                       hostcopy.HostCopier(threads=0, native=False)):
+            out = dict(zip(tree, copier.run(xs, dsts), strict=True))
+            _shards_equal(out, tree, dst_sh)
+            assert copier.last["kernel"] == ("native" if copier.native else "numpy")
+            assert copier.last["streaming"] == bool(copier.native)
+
+
+@pytest.mark.parametrize("copy_threads", [0, 1, 2])
+def test_a_held_output_is_never_overwritten_by_later_syncs(copy_threads, eight_devices):
+    """The sampler keeps one sync's weights while later syncs recycle buffers: the kept
+    arrays must keep their values (read only at the end, so no cached host copy hides a
+    change)."""
+    src_sh, dst_sh = _cases(eight_devices)["fsdp->tp"]
+    base = _tree(src_sh)
+    srcs = [jax.tree.map(lambda x, i=i: x + i, base) for i in range(5)]
+    r = Resharder(method="host_copy", copy_threads=copy_threads)
+    held, _ = r.transfer(srcs[0], dst_sh)
+    reused = []
+    for src in srcs[1:]:
+        out, _ = r.transfer(src, dst_sh)
+        reused.append(r._host.last["reused"])
+        _shards_equal(out, src, dst_sh)
+        del out  # dropped, as the sampler drops the previous weights: its buffers recycle
+    assert reused == [False, True, True, True]  # the later syncs really refilled buffers
+    if copy_threads and hostcopy.native_kernel() is not None:
+        assert r._host.last["overlapped"]  # arrays were made while the copy ran
+    _shards_equal(held, srcs[0], dst_sh)
+
+
+def test_buffers_a_pending_computation_reads_are_not_recycled(eight_devices):
+    src_sh, dst_sh = _cases(eight_devices)["fsdp->tp"]
+    a_src = _tree(src_sh)
+    r = Resharder(method="host_copy")
+
+    @jax.jit
+    def slow(t):  # reads its input on every one of 1M steps: acc <- acc / 2 + x
+        return jax.tree.map(lambda x: jax.lax.fori_loop(
+            0, 1_000_000, lambda i, acc: acc * 0.5 + x, jnp.zeros_like(x)), t)
+
+    want = slow(jax.device_put(a_src, dst_sh))  # the same program on a private copy
+    b_src = jax.block_until_ready(jax.tree.map(lambda x: x + 1, a_src))
+    a, _ = r.transfer(a_src, dst_sh)
+    pending = slow(a)  # dispatched asynchronously; runs for a while
+    del a  # now only the running computation holds a's buffers
+    b, _ = r.transfer(b_src, dst_sh)
+    # JAX releases an adopted buffer only once no computation uses it; had b refilled a's
+    # buffers under the running loop, its result would differ (checked by breaking in_use).
+    assert r._host.last["reused"] is False
+    for k in a_src:
+        np.testing.assert_array_equal(np.asarray(pending[k]), np.asarray(want[k]))
+    del b
+
+
+def test_host_copy_plans_are_cached_per_layout_pair(eight_devices):
+    src_sh, dst_sh = _cases(eight_devices)["fsdp->tp"]
+    tree = _tree(src_sh)
+    r = Resharder(method="host_copy")
+    r.transfer(tree, dst_sh)
+    r.transfer(jax.tree.map(lambda x: x * 2, tree), dst_sh)  # new arrays, same layouts
+    assert len(r._host._plans) == 1
+    other = {k: NamedSharding(v.mesh, P()) for k, v in dst_sh.items()}  # replicated targets
+    out, _ = r.transfer(tree, other)
+    assert len(r._host._plans) == 2
+    _shards_equal(out, tree, other)
+
+
+def test_copy_threads_split_stages_at_group_boundaries(eight_devices):
+    src_sh, dst_sh = _cases(eight_devices)["2->6"]
+    tree = _tree(src_sh)
+    plan = hostcopy.Plan.build(list(tree.values()), list(dst_sh.values()))
+    b = plan.blocks_Nx8
+    starts, i = set(), 0
+    while i < len(b):
+        starts.add(i)
+        i += max(1, int(b[i, 6]))
+    for threads in (1, 2, 3):
+        ranges = plan.worker_ranges(threads)
+        for s, (_, _, lo, hi) in enumerate(plan.stages):
+            cuts = [int(r[s, 0]) for r in ranges] + [int(ranges[-1][s, 1])]
+            assert cuts[0] == lo and cuts[-1] == hi and cuts == sorted(cuts)
+            assert all(int(ranges[w][s, 1]) == cuts[w + 1] for w in range(threads))
+            assert all(c in starts or c == hi for c in cuts)  # no lockstep group is split
+
+
+def test_host_copy_refuses_a_non_row_major_source(eight_devices):
+    from jax.experimental.layout import Format, Layout
+
+    src_sh, dst_sh = _cases(eight_devices)["tp->fsdp"]
+    tree = _tree(src_sh)
+    col_major = jax.jit(lambda x: x + 0, out_shardings=Format(
+        Layout(major_to_minor=(1, 0)), src_sh["w"][2]))(tree["w"])
+    with pytest.raises(ValueError, match="not dense row-major.*reshard.method=device_put"):
+        Resharder(method="host_copy").transfer({"w": col_major}, dst_sh)
+
+
+def test_without_the_native_kernel_host_copy_uses_numpy(monkeypatch, eight_devices):
+    monkeypatch.setenv("TANDEM_HOSTCOPY_NATIVE", "0")
+    monkeypatch.setattr(hostcopy, "_native", None)
+    monkeypatch.setattr(hostcopy, "_native_error", None)
+    assert hostcopy.native_kernel() is None
+    assert "TANDEM_HOSTCOPY_NATIVE=0" in hostcopy.native_status()
+    src_sh, dst_sh = _cases(eight_devices)["2->6"]
+    tree = _tree(src_sh)
+    r = Resharder(method="host_copy")
+    out, _ = r.transfer(tree, dst_sh)
+    assert r._host.last["kernel"] == "numpy"
+    _shards_equal(out, tree, dst_sh)
+    with pytest.raises(RuntimeError, match="native=True"):
+        hostcopy.HostCopier(native=True).run(list(tree.values()), list(dst_sh.values()))
+
+
+def test_native_kernel_builds_into_the_cache_dir(monkeypatch, tmp_path):
+    import shutil
+
+    if not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TANDEM_HOSTCOPY_NATIVE", raising=False)
+    monkeypatch.setattr(hostcopy, "_native", None)
+    monkeypatch.setattr(hostcopy, "_native_error", None)
+    kernel = hostcopy.native_kernel()
+    assert kernel is not None, hostcopy.native_status()
+    assert len(list((tmp_path / "tandem").glob("hostcopy-*.so"))) == 1
+    assert "native block copies" in hostcopy.native_status()
+
+
+def test_copy_threads_must_not_be_negative():
+    with pytest.raises(TransferError, match="copy_threads=-1"):
+        Resharder(copy_threads=-1)
+
+
+def test_portable_kernel_without_simd_copies_exactly(monkeypatch, tmp_path, eight_devices):
+    """The kernel as it builds off x86 (plain memcpy rows, no streaming stores)."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    cc = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if cc is None:
+        pytest.skip("no C compiler")
+    so = tmp_path / "portable.so"
+    subprocess.run([cc, "-O2", "-std=gnu11", "-DTANDEM_NO_SIMD", "-shared", "-fPIC",
+                    str(hostcopy._SOURCE), "-o", str(so)], check=True)
+    kernel = hostcopy._Native(ctypes.CDLL(str(so)))
+    assert kernel.stream_level == 0
+    monkeypatch.setattr(hostcopy, "_native", kernel)
+    monkeypatch.setattr(hostcopy, "STREAM_MIN_BYTES", 0)
+    for case in ("2->6", "uneven 3->5", "2d mesh + int + scalar"):
+        src_sh, dst_sh = _cases(eight_devices)[case]
+        tree = _tree(src_sh)
+        for threads in (0, 2):
+            copier = hostcopy.HostCopier(threads=threads, native=True)
+            out = dict(zip(tree, copier.run(list(tree.values()), list(dst_sh.values())),
+                           strict=True))
+            _shards_equal(out, tree, dst_sh)
