@@ -186,7 +186,9 @@ class SamplingConfig(_Section):
     # The G rows of a group share one prompt: run it through the model once per group (the
     # sampler's prefill, the trainer's and the reference's forward) and share its keys/values
     # with the group's completions. Same numbers as per-row (up to float rounding), with the
-    # prompt's FLOPs divided by G. false: every row runs its own copy of the prompt.
+    # prompt's FLOPs divided by G. false: every row runs its own copy of the prompt. The
+    # trainer shares only prompts of >= 32 padded columns (trainer.trainer.SHARE_MIN_WIDTH):
+    # its shared forward is two model passes, which short prompts do not pay for.
     share_prompt: bool = True
     # Extra keyword arguments for vllm.LLM(...) (backend=vllm only), e.g.
     # {gpu_memory_utilization: 0.5, tensor_parallel_size: 4}.

@@ -123,6 +123,12 @@ def sequence_logprobs(mdef: ModelDef, params: Params, prompt_BxP, prompt_mask_Bx
                                          completion_BxT, completion_mask_BxT, temperature)[0]
 
 
+# The narrowest prompt (in padded columns) for which the trainer's forward runs each group's
+# prompt once (see Trainer._group). Measured on the default demo job (prompts padded to 16,
+# 124k params), the shared forward made the update 1.4x slower; on the issue-12 standard job
+# (32-token prompts, 3.2M params) it is the faster path.
+SHARE_MIN_WIDTH = 32
+
 # How each loss aux value combines over microbatches and optimizer steps.
 _SUMMED = ("loss/policy", "loss/kl", "loss/entropy", "loss/total")  # Σ over microbatches
 _MIN, _MAX = ("ratio/min",), ("ratio/max",)  # everything else: token-count-weighted mean
@@ -134,7 +140,7 @@ class Trainer:
     def __init__(self, mdef: ModelDef, params: Params, optimizer: optax.GradientTransformation,
                  submesh: Any, algo: AlgorithmConfig, temperature: float, *,
                  lr_schedule: optax.Schedule | None = None, is_cap: float = 2.0,
-                 prompt_group: int = 1):
+                 prompt_group: int = 1, share_min_width: int = SHARE_MIN_WIDTH):
         self.mdef = mdef
         self.submesh = submesh
         self.algo = algo
@@ -143,6 +149,7 @@ class Trainer:
         self.is_cap = is_cap  # C of the truncated IS weight for stale (async) batches
         # G: rows come G at a time with one prompt each (sampling.share_prompt); see `_group`.
         self.prompt_group = prompt_group
+        self.share_min_width = share_min_width
         self.shardings = param_shardings(mdef, submesh)
         params = jax.device_put(params, self.shardings)
         # β = 0 needs no reference model: skip its memory and its forward pass.
@@ -197,11 +204,14 @@ class Trainer:
 
         Every microbatch must hold whole groups whose rows carry the same prompt; checked on
         the host (the batch is host data here), so a batch of other rows is still exact.
+        Prompts narrower than `share_min_width` columns also take the per-row path: the
+        shared forward runs the model twice (prompts, then completions), and for short
+        prompts that second pass costs more than the prompt FLOPs it saves.
         """
         g = self.prompt_group
-        rows = np.asarray(batch.prompt_tokens_BxP).shape[0]
+        rows, width = np.asarray(batch.prompt_tokens_BxP).shape
         chunks = self.algo.num_minibatches * self.algo.gradient_accumulation_steps
-        if g <= 1 or rows % (chunks * g):
+        if g <= 1 or rows % (chunks * g) or width < self.share_min_width:
             return 1
         for x in (batch.prompt_tokens_BxP, batch.prompt_mask_BxP):
             x_NxGxP = np.asarray(x).reshape(rows // g, g, -1)

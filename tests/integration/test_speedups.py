@@ -10,7 +10,7 @@ import pytest
 from controller.api import Job
 from controller.config import load_config
 
-JOB = ["data.task=synthetic", "data.prompt_tokens=8", "data.prompts_per_step=4",
+JOB = ["data.task=synthetic", "data.prompt_tokens=32", "data.prompts_per_step=4",
        "rewards.functions=[synthetic_even]", "model.vocab_size=64", "model.hidden_size=32",
        "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_dim=48",
        "model.qkv_bias=true", "sampling.group_size=4", "sampling.max_new_tokens=6",

@@ -204,13 +204,16 @@ def test_update_shares_prompts_only_when_the_rows_really_share_them(small_model,
     mdef, params = small_model
     cfg = AlgorithmConfig(beta=0.0, loss_aggregation=AGG)
     trainer = Trainer(mdef, _host(params), optax.sgd(0.1), meshes.trainer, cfg, temperature=1.0,
-                      prompt_group=4)
+                      prompt_group=4, share_min_width=0)
     assert trainer._group(_grouped(batch, 4)) == 4
     assert trainer._group(batch) == 1  # different prompts within a group: per-row forward
     two_mb = Trainer(mdef, _host(params), optax.sgd(0.1), meshes.trainer,
                      AlgorithmConfig(beta=0.0, num_minibatches=4), temperature=1.0,
-                     prompt_group=4)
+                     prompt_group=4, share_min_width=0)
     assert two_mb._group(_grouped(batch, 4)) == 1  # a 2-row minibatch cannot hold a group
+    narrow = Trainer(mdef, _host(params), optax.sgd(0.1), meshes.trainer, cfg, temperature=1.0,
+                     prompt_group=4, share_min_width=P + 1)
+    assert narrow._group(_grouped(batch, 4)) == 1  # prompts too short to be worth sharing
     # And the grouped update lands where the per-row update does.
     per_row = _trainer(small_model, meshes, 0.1, loss_aggregation=AGG)
     per_row.update(_grouped(batch, 4))
