@@ -44,6 +44,8 @@ from trainer.model import (
     init_cache,
     param_shardings,
     positions_from_mask,
+    prefill_groups,
+    rows_share_prompts,
 )
 
 # Draw every decode step's Gumbel noise [T, B, V] before the loop when it fits in this much.
@@ -183,13 +185,7 @@ class JaxSampler:
         """G when the rows come G at a time with one prompt each (sampling.share_prompt), so
         each prompt is prefilled once; else 1. Checked on the host, so any batch is exact."""
         g = self.cfg.group_size
-        if not self.cfg.share_prompt or g <= 1 or tokens_BxP.shape[0] % g:
-            return 1
-        for x in (tokens_BxP, mask_BxP):
-            x_NxGxP = x.reshape(-1, g, x.shape[1])
-            if not (x_NxGxP == x_NxGxP[:, :1]).all():
-                return 1
-        return g
+        return g if self.cfg.share_prompt and rows_share_prompts(tokens_BxP, mask_BxP, g) else 1
 
     def _take_cache(self, b: int, s: int) -> list:
         """The kept cache buffer if its shape fits, else a new one (the old one is freed)."""
@@ -251,24 +247,11 @@ class JaxSampler:
                                                      cache_sh)
             logits_BxV, cache = prefill(mdef, params, prompt_BxP, valid_BxS, cache)
         else:
-            # PREFILL once per group of G rows with the same prompt, then give each row its
-            # group's keys/values and last logits (the donated buffer takes the result).
-            n = b // group
-
-            def to_rows(x):  # [N, ...] -> [B, ...]
-                return jnp.broadcast_to(x[:, None], (n, group, *x.shape[1:])
-                                        ).reshape(b, *x.shape[1:])
-
-            first = (prompt_BxP.reshape(n, group, p)[:, 0],
-                     pmask_BxP.reshape(n, group, p)[:, 0])
-            logits_NxV, small = prefill(mdef, params, first[0], first[1],
-                                        init_cache(mdef.spec, n, p, cache[0][0].dtype))
-            k_heads, dh = cache[0][0].shape[1], cache[0][0].shape[3]
-            pad = jnp.zeros((b, k_heads, n_new - 1, dh), cache[0][0].dtype)
-            cache = jax.lax.with_sharding_constraint(
-                [tuple(jnp.concatenate([to_rows(x), pad], axis=2) for x in kv) for kv in small],
-                cache_sh)
-            logits_BxV = to_rows(logits_NxV)
+            # PREFILL once per group of G rows with the same prompt; each row gets its group's
+            # keys/values and last logits (the donated buffer takes the result).
+            logits_BxV, cache = prefill_groups(mdef, params, prompt_BxP, pmask_BxP, group,
+                                               n_new - 1, cache[0][0].dtype)
+            cache = jax.lax.with_sharding_constraint(cache, cache_sh)
         tok_B, lp_B, kept_B, rng = sample(logits_BxV, rng)
         tokens_BxT = jnp.full((b, n_new), self.pad_id, jnp.int32).at[:, 0].set(tok_B)
         logps_BxT = jnp.zeros((b, n_new), jnp.float32).at[:, 0].set(lp_B)

@@ -407,6 +407,47 @@ def init_cache(spec: ModelSpec, batch: int, length: int, dtype: Any = None) -> l
     return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(spec.num_layers)]
 
 
+def rows_share_prompts(tokens_BxP: Any, mask_BxP: Any, group: int) -> bool:
+    """Whether the rows come in consecutive groups of `group` that each carry one prompt (the
+    same tokens and mask), as GRPO's G completions of a prompt do. Host arrays."""
+    if group <= 1 or np.shape(tokens_BxP)[0] % group:
+        return False
+    for x in (np.asarray(tokens_BxP), np.asarray(mask_BxP)):
+        x_NxGxP = x.reshape(-1, group, x.shape[1])
+        if not (x_NxGxP == x_NxGxP[:, :1]).all():
+            return False
+    return True
+
+
+def prefill_groups(mdef: ModelDef, params: Params, prompt_BxP: jax.Array,
+                   pmask_BxP: jax.Array, group: int, extra_cols: int, dtype: Any = None
+                   ) -> tuple[jax.Array, list]:
+    """Runs each group's prompt through the model once (see `rows_share_prompts`).
+
+    Returns (logits_BxV at the last prompt column, a cache [B, K, P + extra_cols, Dh] per
+    layer whose columns [0, P) hold each row's group keys/values and the rest zeros, for the
+    tokens that follow at cache_index P). The prompt FLOPs are those of B / G rows; a backward
+    through the broadcast sums the G rows' gradients into their shared prompt.
+    """
+    b, p = prompt_BxP.shape
+    n = b // group
+
+    def to_rows(x):  # [N, ...] -> [B, ...], each group's value repeated G times
+        return jnp.broadcast_to(x[:, None], (n, group, *x.shape[1:])).reshape(b, *x.shape[1:])
+
+    prompt_NxP = prompt_BxP.reshape(n, group, p)[:, 0]
+    pmask_NxP = pmask_BxP.reshape(n, group, p)[:, 0].astype(bool)
+    logits_Nx1xV, cache = apply_model(mdef, params, prompt_NxP, positions_from_mask(pmask_NxP),
+                                      causal_mask(pmask_NxP, 0, p),
+                                      init_cache(mdef.spec, n, p, dtype), 0,
+                                      logit_cols=slice(p - 1, p))
+    k_heads, dh = cache[0][0].shape[1], cache[0][0].shape[3]
+    pad_BxKxExDh = jnp.zeros((b, k_heads, extra_cols, dh), cache[0][0].dtype)
+    cache = [tuple(jnp.concatenate([to_rows(x), pad_BxKxExDh], axis=2) for x in kv)
+             for kv in cache]
+    return to_rows(logits_Nx1xV[:, 0]), cache
+
+
 def param_shardings(mdef: ModelDef, submesh: Any) -> Params:
     """The `NamedSharding` of every param on `submesh`, from its logical axes and the rules."""
     return jax.tree.map(

@@ -35,9 +35,10 @@ from trainer.model import (
     Params,
     apply_model,
     causal_mask,
-    init_cache,
     param_shardings,
     positions_from_mask,
+    prefill_groups,
+    rows_share_prompts,
 )
 
 
@@ -86,33 +87,15 @@ def sequence_logprobs_and_entropy(mdef: ModelDef, params: Params, prompt_BxP, pr
                                       logit_cols=slice(p - 1, p + t - 1))
         return token_logprobs_and_entropy(logits_BxTxV, completion_BxT, temperature)
 
-    b = prompt_BxP.shape[0]
-    n = b // group
-
-    def first_of_group(x):  # [B, ...] -> [N, ...]
-        return x.reshape(n, group, *x.shape[1:])[:, 0]
-
-    def to_rows(x):  # [N, ...] -> [B, ...], each group's value repeated G times
-        return jnp.broadcast_to(x[:, None], (n, group, *x.shape[1:])).reshape(b, *x.shape[1:])
-
-    # PROMPTS, once per group: keys/values of every layer into a [N, P] cache.
-    prompt_NxP = first_of_group(prompt_BxP)
-    pmask_NxP = first_of_group(prompt_mask_BxP).astype(bool)
-    cache = init_cache(mdef.spec, n, p)
-    last_Nx1xV, cache = apply_model(mdef, params, prompt_NxP, positions_from_mask(pmask_NxP),
-                                    causal_mask(pmask_NxP, 0, p), cache, 0,
-                                    logit_cols=slice(p - 1, p))
-    # COMPLETIONS, per row, against their group's prompt keys/values.
+    # PROMPTS, once per group; then the COMPLETIONS, per row, against their group's prompt
+    # keys/values at cache columns [P, P + T).
+    last_BxV, cache = prefill_groups(mdef, params, prompt_BxP, prompt_mask_BxP, group, t)
     valid_BxS = jnp.concatenate([prompt_mask_BxP, completion_mask_BxT], axis=1).astype(bool)
-    k_heads, dh = cache[0][0].shape[1], cache[0][0].shape[3]
-    pad_BxKxTxDh = jnp.zeros((b, k_heads, t, dh), cache[0][0].dtype)
-    cache = [tuple(jnp.concatenate([to_rows(x), pad_BxKxTxDh], axis=2) for x in kv)
-             for kv in cache]
     logits_BxT1xV, _ = apply_model(mdef, params, completion_BxT,
                                    positions_from_mask(valid_BxS)[:, p:],
                                    causal_mask(valid_BxS, p, t), cache, p,
                                    logit_cols=slice(0, t - 1))
-    logits_BxTxV = jnp.concatenate([to_rows(last_Nx1xV), logits_BxT1xV], axis=1)
+    logits_BxTxV = jnp.concatenate([last_BxV[:, None], logits_BxT1xV], axis=1)
     return token_logprobs_and_entropy(logits_BxTxV, completion_BxT, temperature)
 
 
@@ -209,14 +192,11 @@ class Trainer:
         prompts that second pass costs more than the prompt FLOPs it saves.
         """
         g = self.prompt_group
-        rows, width = np.asarray(batch.prompt_tokens_BxP).shape
+        rows, width = np.shape(batch.prompt_tokens_BxP)
         chunks = self.algo.num_minibatches * self.algo.gradient_accumulation_steps
-        if g <= 1 or rows % (chunks * g) or width < self.share_min_width:
+        if (rows % (chunks * g) or width < self.share_min_width
+                or not rows_share_prompts(batch.prompt_tokens_BxP, batch.prompt_mask_BxP, g)):
             return 1
-        for x in (batch.prompt_tokens_BxP, batch.prompt_mask_BxP):
-            x_NxGxP = np.asarray(x).reshape(rows // g, g, -1)
-            if not (x_NxGxP == x_NxGxP[:, :1]).all():
-                return 1
         return g
 
     def _logprobs_entropy(self, params: Params, b: TrainBatch, group: int = 1
