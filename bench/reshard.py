@@ -10,13 +10,14 @@ an array the first time a naive device_put gathers it, so re-sending one array f
 
 Methods: `naive` is one `jax.device_put(tree, target_shardings)` (what Tandem did first);
 `host_copy` is `Resharder(method="auto")` on CPU: one copy thread, while the calling thread
-reads source addresses and wraps the results (2 threads busy at once); `host_copy, 0 copy
-threads` does all of it on the calling thread; `staged` is `Resharder(method="device_put")`,
-the TPU/GPU path (relayout on the source devices, then whole-shard copies), shown for reference.
+reads source addresses and wraps the results, then joins the copy (2 threads copy);
+`host_copy, 0 copy threads` does all of it on the calling thread; `staged` is
+`Resharder(method="device_put")`, the TPU/GPU path (relayout on the source devices, then
+whole-shard copies), shown for reference.
 
 Baselines, each the same number of bytes: `np.copy` into fresh memory (page faults included),
 `np.copyto` into reused memory on one thread (the acceptance baseline), and the same split over
-2 threads (the baseline for a method that keeps 2 threads busy).
+2 threads (the baseline for a method that keeps 2 threads copying).
 Timings on a shared machine are noisy: each transfer is paired with a memcpy just before and
 just after it; the table reports the median of those paired ratios over --reps runs, and the
 best-of-reps bandwidths (the least-disturbed run of each).

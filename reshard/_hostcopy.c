@@ -168,28 +168,42 @@ void tandem_copy_blocks(const tandem_block *blocks, int64_t n, int streaming) {
   copy_plain(blocks, n);
 }
 
-/* Copies stage after stage, for a copy thread that runs while the caller prepares the stages:
- * stage s is blocks[ranges[2s] : ranges[2s+1]] and starts once ready[s] != 0 (the caller has
- * filled in its source addresses and called tandem_publish). ready[s] < 0 cancels the rest.
- * Waiting spins briefly, then sleeps 20 us at a time, so a waiting thread leaves the core to the
- * caller. Returns the number of stages copied. */
-int64_t tandem_copy_stages(const tandem_block *blocks, const int64_t *ranges, int64_t n_stages,
-                           const int64_t *ready, int streaming) {
-  for (int64_t s = 0; s < n_stages; s++) {
-    int64_t flag;
-    int spins = 0;
-    while ((flag = __atomic_load_n(&ready[s], __ATOMIC_ACQUIRE)) == 0) {
-      if (++spins < 200) {
+/* Waits until ready[s] != 0 and returns it. Spins briefly, then sleeps 20 us at a time, so a
+ * waiting thread leaves the core to the caller. */
+static int64_t wait_ready(const int64_t *ready, int64_t s) {
+  int64_t flag;
+  int spins = 0;
+  while ((flag = __atomic_load_n(&ready[s], __ATOMIC_ACQUIRE)) == 0) {
+    if (++spins < 200) {
 #ifdef TANDEM_X86
-        _mm_pause();
+      _mm_pause();
 #endif
-      } else {
-        struct timespec ts = {0, 20000};
-        nanosleep(&ts, 0);
-      }
+    } else {
+      struct timespec ts = {0, 20000};
+      nanosleep(&ts, 0);
     }
-    if (flag < 0) return s;
-    tandem_copy_blocks(blocks + ranges[2 * s], ranges[2 * s + 1] - ranges[2 * s], streaming);
+  }
+  return flag;
+}
+
+/* Copies stage after stage, shared by every thread that calls it with the same arguments,
+ * while the caller prepares the stages: stage s is chunks stage_chunks[s] .. stage_chunks[s+1]
+ * - 1, chunk c is blocks[bounds[c] : bounds[c+1]], and a stage starts once ready[s] != 0 (the
+ * caller filled in its source addresses and called tandem_publish); ready[s] < 0 cancels the
+ * rest. Each thread takes the stage's next chunk from next[s] (an atomic counter) until none is
+ * left, so a thread that joins late (the caller, once its bookkeeping is done) takes what is
+ * left. Returns the number of stages this thread went through. */
+int64_t tandem_copy_shared(const tandem_block *blocks, const int64_t *bounds,
+                           const int64_t *stage_chunks, int64_t n_stages, const int64_t *ready,
+                           int64_t *next, int streaming) {
+  for (int64_t s = 0; s < n_stages; s++) {
+    if (wait_ready(ready, s) < 0) return s;
+    const int64_t lo = stage_chunks[s], hi = stage_chunks[s + 1];
+    for (;;) {
+      const int64_t c = lo + __atomic_fetch_add(&next[s], 1, __ATOMIC_RELAXED);
+      if (c >= hi) break;
+      tandem_copy_blocks(blocks + bounds[c], bounds[c + 1] - bounds[c], streaming);
+    }
   }
   return n_stages;
 }

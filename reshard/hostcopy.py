@@ -23,10 +23,12 @@ dominate it, and each has a fix here:
    numpy (correct, slower); `native_status()` says which.
 4. **Per-shard JAX objects.** Reading each source shard's address and wrapping each filled
    buffer into an array cost ~1.5 ms each per sync for a 100M-parameter model (hundreds of
-   shards). With copy threads, the copy runs in stages (whole leaves) inside one native call
-   per thread, which waits for each stage's go-ahead, while the calling thread reads the next
-   stage's addresses and then wraps the buffers (JAX does not read a buffer to adopt it; a
-   buffer set JAX once copied instead of adopting is wrapped only after the copy).
+   shards). With copy threads, the copy runs in stages (whole leaves) cut into ~1 MB chunks;
+   the threads wait for each stage's go-ahead inside one native call and take chunks from a
+   shared counter, while the calling thread reads the next stage's addresses and then wraps
+   the buffers (JAX does not read a buffer to adopt it; a buffer set JAX once copied instead
+   of adopting is wrapped only after the copy). Then the calling thread joins the copy and
+   takes its share of the chunks left, so no thread idles while bytes remain.
 
 Nothing here is used on TPU/GPU or Pathways (see reshard/transfer.py).
 """
@@ -43,7 +45,7 @@ import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +71,10 @@ class _Native:
         lib.tandem_copy_blocks.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
         lib.tandem_copy_blocks.restype = None
         lib.tandem_stream_level.restype = ctypes.c_int
-        lib.tandem_copy_stages.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                           ctypes.c_void_p, ctypes.c_int]
-        lib.tandem_copy_stages.restype = ctypes.c_int64
+        lib.tandem_copy_shared.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                           ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                           ctypes.c_int]
+        lib.tandem_copy_shared.restype = ctypes.c_int64
         lib.tandem_publish.argtypes = [ctypes.c_void_p, ctypes.c_int64]
         lib.tandem_publish.restype = None
         self.stream_level = int(lib.tandem_stream_level())
@@ -81,17 +84,20 @@ class _Native:
         # ctypes releases the GIL for the call.
         self.lib.tandem_copy_blocks(blocks_Nx8.ctypes.data, len(blocks_Nx8), int(streaming))
 
-    def copy_stages(self, blocks_Nx8: np.ndarray, ranges_Sx2: np.ndarray, ready_S: np.ndarray,
-                    streaming: bool) -> int:
-        """Copies stage s = blocks[ranges[s, 0]:ranges[s, 1]] once ready[s] is published;
-        returns the stages copied (fewer when one was published as cancelled)."""
+    def copy_shared(self, blocks_Nx8: np.ndarray, chunks: Chunks, ready_S: np.ndarray,
+                    next_S: np.ndarray, streaming: bool) -> int:
+        """Copies stage s's chunks once ready[s] is published, taking each next chunk from the
+        shared counter next[s]: any number of threads may run this at once on the same
+        arguments, joining at any time. Returns the stages gone through (fewer when one was
+        published as cancelled)."""
         _check_blocks(blocks_Nx8)
-        assert ranges_Sx2.dtype == ready_S.dtype == np.int64 and len(ranges_Sx2) == len(ready_S)
-        assert ranges_Sx2.flags.c_contiguous and ready_S.flags.c_contiguous
-        assert ranges_Sx2.min(initial=0) >= 0 and ranges_Sx2.max(initial=0) <= len(blocks_Nx8)
-        return int(self.lib.tandem_copy_stages(
-            blocks_Nx8.ctypes.data, ranges_Sx2.ctypes.data,
-            len(ranges_Sx2), ready_S.ctypes.data, int(streaming)))
+        n = len(chunks.stage_chunks) - 1
+        assert ready_S.dtype == next_S.dtype == np.int64 and len(ready_S) == len(next_S) == n
+        assert ready_S.flags.c_contiguous and next_S.flags.c_contiguous
+        assert chunks.bounds[0] >= 0 and chunks.bounds[-1] <= len(blocks_Nx8)
+        return int(self.lib.tandem_copy_shared(
+            blocks_Nx8.ctypes.data, chunks.bounds.ctypes.data, chunks.stage_chunks.ctypes.data,
+            n, ready_S.ctypes.data, next_S.ctypes.data, int(streaming)))
 
     def publish(self, ready_S: np.ndarray, stage: int, value: int) -> None:
         """ready[stage] = value, after every earlier store of this thread (release order)."""
@@ -218,6 +224,18 @@ def box_blocks(extent: tuple[int, ...], dst_strides: list[int], src_strides: lis
 INTERLEAVE = {"dst": "lockstep", "src": "tiles"}
 TILE_BYTES = 32 << 10
 STAGES = 4  # pipeline stages per sync (whole leaves each): bookkeeping overlaps the copy
+# A copy thread's unit of work (bytes). Small enough that the threads finish together, large
+# enough that taking one (an atomic add) costs nothing next to copying it.
+CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """Plan.chunks(): chunk c is blocks[bounds[c]:bounds[c + 1]]; stage s is chunks
+    stage_chunks[s] .. stage_chunks[s + 1] - 1 (the last bound is the block count)."""
+
+    bounds: np.ndarray  # int64 [C + 1]
+    stage_chunks: np.ndarray  # int64 [S + 1]
 
 
 def copy_order(blocks: list[tuple[int, ...]], keys: list[tuple[str, int]]
@@ -286,7 +304,7 @@ class Plan:
     pieces: list[tuple[int, tuple[slice, ...], int, tuple[slice, ...], np.dtype]]
     src_shapes: list[tuple[int, ...]]  # per source buffer
     nbytes: int  # bytes written per sync
-    _ranges: dict[int, list[np.ndarray]] = field(default_factory=dict)  # worker_ranges cache
+    _chunks: Chunks | None = None  # chunks() cache
 
     @staticmethod
     def build(xs: list[Any], dsts: list[Any]) -> Plan:
@@ -381,15 +399,11 @@ class Plan:
         plan._check_bounds(buf_idx)
         return plan
 
-    def worker_ranges(self, threads: int) -> list[np.ndarray]:
-        """Per copy thread, its [lo, hi) block range in each stage (int64 [stages, 2]).
-
-        Each stage is split into contiguous runs of about equal bytes, never inside a lockstep
-        group.
-        """
-        cached = self._ranges.get(threads)
-        if cached is not None:
-            return cached
+    def chunks(self) -> Chunks:
+        """The copy's work units: each stage cut into runs of blocks of about CHUNK_BYTES,
+        never inside a lockstep group; copy threads take them in turn (see copy_shared)."""
+        if self._chunks is not None:
+            return self._chunks
         b = self.blocks_Nx8
         starts = np.zeros(len(b) + 1, bool)  # where a group (or a lone block) starts
         i = 0
@@ -398,20 +412,24 @@ class Plan:
             i += max(1, int(b[i, 6]))
         starts[len(b)] = True
         cum = np.concatenate([[0], np.cumsum(b[:, 2] * b[:, 3])]) if len(b) else np.zeros(1)
-        out = np.zeros((threads, len(self.stages), 2), np.int64)
-        for s, (_, _, lo, hi) in enumerate(self.stages):
-            cuts = [lo]
-            for w in range(1, threads):
-                want = cum[lo] + (cum[hi] - cum[lo]) * w / threads
-                j = max(cuts[-1], min(hi, int(np.searchsorted(cum, want))))
-                while not starts[j]:
-                    j += 1
-                cuts.append(min(j, hi))
-            cuts.append(hi)
-            for w in range(threads):
-                out[w, s] = cuts[w], cuts[w + 1]
-        self._ranges[threads] = result = list(out)
-        return result
+        bounds, stage_chunks = [], [0]
+        for _, _, lo, hi in self.stages:
+            j = lo
+            while j < hi:
+                bounds.append(j)
+                # The furthest group start within budget; one group alone may exceed it.
+                k = min(hi, int(np.searchsorted(cum, cum[j] + CHUNK_BYTES, "right")) - 1)
+                while k > j and not starts[k]:
+                    k -= 1
+                if k <= j:
+                    k = j + 1
+                    while k < hi and not starts[k]:
+                        k += 1
+                j = k
+            stage_chunks.append(len(bounds))
+        bounds.append(len(b))
+        self._chunks = Chunks(np.asarray(bounds, np.int64), np.asarray(stage_chunks, np.int64))
+        return self._chunks
 
     def _check_bounds(self, buf_idx: np.ndarray) -> None:
         """Every block lies inside its target and source buffers (the C kernel trusts them)."""
@@ -506,7 +524,8 @@ class HostCopier:
     Args:
       threads: copy threads. With the C kernel and threads >= 1, the calling thread reads the
         next leaves' source addresses and wraps the finished buffers into arrays while the
-        copy threads copy (ctypes releases the GIL); 0 does everything on the calling thread.
+        copy threads copy (ctypes releases the GIL), then copies beside them (threads + 1 copy
+        in all); 0 does everything on the calling thread.
       keep: buffer sets kept per plan for reuse; a sync that finds all of them in use
         allocates a fresh set. 2 covers a sampler that holds the previous weights while the
         next ones are made; at rest, one set's memory is held idle.
@@ -565,12 +584,15 @@ class HostCopier:
         # made while the copy threads still fill them: JAX does not read them to adopt them.
         overlap = self.threads > 0 and bufset.adopted is True
         ptrs = np.empty(len(plan.src_shapes), np.int64)
+        chunks = plan.chunks()
         ready = np.zeros(len(plan.stages), np.int64)
+        taken = np.zeros(len(plan.stages), np.int64)  # per stage: chunks handed out so far
         # The copy threads wait for each stage's go-ahead inside one native call each, so they
-        # never need the GIL between stages.
-        pending = [self._pool().submit(kernel.copy_stages, bufset.blocks, ranges, ready,
+        # never need the GIL between stages; this thread joins them once its bookkeeping is
+        # done, and takes its share of what is left.
+        pending = [self._pool().submit(kernel.copy_shared, bufset.blocks, chunks, ready, taken,
                                        streaming)
-                   for ranges in plan.worker_ranges(self.threads)] if self.threads else []
+                   for _ in range(self.threads)]
         published, k, out = 0, 0, None
         try:
             for s, (leaf_lo, leaf_hi, lo, hi) in enumerate(plan.stages):
@@ -582,14 +604,12 @@ class HostCopier:
                         k += 1
                 b = bufset.blocks[lo:hi]
                 np.add(plan.blocks_Nx8[lo:hi, 1], ptrs[plan.block_src[lo:hi]], out=b[:, 1])
-                if pending:
-                    kernel.publish(ready, s, 1)
-                    published += 1
-                else:
-                    kernel.copy(b, streaming)
+                kernel.publish(ready, s, 1)
+                published += 1
             out = self._wrap(plan, bufset) if overlap else None
+            kernel.copy_shared(bufset.blocks, chunks, ready, taken, streaming)
         finally:
-            if published < len(plan.stages) and pending:
+            if published < len(plan.stages):
                 kernel.publish(ready, published, -1)  # cancel: the threads stop there
             for f in pending:
                 f.result()

@@ -119,8 +119,8 @@ class Resharder:
         them by name.
       copy_threads: threads that run host_copy's copies (default: half the CPUs, 1 to 8; the
         copy is memory-bound). While they copy, the calling thread reads the next leaves'
-        source addresses and wraps the filled buffers into arrays; 0 does all of it on the
-        calling thread.
+        source addresses and wraps the filled buffers into arrays, then copies beside them;
+        0 does all of it on the calling thread.
       pathways_api: returns pathwaysutils' reshard function or None (a seam for tests).
     """
 

@@ -301,6 +301,7 @@ ODD = {  # rows that are not whole 64-byte lines: partial first / last lines per
 def test_native_kernel_and_numpy_copies_agree_bit_for_bit(case, eight_devices, monkeypatch):
     _need_native()
     monkeypatch.setattr(hostcopy, "STREAM_MIN_BYTES", 0)  # streaming stores, even this small
+    monkeypatch.setattr(hostcopy, "CHUNK_BYTES", 128)  # many chunks: the threads share stages
     d = eight_devices
     if case in ODD:
         t4, s4 = _mesh(d[:4], (4,), ("fsdp",)), _mesh(d[4:], (4,), ("tp",))
@@ -382,7 +383,8 @@ def test_host_copy_plans_are_cached_per_layout_pair(eight_devices):
     _shards_equal(out, tree, other)
 
 
-def test_copy_threads_split_stages_at_group_boundaries(eight_devices):
+def test_copy_chunks_tile_each_stage_at_group_boundaries(eight_devices, monkeypatch):
+    monkeypatch.setattr(hostcopy, "CHUNK_BYTES", 256)  # many chunks from a small tree
     src_sh, dst_sh = _cases(eight_devices)["2->6"]
     tree = _tree(src_sh)
     plan = hostcopy.Plan.build(list(tree.values()), list(dst_sh.values()))
@@ -391,13 +393,21 @@ def test_copy_threads_split_stages_at_group_boundaries(eight_devices):
     while i < len(b):
         starts.add(i)
         i += max(1, int(b[i, 6]))
-    for threads in (1, 2, 3):
-        ranges = plan.worker_ranges(threads)
-        for s, (_, _, lo, hi) in enumerate(plan.stages):
-            cuts = [int(r[s, 0]) for r in ranges] + [int(ranges[-1][s, 1])]
-            assert cuts[0] == lo and cuts[-1] == hi and cuts == sorted(cuts)
-            assert all(int(ranges[w][s, 1]) == cuts[w + 1] for w in range(threads))
-            assert all(c in starts or c == hi for c in cuts)  # no lockstep group is split
+    ch = plan.chunks()
+    bounds, stage_chunks = ch.bounds.tolist(), ch.stage_chunks.tolist()
+    assert bounds[-1] == len(b) and bounds == sorted(set(bounds))
+    assert len(stage_chunks) == len(plan.stages) + 1
+    assert len(bounds) - 1 > len(plan.stages)  # stages really were cut
+    for s, (_, _, lo, hi) in enumerate(plan.stages):
+        c0, c1 = stage_chunks[s], stage_chunks[s + 1]
+        assert bounds[c0] == lo and bounds[c1] == hi  # the stage's chunks tile it exactly
+        for c in range(c0, c1):
+            assert bounds[c] in starts  # no lockstep group is split
+            nbytes = int((b[bounds[c]:bounds[c + 1], 2] * b[bounds[c]:bounds[c + 1], 3]).sum())
+            first = b[bounds[c]]
+            group = b[bounds[c]:bounds[c] + max(1, int(first[6]))]
+            # Within budget, unless one group alone is bigger (it is never split).
+            assert nbytes <= 256 or bounds[c + 1] - bounds[c] == len(group)
 
 
 def test_host_copy_refuses_a_non_row_major_source(eight_devices):
@@ -471,3 +481,36 @@ def test_portable_kernel_without_simd_copies_exactly(monkeypatch, tmp_path, eigh
             out = dict(zip(tree, copier.run(list(tree.values()), list(dst_sh.values())),
                            strict=True))
             _shards_equal(out, tree, dst_sh)
+
+
+def test_copy_threads_share_chunks_and_stop_at_a_cancelled_stage():
+    """The contract the calling thread relies on: any number of threads share a stage's chunks
+    (each copied exactly once), and a stage published as cancelled stops every thread there."""
+    import threading
+
+    _need_native()
+    kernel = hostcopy.native_kernel()
+    src = np.arange(4 * 4096, dtype=np.uint8).reshape(4, 4096) % 251
+    dst = np.zeros_like(src)
+    # Four contiguous one-row blocks; stages {0, 1} and {2, 3}; each block is its own chunk.
+    blocks = np.zeros((4, 8), np.int64)
+    for i in range(4):
+        blocks[i, :4] = dst[i].ctypes.data, src[i].ctypes.data, 1, 4096
+        blocks[i, 4:6] = 4096
+    chunks = hostcopy.Chunks(np.array([0, 1, 2, 3, 4], np.int64), np.array([0, 2, 4], np.int64))
+    ready, taken = np.zeros(2, np.int64), np.zeros(2, np.int64)
+    done = []
+    threads = [threading.Thread(target=lambda: done.append(
+        kernel.copy_shared(blocks, chunks, ready, taken, True))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    kernel.publish(ready, 0, 1)
+    kernel.publish(ready, 1, -1)  # the caller failed preparing stage 1
+    for t in threads:
+        t.join(timeout=10)
+    assert done == [1, 1, 1]  # every thread stopped at stage 1
+    np.testing.assert_array_equal(dst[:2], src[:2])  # stage 0 copied (once: 2 chunks taken)
+    assert int(taken[0]) >= 2 and not dst[2:].any()  # stage 1 never touched
+    ready[:], taken[:], dst[:] = 1, 0, 0
+    assert kernel.copy_shared(blocks, chunks, ready, taken, False) == 2  # a late joiner alone
+    np.testing.assert_array_equal(dst, src)
