@@ -146,6 +146,63 @@ class RMSNorm(nnx.Module):
         return normed.astype(x.dtype) * scale
 
 
+@jax.custom_vjp
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w for x [..., I] and w [I, O], with a backward that XLA:CPU runs without transposes.
+
+    JAX's own transpose rule writes the weight gradient as (dYᵀ·x)ᵀ, and XLA:CPU implements that
+    by materialising dY transposed, fused with whatever made dY (the SwiGLU derivative, say):
+    an element-at-a-time strided write, 7x slower than the elementwise op alone (measured: 17 ms
+    vs 2.4 ms for a [4096, 688] SwiGLU derivative). Here dW = xᵀ·dY is one dot_general
+    contracting the leading axes of both operands, which the CPU dot reads in place; the values
+    are the same products summed in the same order (tested against jax.grad of x @ w).
+    """
+    return x @ w
+
+
+def _linear_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _rows(a: jax.Array) -> jax.Array:
+    """[..., N] -> [rows, N] (free for a row-major array): a 2-D dot that contracts its rows
+    reads both operands in place, where one contracting several leading axes gets a transposed
+    copy of an operand first."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def _linear_bwd(res, dy):
+    x, w = res
+    dx = jax.lax.dot_general(dy, w.astype(dy.dtype), (((dy.ndim - 1,), (1,)), ((), ())))
+    dw = jax.lax.dot_general(_rows(x).astype(dy.dtype), _rows(dy), (((0,), (0,)), ((), ())))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+@jax.custom_vjp
+def linear_t(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ wᵀ for x [..., I] and w [O, I] (a tied LM head), with `linear`'s kind of backward:
+    dW = dYᵀ·x as one dot_general over the leading axes, no transposed copy of dY."""
+    dt = jnp.result_type(x, w)
+    return jax.lax.dot_general(x.astype(dt), w.astype(dt), (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def _linear_t_fwd(x, w):
+    return linear_t(x, w), (x, w)
+
+
+def _linear_t_bwd(res, dy):
+    x, w = res
+    dx = jax.lax.dot_general(dy, w.astype(dy.dtype), (((dy.ndim - 1,), (0,)), ((), ())))
+    dw = jax.lax.dot_general(_rows(dy), _rows(x).astype(dy.dtype), (((0,), (0,)), ((), ())))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+linear_t.defvjp(_linear_t_fwd, _linear_t_bwd)
+
+
 def rope_inv_freq(dh: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
     """Inverse frequencies f_i = theta^(-2i/Dh), i < Dh/2, scaled as `RopeScaling` describes.
 
@@ -221,9 +278,13 @@ class Attention(nnx.Module):
         cache columns too; rows are left-padded, so within a row columns and positions agree).
         """
         spec = self.spec
-        q = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.q_proj[...])
-        k = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.k_proj[...])
-        v = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.v_proj[...])
+        b, l_ = x_BxLxD.shape[:2]
+        d = x_BxLxD.shape[-1]
+
+        def heads(w):  # [D, N, Dh] -> [B, L, N, Dh], as one [D, N·Dh] matmul
+            return linear(x_BxLxD, w.reshape(d, -1)).reshape(b, l_, w.shape[1], w.shape[2])
+
+        q, k, v = heads(self.q_proj[...]), heads(self.k_proj[...]), heads(self.v_proj[...])
         if spec.qkv_bias:
             q = q + self.q_bias[...][None, None]
             k = k + self.k_bias[...][None, None]
@@ -259,8 +320,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask_BxLxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgls,bksd->bkgld", probs, v).transpose(0, 3, 1, 2, 4)
-        out = out.reshape(b, l_, h, dh)
-        out = jnp.einsum("blhk,hkd->bld", out, self.o_proj[...])
+        out = linear(out.reshape(b, l_, h * dh), self.o_proj[...].reshape(h * dh, -1))
         if spec.o_bias:
             out = out + self.o_bias[...][None, None]
         return out, kv
@@ -276,9 +336,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxLxD):
         """down(act(x·gate) ⊙ x·up); act = silu (SwiGLU) or tanh-approximate gelu (GeGLU)."""
-        pre = x_BxLxD @ self.gate_proj[...]
+        pre = linear(x_BxLxD, self.gate_proj[...])
         gate = jax.nn.silu(pre) if self.activation == "silu" else jax.nn.gelu(pre, approximate=True)
-        return (gate * (x_BxLxD @ self.up_proj[...])) @ self.down_proj[...]
+        return linear(gate * linear(x_BxLxD, self.up_proj[...]), self.down_proj[...])
 
 
 class Block(nnx.Module):
@@ -339,8 +399,10 @@ class Decoder(nnx.Module):
         if logit_cols is not None:
             x = x[:, logit_cols]
         x = self.final_norm(x)
-        head = self.embed[...].T if self.spec.tie_embeddings else self.lm_head[...]
-        logits = (x @ head).astype(jnp.float32)
+        if self.spec.tie_embeddings:
+            logits = linear_t(x, self.embed[...]).astype(jnp.float32)
+        else:
+            logits = linear(x, self.lm_head[...]).astype(jnp.float32)
         return softcap(logits, self.spec.final_softcap), new_cache
 
 

@@ -221,3 +221,31 @@ def test_update_shares_prompts_only_when_the_rows_really_share_them(small_model,
     for x, y in zip(jax.tree.leaves(_host(trainer.params)), jax.tree.leaves(_host(per_row.params)),
                     strict=True):
         np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtypes", [("float32", "float32"), ("bfloat16", "float32")])
+def test_linear_layers_backward_equals_autodiff_of_the_plain_product(dtypes):
+    """The model's matmuls carry a custom backward (no transposed copies on XLA:CPU); it must
+    give the gradients jax.grad gives the plain x @ w and x @ wᵀ, for 2-D and 3-D inputs and
+    for mixed dtypes (bf16 activations, fp32 weights)."""
+    from trainer.model import linear, linear_t
+
+    rng = np.random.default_rng(1)
+    xdt, wdt = (jnp.dtype(d) for d in dtypes)
+    tol = 1e-5 if xdt == jnp.float32 else 1e-2
+    for x_shape in [(6, 5), (3, 4, 5)]:
+        x = jnp.asarray(rng.normal(size=x_shape), xdt)
+        w = jnp.asarray(rng.normal(size=(5, 7)), wdt)
+        c = jnp.asarray(rng.normal(size=(*x_shape[:-1], 7)), jnp.float32)  # cotangent weights
+        for ours, plain, wt in [(linear, lambda x, w: x @ w, w),
+                                (linear_t, lambda x, w: x @ w.T, w.T)]:
+            def loss(f, x, w):
+                return jnp.sum(f(x, w).astype(jnp.float32) * c)
+
+            np.testing.assert_allclose(np.float32(ours(x, wt)), np.float32(plain(x, wt)),
+                                       rtol=tol, atol=tol)
+            got = jax.grad(lambda x, w: loss(ours, x, w), argnums=(0, 1))(x, wt)
+            want = jax.grad(lambda x, w: loss(plain, x, w), argnums=(0, 1))(x, wt)
+            for g, h in zip(got, want, strict=True):
+                assert g.dtype == h.dtype and g.shape == h.shape
+                np.testing.assert_allclose(np.float32(g), np.float32(h), rtol=tol, atol=tol)
