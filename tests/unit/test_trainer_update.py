@@ -239,13 +239,13 @@ def test_linear_layers_backward_equals_autodiff_of_the_plain_product(dtypes):
         c = jnp.asarray(rng.normal(size=(*x_shape[:-1], 7)), jnp.float32)  # cotangent weights
         for ours, plain, wt in [(linear, lambda x, w: x @ w, w),
                                 (linear_t, lambda x, w: x @ w.T, w.T)]:
-            def loss(f, x, w):
+            def loss(x, w, f, c=c):
                 return jnp.sum(f(x, w).astype(jnp.float32) * c)
 
             np.testing.assert_allclose(np.float32(ours(x, wt)), np.float32(plain(x, wt)),
                                        rtol=tol, atol=tol)
-            got = jax.grad(lambda x, w: loss(ours, x, w), argnums=(0, 1))(x, wt)
-            want = jax.grad(lambda x, w: loss(plain, x, w), argnums=(0, 1))(x, wt)
+            got = jax.grad(loss, argnums=(0, 1))(x, wt, ours)
+            want = jax.grad(loss, argnums=(0, 1))(x, wt, plain)
             for g, h in zip(got, want, strict=True):
                 assert g.dtype == h.dtype and g.shape == h.shape
                 np.testing.assert_allclose(np.float32(g), np.float32(h), rtol=tol, atol=tol)
