@@ -68,8 +68,6 @@ _SOURCE = Path(__file__).with_name("_hostcopy.c")
 class _Native:
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
-        lib.tandem_copy_blocks.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-        lib.tandem_copy_blocks.restype = None
         lib.tandem_stream_level.restype = ctypes.c_int
         lib.tandem_copy_shared.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                            ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -79,17 +77,12 @@ class _Native:
         lib.tandem_publish.restype = None
         self.stream_level = int(lib.tandem_stream_level())
 
-    def copy(self, blocks_Nx8: np.ndarray, streaming: bool) -> None:
-        _check_blocks(blocks_Nx8)
-        # ctypes releases the GIL for the call.
-        self.lib.tandem_copy_blocks(blocks_Nx8.ctypes.data, len(blocks_Nx8), int(streaming))
-
     def copy_shared(self, blocks_Nx8: np.ndarray, chunks: Chunks, ready_S: np.ndarray,
                     next_S: np.ndarray, streaming: bool) -> int:
         """Copies stage s's chunks once ready[s] is published, taking each next chunk from the
         shared counter next[s]: any number of threads may run this at once on the same
         arguments, joining at any time. Returns the stages gone through (fewer when one was
-        published as cancelled)."""
+        published as cancelled). ctypes releases the GIL for the call."""
         _check_blocks(blocks_Nx8)
         n = len(chunks.stage_chunks) - 1
         assert ready_S.dtype == next_S.dtype == np.int64 and len(ready_S) == len(next_S) == n

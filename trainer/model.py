@@ -181,28 +181,6 @@ def _linear_bwd(res, dy):
 linear.defvjp(_linear_fwd, _linear_bwd)
 
 
-@jax.custom_vjp
-def linear_t(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ wᵀ for x [..., I] and w [O, I] (a tied LM head), with `linear`'s kind of backward:
-    dW = dYᵀ·x as one dot_general over the leading axes, no transposed copy of dY."""
-    dt = jnp.result_type(x, w)
-    return jax.lax.dot_general(x.astype(dt), w.astype(dt), (((x.ndim - 1,), (1,)), ((), ())))
-
-
-def _linear_t_fwd(x, w):
-    return linear_t(x, w), (x, w)
-
-
-def _linear_t_bwd(res, dy):
-    x, w = res
-    dx = jax.lax.dot_general(dy, w.astype(dy.dtype), (((dy.ndim - 1,), (0,)), ((), ())))
-    dw = jax.lax.dot_general(_rows(dy), _rows(x).astype(dy.dtype), (((0,), (0,)), ((), ())))
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-linear_t.defvjp(_linear_t_fwd, _linear_t_bwd)
-
-
 def rope_inv_freq(dh: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
     """Inverse frequencies f_i = theta^(-2i/Dh), i < Dh/2, scaled as `RopeScaling` describes.
 
@@ -399,10 +377,9 @@ class Decoder(nnx.Module):
         if logit_cols is not None:
             x = x[:, logit_cols]
         x = self.final_norm(x)
-        if self.spec.tie_embeddings:
-            logits = linear_t(x, self.embed[...]).astype(jnp.float32)
-        else:
-            logits = linear(x, self.lm_head[...]).astype(jnp.float32)
+        # Tied: the embedding transposed (its weight gradient is a small [D, V] transpose).
+        head = self.embed[...].T if self.spec.tie_embeddings else self.lm_head[...]
+        logits = linear(x, head).astype(jnp.float32)
         return softcap(logits, self.spec.final_softcap), new_cache
 
 

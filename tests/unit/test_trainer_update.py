@@ -226,9 +226,9 @@ def test_update_shares_prompts_only_when_the_rows_really_share_them(small_model,
 @pytest.mark.parametrize("dtypes", [("float32", "float32"), ("bfloat16", "float32")])
 def test_linear_layers_backward_equals_autodiff_of_the_plain_product(dtypes):
     """The model's matmuls carry a custom backward (no transposed copies on XLA:CPU); it must
-    give the gradients jax.grad gives the plain x @ w and x @ wᵀ, for 2-D and 3-D inputs and
-    for mixed dtypes (bf16 activations, fp32 weights)."""
-    from trainer.model import linear, linear_t
+    give the gradients jax.grad gives the plain x @ w and x @ wᵀ (the tied head), for 2-D and
+    3-D inputs and for mixed dtypes (bf16 activations, fp32 weights)."""
+    from trainer.model import linear
 
     rng = np.random.default_rng(1)
     xdt, wdt = (jnp.dtype(d) for d in dtypes)
@@ -238,7 +238,7 @@ def test_linear_layers_backward_equals_autodiff_of_the_plain_product(dtypes):
         w = jnp.asarray(rng.normal(size=(5, 7)), wdt)
         c = jnp.asarray(rng.normal(size=(*x_shape[:-1], 7)), jnp.float32)  # cotangent weights
         for ours, plain, wt in [(linear, lambda x, w: x @ w, w),
-                                (linear_t, lambda x, w: x @ w.T, w.T)]:
+                                (lambda x, w: linear(x, w.T), lambda x, w: x @ w.T, w.T)]:
             def loss(x, w, f, c=c):
                 return jnp.sum(f(x, w).astype(jnp.float32) * c)
 
