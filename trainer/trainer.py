@@ -79,9 +79,9 @@ def sequence_logprobs_and_entropy(mdef: ModelDef, params: Params, prompt_BxP, pr
     identical copies would.
     """
     p, t = prompt_BxP.shape[1], completion_BxT.shape[1]
+    mask_BxL = jnp.concatenate([prompt_mask_BxP, completion_mask_BxT], axis=1).astype(bool)
     if group == 1:
         tokens_BxL = jnp.concatenate([prompt_BxP, completion_BxT], axis=1)
-        mask_BxL = jnp.concatenate([prompt_mask_BxP, completion_mask_BxT], axis=1).astype(bool)
         logits_BxTxV, _ = apply_model(mdef, params, tokens_BxL, positions_from_mask(mask_BxL),
                                       causal_mask(mask_BxL, 0, p + t),
                                       logit_cols=slice(p - 1, p + t - 1))
@@ -90,10 +90,9 @@ def sequence_logprobs_and_entropy(mdef: ModelDef, params: Params, prompt_BxP, pr
     # PROMPTS, once per group; then the COMPLETIONS, per row, against their group's prompt
     # keys/values at cache columns [P, P + T).
     last_BxV, cache = prefill_groups(mdef, params, prompt_BxP, prompt_mask_BxP, group, t)
-    valid_BxS = jnp.concatenate([prompt_mask_BxP, completion_mask_BxT], axis=1).astype(bool)
     logits_BxT1xV, _ = apply_model(mdef, params, completion_BxT,
-                                   positions_from_mask(valid_BxS)[:, p:],
-                                   causal_mask(valid_BxS, p, t), cache, p,
+                                   positions_from_mask(mask_BxL)[:, p:],
+                                   causal_mask(mask_BxL, p, t), cache, p,
                                    logit_cols=slice(0, t - 1))
     logits_BxTxV = jnp.concatenate([last_BxV[:, None], logits_BxT1xV], axis=1)
     return token_logprobs_and_entropy(logits_BxTxV, completion_BxT, temperature)
