@@ -3,6 +3,8 @@
     python bench/grpo_step.py                 # Tandem (each placement), then TRL, then Tunix
     python bench/grpo_step.py --only tandem   # skip the peers
     python bench/grpo_step.py --json out.json # also write every runner's raw results
+    python bench/grpo_step.py --only tandem --placement disaggregated --placement disaggregated-2+2
+                                              # what the 8-device split costs on few cores
 
 The standard job (issue 12): a Qwen2-layout decoder (d=256, 4 layers, 4 query / 2 KV heads,
 SwiGLU 688, vocab 1024, tied embeddings, q/k/v biases, fp32, random init: 3,166,464 params);
@@ -29,6 +31,7 @@ import argparse
 import hashlib
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -91,7 +94,13 @@ TANDEM_PLACEMENTS = {
                       *DATA_PARALLEL],
     "disaggregated-fsdp-tp": ["topology.simulated_devices=8", "topology.trainer_devices=4"],
     "colocated": ["topology.simulated_devices=8", "schedule.kind=colocated", *DATA_PARALLEL],
+    # Not the standard split: 2 trainer + 2 sampler devices, to show what the 8-device split
+    # costs on a machine with fewer cores than devices (XLA:CPU sizes its thread pool to
+    # max(cores, devices), so 8 simulated devices on 2 cores run 4 busy threads per phase).
+    "disaggregated-2+2": ["topology.simulated_devices=4", "topology.trainer_devices=2",
+                          *DATA_PARALLEL],
 }
+DEFAULT_PLACEMENTS = ["disaggregated", "disaggregated-fsdp-tp", "colocated"]
 
 # Peer environments, pinned to the versions this bench was written against.
 TORCH_PIN = "torch==2.13.0"  # the CPU wheel; any other torch pulls a multi-GB CUDA build
@@ -298,6 +307,23 @@ def fmt(x: float | None, spec: str = ".3f", unit: str = "") -> str:
     return "n/a" if x is None else f"{x:{spec}}{unit}"
 
 
+def machine() -> str:
+    """CPU model, cores and vector ISA: results from an AVX-512 Xeon and an AVX2 EPYC differ."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags
+           else "no AVX2" if flags else "ISA unknown")
+    return f"{model}, {os.cpu_count()} CPUs, {isa}"
+
+
 def print_table(results: list[dict], flops: dict[str, int], peak: dict | None) -> None:
     cols = ["framework", "s/step", "sample", "reference", "update", "sync", "tok/s",
             "setup", "first step", "peak RSS", "vs TRL", "vs Tunix"]
@@ -336,6 +362,7 @@ def print_table(results: list[dict], flops: dict[str, int], peak: dict | None) -
             print(f"  {r['label']}: n/a: {why}")
         for k, v in (r.get("phase_notes") or {}).items():
             print(f"  {r['label']}: {k}: {v}")
+    print(f"machine: {machine()}")
     gf = {k: v / 1e9 for k, v in flops.items()}
     print(f"job model FLOPs per step: {gf['total']:.1f} GFLOP (sample {gf['sample']:.1f}, "
           f"reference {gf.get('reference', 0):.1f}, update {gf['update']:.1f})")
@@ -360,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=["tandem", "trl", "tunix"], action="append",
                     help="run only these frameworks (repeatable); default: all three")
     ap.add_argument("--placement", choices=sorted(TANDEM_PLACEMENTS), action="append",
-                    help="Tandem placements to run (repeatable); default: all")
+                    help="Tandem placements to run (repeatable); default: "
+                         + ", ".join(DEFAULT_PLACEMENTS))
     ap.add_argument("--cache-dir", type=Path,
                     default=Path(os.environ.get("TANDEM_BENCH_CACHE",
                                                 Path.home() / ".cache" / "tandem-bench")),
@@ -408,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Tandem, each placement in turn.
     if "tandem" in only:
-        for name in ns.placement or list(TANDEM_PLACEMENTS):
+        for name in ns.placement or DEFAULT_PLACEMENTS:
             print(f"[bench] Tandem ({name}) ...", flush=True)
             res, rss, _ = run_child(
                 [sys.executable, str(peers_dir / "tandem_runner.py"), str(spec_path), name,

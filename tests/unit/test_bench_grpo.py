@@ -118,3 +118,18 @@ def test_flops_formula_matches_a_hand_count(bench):
     assert f["total"] == 1376 + 2112 + 6336
     # β = 0: no reference model, no reference forward.
     assert "reference" not in bench.job_flops({**job, "beta": 0.0})
+
+
+def test_default_placements_run_the_standard_split(bench):
+    """The table's default rows are the issue's 8-device job (4 + 4, or one colocated mesh of
+    8); the 2 + 2 row that shows what that split costs on few cores runs only when asked."""
+    for name in bench.DEFAULT_PLACEMENTS:
+        over = load_config(overrides=bench.TANDEM_PLACEMENTS[name]).topology
+        assert over.simulated_devices == 8, name
+        if "colocated" not in name:
+            assert over.trainer_devices == 4, name
+    assert "disaggregated-2+2" not in bench.DEFAULT_PLACEMENTS
+    small = load_config(overrides=bench.TANDEM_PLACEMENTS["disaggregated-2+2"]).topology
+    assert (small.simulated_devices, small.trainer_devices) == (4, 2)
+    # The machine line names the vector ISA (the same job differs by ~1.6x between machines).
+    assert any(isa in bench.machine() for isa in ("AVX-512", "AVX2", "ISA", "no AVX2"))
