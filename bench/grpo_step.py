@@ -3,6 +3,7 @@
     python bench/grpo_step.py                 # Tandem (each placement), then TRL, then Tunix
     python bench/grpo_step.py --only tandem   # skip the peers
     python bench/grpo_step.py --json out.json # also write every runner's raw results
+    python bench/grpo_step.py --rounds 3      # every runner 3 times, interleaved; medians
     python bench/grpo_step.py --only tandem --placement disaggregated --placement disaggregated-2+2
                                               # what the 8-device split costs on few cores
 
@@ -281,6 +282,48 @@ def summarize(res: dict, job: dict) -> dict:
     }
 
 
+def combine_rounds(rounds: list[dict]) -> dict:
+    """One runner's rounds as one result: medians over the rounds' medians (step, phases,
+    tokens/s, first step, setup), the largest peak RSS, every round's settings problems.
+    A round that failed makes the runner's result that failure."""
+    failed = [r for r in rounds if "median_step_s" not in r]
+    if failed or len(rounds) == 1:
+        return failed[0] if failed else rounds[0]
+    med = statistics.median
+    out = dict(rounds[0])
+    for key in ("median_step_s", "completion_tokens_per_s", "first_step_s", "setup_s"):
+        if all(r.get(key) is not None for r in rounds):
+            out[key] = med(r[key] for r in rounds)
+    out["phase_median_s"] = {
+        k: med(r["phase_median_s"][k] for r in rounds) if v is not None else None
+        for k, v in rounds[0]["phase_median_s"].items()}
+    out["rss_gb"] = max(r["rss_gb"] for r in rounds)
+    out["settings_mismatch"] = sorted({p for r in rounds for p in r.get("settings_mismatch")
+                                       or []})
+    out["round_step_s"] = [r["median_step_s"] for r in rounds]
+    out["round_first_step_s"] = [r["first_step_s"] for r in rounds]
+    return out
+
+
+def print_rounds(results: list[dict]) -> None:
+    """Each round's s/step per runner and, for Tandem, its speedup over each peer that round."""
+    by_name = {r["label"]: r for r in results if "round_step_s" in r}
+    print("per round (s/step; first step):")
+    for label, r in by_name.items():
+        steps = ", ".join(f"{s:.3f}" for s in r["round_step_s"])
+        firsts = ", ".join(f"{s:.1f}" for s in r["round_first_step_s"])
+        print(f"  {label}: {steps}; first step {firsts} s")
+    for label, r in by_name.items():
+        if r.get("framework") != "tandem":
+            continue
+        for peer in ("TRL", "Tunix"):
+            if peer in by_name:
+                x = [p / t for p, t in zip(by_name[peer]["round_step_s"], r["round_step_s"],
+                                           strict=True)]
+                print(f"  {label} faster than {peer} by " + ", ".join(f"{v:.2f}x" for v in x)
+                      + f" (median {statistics.median(x):.2f}x)")
+
+
 def check_settings(res: dict, job: dict, digest: str) -> list[str]:
     """Differences between what a runner reports it ran and the standard job."""
     s = res.get("settings", {})
@@ -397,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-steps", type=int, default=STANDARD_JOB["warmup_steps"])
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per runner")
     ap.add_argument("--json", type=Path, help="write every runner's raw results here")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every runner this many times, interleaved; the table shows the "
+                         "median over rounds and each round's ratios are listed (runs on one "
+                         "machine drift by up to ~35%%, so one round's ratio is only so good)")
     ns = ap.parse_args(argv)
     only = ns.only or ["tandem", "trl", "tunix"]
 
@@ -415,7 +462,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{job['new_tokens']} new tokens, {job['warmup_steps']} warm-up + "
           f"{job['timed_steps']} timed steps; prompts {digest}", flush=True)
 
-    results: list[dict] = []
     peers_dir = REPO / "bench" / "peers"
 
     # The matmul peak, in its own process on JAX's default CPU device (all cores).
@@ -423,42 +469,47 @@ def main(argv: list[str] | None = None) -> int:
     env["JAX_PLATFORMS"] = "cpu"
     peak, _, _ = run_child([sys.executable, str(peers_dir / "matmul_peak.py")], env, 600)
 
-    def record(label: str, res: dict, rss: float) -> None:
-        res = summarize({**res, "label": label, "rss_gb": rss}, job)
-        if "median_step_s" in res:
-            res["settings_mismatch"] = check_settings(res, job, digest)
-        results.append(res)
-        status = (f"{res['median_step_s']:.3f} s/step" if "median_step_s" in res
-                  else res.get("unavailable") or res.get("error"))
-        print(f"[bench] {label}: {status}", flush=True)
-        if res.get("error"):
-            print(res.get("stderr_tail", ""), file=sys.stderr)
-
-    # Tandem, each placement in turn.
+    # Every runner: (label, command, environment). Peers' environments are made first.
+    runners: list[tuple[str, list[str], dict]] = []
     if "tandem" in only:
         for name in ns.placement or DEFAULT_PLACEMENTS:
-            print(f"[bench] Tandem ({name}) ...", flush=True)
-            res, rss, _ = run_child(
-                [sys.executable, str(peers_dir / "tandem_runner.py"), str(spec_path), name,
-                 *TANDEM_PLACEMENTS[name]], base_env(), ns.timeout)
-            record(f"Tandem {name}", res, rss)
-
+            runners.append((f"Tandem {name}",
+                            [sys.executable, str(peers_dir / "tandem_runner.py"),
+                             str(spec_path), name, *TANDEM_PLACEMENTS[name]], base_env()))
     envs = peer_envs(ns.cache_dir)
     for key, label, script in (("trl", "TRL", "trl_runner.py"),
                                ("tunix", "Tunix", "tunix_runner.py")):
-        if key not in only:
-            continue
-        python = envs[key].ensure()
-        print(f"[bench] {label} ...", flush=True)
-        env = base_env()
-        if key == "tunix":
-            env["JAX_PLATFORMS"] = "cpu"
-        res, rss, _ = run_child([str(python), str(peers_dir / script), str(spec_path)], env,
-                                ns.timeout)
-        record(label, res, rss)
+        if key in only:
+            env = base_env()
+            if key == "tunix":
+                env["JAX_PLATFORMS"] = "cpu"
+            runners.append((label, [str(envs[key].ensure()), str(peers_dir / script),
+                                    str(spec_path)], env))
+
+    # Round r runs every runner once, starting r places further down the list, so that no
+    # framework always runs first (or right after the same one) while the machine drifts.
+    by_label: dict[str, list[dict]] = {label: [] for label, _, _ in runners}
+    for r in range(ns.rounds):
+        for i in range(len(runners)):
+            label, cmd, env = runners[(i + r) % len(runners)]
+            print(f"[bench] {label} ..." + (f" (round {r + 1}/{ns.rounds})"
+                                           if ns.rounds > 1 else ""), flush=True)
+            res, rss, _ = run_child(cmd, env, ns.timeout)
+            res = summarize({**res, "label": label, "rss_gb": rss}, job)
+            if "median_step_s" in res:
+                res["settings_mismatch"] = check_settings(res, job, digest)
+            by_label[label].append(res)
+            status = (f"{res['median_step_s']:.3f} s/step" if "median_step_s" in res
+                      else res.get("unavailable") or res.get("error"))
+            print(f"[bench] {label}: {status}", flush=True)
+            if res.get("error"):
+                print(res.get("stderr_tail", ""), file=sys.stderr)
+    results = [combine_rounds(rounds) for rounds in by_label.values()]
 
     print()
     print_table(results, flops, peak)
+    if ns.rounds > 1:
+        print_rounds(results)
     for r in results:
         for p in r.get("settings_mismatch") or []:
             print(f"WARNING {r['label']} did not run the standard job: {p}")
@@ -468,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r['label']}: {json.dumps(r['settings'], sort_keys=True)}")
     if ns.json:
         ns.json.write_text(json.dumps({"job": job, "flops": flops, "matmul_peak": peak,
-                                       "results": results}, indent=1))
+                                       "results": results, "rounds": by_label}, indent=1))
     return 0
 
 

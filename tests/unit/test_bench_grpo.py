@@ -133,3 +133,22 @@ def test_default_placements_run_the_standard_split(bench):
     assert (small.simulated_devices, small.trainer_devices) == (4, 2)
     # The machine line names the vector ISA (the same job differs by ~1.6x between machines).
     assert any(isa in bench.machine() for isa in ("AVX-512", "AVX2", "ISA", "no AVX2"))
+
+
+def test_rounds_combine_into_medians_and_a_failed_round_is_the_result(bench):
+    def one(step, first, sample, rss, problems=()):
+        return {"label": "X", "framework": "tandem", "median_step_s": step, "first_step_s": first,
+                "setup_s": 1.0, "completion_tokens_per_s": 4096 / step, "rss_gb": rss,
+                "phase_median_s": {"sample": sample, "reference": None},
+                "settings_mismatch": list(problems)}
+
+    rounds = [one(2.0, 12.0, 0.7, 1.8), one(2.6, 17.0, 1.0, 1.9, ["beta"]),
+              one(1.9, 13.0, 0.6, 1.7)]
+    out = bench.combine_rounds(rounds)
+    assert out["median_step_s"] == 2.0 and out["first_step_s"] == 13.0
+    assert out["phase_median_s"] == {"sample": 0.7, "reference": None}
+    assert out["rss_gb"] == 1.9 and out["settings_mismatch"] == ["beta"]
+    assert out["round_step_s"] == [2.0, 2.6, 1.9]
+    failed = {"label": "X", "error": "runner exited 1"}
+    assert bench.combine_rounds([rounds[0], failed]) is failed
+    assert bench.combine_rounds([rounds[0]]) is rounds[0]
