@@ -1,6 +1,6 @@
 """One standard GRPO step in Tandem, TRL and Tunix, side by side, in one invocation.
 
-    python bench/grpo_step.py                 # Tandem (each placement), then TRL, then Tunix
+    python bench/grpo_step.py                 # Tandem (default placements), then TRL, Tunix
     python bench/grpo_step.py --only tandem   # skip the peers
     python bench/grpo_step.py --json out.json # also write every runner's raw results
     python bench/grpo_step.py --rounds 3      # every runner 3 times, interleaved; medians
@@ -350,18 +350,22 @@ def fmt(x: float | None, spec: str = ".3f", unit: str = "") -> str:
     return "n/a" if x is None else f"{x:{spec}}{unit}"
 
 
-def machine() -> str:
-    """CPU model, cores and vector ISA: results from an AVX-512 Xeon and an AVX2 EPYC differ."""
+def machine(cpuinfo: str | None = None) -> str:
+    """CPU model, cores and vector ISA: results from an AVX-512 Xeon and an AVX2 EPYC differ.
+
+    cpuinfo: the text of /proc/cpuinfo (None: read it; unreadable means no model or flags)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
     model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
     isa = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags
            else "no AVX2" if flags else "ISA unknown")
     return f"{model}, {os.cpu_count()} CPUs, {isa}"

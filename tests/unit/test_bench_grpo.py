@@ -131,8 +131,18 @@ def test_default_placements_run_the_standard_split(bench):
     assert "disaggregated-2+2" not in bench.DEFAULT_PLACEMENTS
     small = load_config(overrides=bench.TANDEM_PLACEMENTS["disaggregated-2+2"]).topology
     assert (small.simulated_devices, small.trainer_devices) == (4, 2)
-    # The machine line names the vector ISA (the same job differs by ~1.6x between machines).
-    assert any(isa in bench.machine() for isa in ("AVX-512", "AVX2", "ISA", "no AVX2"))
+
+
+def test_machine_line_names_the_cpu_and_its_vector_isa(bench):
+    # The same job differs by ~1.5x between an AVX-512 and an AVX2 box: the table says which.
+    xeon = "model name\t: Intel(R) Xeon(R)\nflags\t\t: fpu avx2 avx512f\n"
+    epyc = "model name\t: AMD EPYC\nflags\t\t: fpu avx avx2 fma\n"
+    old = "model name\t: Old CPU\nflags\t\t: fpu sse4_2\n"
+    assert bench.machine(xeon).startswith("Intel(R) Xeon(R), ")
+    assert bench.machine(xeon).endswith(" CPUs, AVX-512")
+    assert bench.machine(epyc).startswith("AMD EPYC, ") and bench.machine(epyc).endswith(", AVX2")
+    assert bench.machine(old).endswith(", no AVX2")
+    assert bench.machine("").endswith(", ISA unknown")
 
 
 def test_rounds_combine_into_medians_and_a_failed_round_is_the_result(bench):
