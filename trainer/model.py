@@ -206,29 +206,23 @@ def rope_inv_freq(dh: int, theta: float, scaling: RopeScaling | None = None) -> 
 
 
 def rope(x_BxLxNxDh: jax.Array, positions_BxL: jax.Array, theta: float,
-         scaling: RopeScaling | None = None, num_positions: int | None = None) -> jax.Array:
+         scaling: RopeScaling | None = None, *, num_positions: int) -> jax.Array:
     """Rotary embedding, half-split (GPT-NeoX / HF Llama) convention.
 
-    num_positions: positions are known to lie in [0, num_positions) (the key length, for
-    positions counted from masks). cos/sin are then read from a [num_positions, Dh/2] table:
-    XLA:CPU fuses elementwise cos/sin into every consumer, so without the table they are
-    evaluated again for each layer's q and k, and again in the backward, as scalar libm calls
-    inside otherwise vectorised loops (measured on bench/grpo_step.py's job: ~5% of a step's
-    CPU time). A position outside the table reads NaN: a caller that breaks the contract
-    gets NaN logits, never a silently wrong rotation.
+    num_positions: positions lie in [0, num_positions) (the key length, for positions counted
+    from masks). cos/sin are read from a [num_positions, Dh/2] table: XLA:CPU fuses
+    elementwise cos/sin into every consumer, so computed per position they were evaluated
+    again for each layer's q and k, and again in the backward, as scalar libm calls inside
+    otherwise vectorised loops (measured on bench/grpo_step.py's job: ~5% of a step's CPU
+    time). A position outside the table reads NaN: a caller that breaks the contract gets NaN
+    logits, never a silently wrong rotation.
     """
-    dh = x_BxLxNxDh.shape[-1]
-    inv_freq = jnp.asarray(rope_inv_freq(dh, theta, scaling))
-    if num_positions is not None:
-        angles_NxF = jnp.arange(num_positions, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-        cos = jnp.take(jnp.cos(angles_NxF), positions_BxL, axis=0, mode="fill",
-                       fill_value=jnp.nan)[:, :, None, :]
-        sin = jnp.take(jnp.sin(angles_NxF), positions_BxL, axis=0, mode="fill",
-                       fill_value=jnp.nan)[:, :, None, :]
-    else:
-        angles_BxLxF = positions_BxL[..., None].astype(jnp.float32) * inv_freq[None, None, :]
-        cos = jnp.cos(angles_BxLxF)[:, :, None, :]
-        sin = jnp.sin(angles_BxLxF)[:, :, None, :]
+    inv_freq = jnp.asarray(rope_inv_freq(x_BxLxNxDh.shape[-1], theta, scaling))
+    angles_NxF = jnp.arange(num_positions, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    cos = jnp.take(jnp.cos(angles_NxF), positions_BxL, axis=0, mode="fill",
+                   fill_value=jnp.nan)[:, :, None, :]
+    sin = jnp.take(jnp.sin(angles_NxF), positions_BxL, axis=0, mode="fill",
+                   fill_value=jnp.nan)[:, :, None, :]
     x1, x2 = jnp.split(x_BxLxNxDh.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BxLxNxDh.dtype)
@@ -287,8 +281,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         # Positions count real tokens, so each lies below the key length S.
         s_len = mask_BxLxS.shape[-1]
-        q = rope(q, positions_BxL, self.rope_theta, self.rope_scaling, s_len)
-        k = rope(k, positions_BxL, self.rope_theta, self.rope_scaling, s_len)
+        q = rope(q, positions_BxL, self.rope_theta, self.rope_scaling, num_positions=s_len)
+        k = rope(k, positions_BxL, self.rope_theta, self.rope_scaling, num_positions=s_len)
         # Keys and values live head-major, [B, K, S, Dh] (the cache's layout too), so that the
         # attention products need no transpose of the keys: one decode step then touches the
         # cache only where it writes the new column and where it reads it in the products.

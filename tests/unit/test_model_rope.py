@@ -5,7 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from controller.config import ModelConfig
-from trainer.model import ModelSpec, apply_model, causal_mask, define_model, init_params, rope
+from trainer.model import (
+    ModelSpec,
+    apply_model,
+    causal_mask,
+    define_model,
+    init_params,
+    rope,
+    rope_inv_freq,
+)
 
 
 def _formula(x, pos, theta):
@@ -22,7 +30,11 @@ def test_table_rope_matches_the_formula_and_the_direct_computation():
     x = rng.normal(size=(2, 5, 3, 8)).astype(np.float32)
     pos = rng.integers(0, 40, (2, 5)).astype(np.int32)
     table = np.asarray(rope(jnp.asarray(x), jnp.asarray(pos), 10000.0, num_positions=40))
-    direct = np.asarray(rope(jnp.asarray(x), jnp.asarray(pos), 10000.0))
+    # The float32 computation the table replaced: cos/sin of each position's own angles.
+    ang = jnp.asarray(pos)[..., None].astype(jnp.float32) * rope_inv_freq(8, 10000.0)[None, None]
+    cos, sin = jnp.cos(ang)[:, :, None], jnp.sin(ang)[:, :, None]
+    x1, x2 = x[..., :4], x[..., 4:]
+    direct = np.asarray(jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1))
     np.testing.assert_allclose(table, _formula(x, pos, 10000.0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(table, direct, rtol=1e-6, atol=1e-6)
 
