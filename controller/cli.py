@@ -56,6 +56,7 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from controller.api import Job
+    from controller.compile_cache import cache_counts
 
     console = Console(stderr=False)
     console.print(f"[bold]tandem[/bold] run '{cfg.run.name}' (config {cfg.digest()})")
@@ -65,6 +66,9 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     console.print(f"devices: {job.meshes.describe()}")
+    if job.compile_cache_dir:
+        console.print(f"compile cache: {job.compile_cache_dir} (run.compile_cache_dir)",
+                      highlight=False, soft_wrap=True)
     if job.resumed_from is not None:
         console.print(f"resumed from the checkpoint of step {job.resumed_from} in "
                       f"{cfg.checkpoint_dir}")
@@ -108,10 +112,12 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
                       f"{cfg.checkpoint_dir or '(checkpointing off)'}")
     if not s:
         return 0
+    hits = cache_counts()["hits"]
+    reused = f", {hits} programs from the compile cache" if hits else ""
     console.print(
         f"done: {s['steps']} steps | reward first {s['window']} steps {s['reward_first']:.3f} -> "
         f"last {s['window']} steps {s['reward_last']:.3f} | {s['step_s_mean']:.3f} s/step "
-        f"(first step {s['first_step_s']:.1f}s incl. compile) | weight sync "
+        f"(first step {s['first_step_s']:.1f}s incl. compile{reused}) | weight sync "
         f"{s['reshard_bytes'] / 1e6:.2f} MB at {s['reshard_gbps']:.2f} GB/s"
     )
     if "timeline/overlap_frac" in s:

@@ -149,6 +149,7 @@ def test_rounds_combine_into_medians_and_a_failed_round_is_the_result(bench):
     def one(step, first, sample, rss, problems=()):
         return {"label": "X", "framework": "tandem", "median_step_s": step, "first_step_s": first,
                 "setup_s": 1.0, "completion_tokens_per_s": 4096 / step, "rss_gb": rss,
+                "first_step_warm_s": first / 3,
                 "phase_median_s": {"sample": sample, "reference": None},
                 "settings_mismatch": list(problems)}
 
@@ -156,9 +157,29 @@ def test_rounds_combine_into_medians_and_a_failed_round_is_the_result(bench):
               one(1.9, 13.0, 0.6, 1.7)]
     out = bench.combine_rounds(rounds)
     assert out["median_step_s"] == 2.0 and out["first_step_s"] == 13.0
+    assert out["first_step_warm_s"] == 13.0 / 3
     assert out["phase_median_s"] == {"sample": 0.7, "reference": None}
     assert out["rss_gb"] == 1.9 and out["settings_mismatch"] == ["beta"]
     assert out["round_step_s"] == [2.0, 2.6, 1.9]
     failed = {"label": "X", "error": "runner exited 1"}
     assert bench.combine_rounds([rounds[0], failed]) is failed
     assert bench.combine_rounds([rounds[0]]) is rounds[0]
+
+
+def test_tandem_runs_compile_cold_and_the_rerun_reuses_their_cache(bench, monkeypatch):
+    # The caller's JAX cache never reaches a runner; the warm re-run is the same command
+    # (so the same run.compile_cache_dir) cut to one step.
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere")
+    assert "JAX_COMPILATION_CACHE_DIR" not in bench.base_env()
+    seen = []
+
+    def fake_run_child(cmd, env, timeout_s):
+        seen.append(cmd)
+        return {"steps": [{"step_s": 4.5}]}, 1.0, ""
+
+    monkeypatch.setattr(bench, "run_child", fake_run_child)
+    cmd = ["python", "tandem_runner.py", "job.json", "disaggregated", "run.compile_cache_dir=/c"]
+    assert bench.warm_first_step(cmd, {}, 60) == 4.5
+    assert seen == [[*cmd, "run.steps=1"]]
+    monkeypatch.setattr(bench, "run_child", lambda *a: ({"error": "exit code 1"}, 0.0, ""))
+    assert bench.warm_first_step(cmd, {}, 60) is None
