@@ -21,9 +21,10 @@ Design choices, each for speed or for never recompiling:
   zeroes and fills it in place (no fresh allocation per call; zeroing keeps a stale NaN from an
   earlier bad batch out of masked columns, where 0 * NaN would leak through the attention).
 - Sharding is declared: params follow the sampler mesh's rules (tensor-parallel heads, kv
-  heads, MLP and vocab by default, `topology.sampler_rules`); the cache is laid out as
-  ("batch", None, "kv_heads", "head_dim") under the same rules; prompts are split over the
-  "batch" rule's axis. XLA inserts the collectives.
+  heads, MLP and vocab by default, `topology.sampler_rules`); the cache holds keys as
+  ("batch", "kv_heads", "head_dim", None) and values as ("batch", "kv_heads", None,
+  "head_dim") under the same rules (keys transposed: see `trainer.model.Attention`);
+  prompts are split over the "batch" rule's axis. XLA inserts the collectives.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from sampler.sampling import sample_tokens
 from trainer.model import (
     ModelDef,
     apply_model,
+    cache_shapes,
     causal_mask,
     init_cache,
     param_shardings,
@@ -50,7 +52,9 @@ from trainer.model import (
 
 # Draw every decode step's Gumbel noise [T, B, V] before the loop when it fits in this much.
 GUMBEL_BUDGET_BYTES = 64 * 2**20
-CACHE_AXES = ("batch", "kv_heads", None, "head_dim")  # logical axes of each [B, K, S, Dh]
+# Logical axes of each layer's cached keys [B, K, Dh, S] and values [B, K, S, Dh].
+K_CACHE_AXES = ("batch", "kv_heads", "head_dim", None)
+V_CACHE_AXES = ("batch", "kv_heads", None, "head_dim")
 
 
 def bucket_width(width: int, bucket: int | None) -> int:
@@ -199,9 +203,10 @@ class JaxSampler:
 
     def _cache_sharding(self, b: int, s: int) -> Any:
         spec = self.mdef.spec
-        shape = (b, spec.num_kv_heads, s, spec.head_dim)
-        one = self.submesh.sharding(CACHE_AXES, shape)
-        return [(one, one) for _ in range(spec.num_layers)]
+        k_shape, v_shape = cache_shapes(spec, b, s)
+        pair = (self.submesh.sharding(K_CACHE_AXES, k_shape),
+                self.submesh.sharding(V_CACHE_AXES, v_shape))
+        return [pair for _ in range(spec.num_layers)]
 
     def _generate_impl(self, params, prompt_BxP, pmask_BxP, rng, cache, group: int = 1):
         self._traces += 1  # runs only while tracing, i.e. once per compiled program

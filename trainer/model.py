@@ -283,27 +283,33 @@ class Attention(nnx.Module):
         s_len = mask_BxLxS.shape[-1]
         q = rope(q, positions_BxL, self.rope_theta, self.rope_scaling, num_positions=s_len)
         k = rope(k, positions_BxL, self.rope_theta, self.rope_scaling, num_positions=s_len)
-        # Keys and values live head-major, [B, K, S, Dh] (the cache's layout too), so that the
-        # attention products need no transpose of the keys: one decode step then touches the
-        # cache only where it writes the new column and where it reads it in the products.
+        # Keys and values live head-major, [B, K, S, Dh], so that the attention products need
+        # no transpose of the cache: one decode step then touches the cache only where it
+        # writes the new column and where it reads it in the products. The cached keys are
+        # stored transposed, [B, K, Dh, S] (see init_cache), so that q·kᵀ is a plain product:
+        # XLA:CPU's dot kernel repacks a transposed operand on every call, i.e. the whole key
+        # cache on every decode step.
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        if kv is not None:
-            k_cache, v_cache = kv
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype),
-                                                    cache_index, axis=2)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype),
-                                                    cache_index, axis=2)
-            kv = (k, v)
         b, l_, h, dh = q.shape
         groups = h // spec.num_kv_heads
         q = q.reshape(b, l_, spec.num_kv_heads, groups, dh).transpose(0, 2, 3, 1, 4)
         scale = spec.attn_scale if spec.attn_scale is not None else dh**-0.5
-        scores = jnp.einsum("bkgld,bksd->bkgls", q, k).astype(jnp.float32) * scale
+        if kv is not None:
+            k_cache, v_cache = kv
+            k = jax.lax.dynamic_update_slice_in_dim(
+                k_cache, k.transpose(0, 1, 3, 2).astype(k_cache.dtype), cache_index, axis=3)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype),
+                                                    cache_index, axis=2)
+            kv = (k, v)
+            scores = jnp.einsum("bkgld,bkds->bkgls", q, k)
+        else:
+            scores = jnp.einsum("bkgld,bksd->bkgls", q, k)
+        scores = scores.astype(jnp.float32) * scale
         scores = softcap(scores, spec.attn_softcap)
         mask_BxLxS = mask_BxLxS.astype(bool)
         if self.sliding and spec.sliding_window is not None:
             # Query column c = cache_index + i sees key column s only if c - s < W.
-            s_len = k.shape[2]
+            s_len = v.shape[2]
             q_cols_L = (0 if cache_index is None else cache_index) + jnp.arange(l_)
             window_LxS = q_cols_L[:, None] - jnp.arange(s_len)[None, :] < spec.sliding_window
             mask_BxLxS = mask_BxLxS & window_LxS[None]
@@ -371,7 +377,8 @@ class Decoder(nnx.Module):
                  logit_cols: slice | None = None):
         """Returns (logits_BxLxV in float32, new cache or None).
 
-        cache: a list of (k, v) per layer, each [B, K, S, Dh]; the L new positions are written at
+        cache: a list of (k, v) per layer, k [B, K, Dh, S], v [B, K, S, Dh] (`init_cache`); the L
+        new positions are written at
         `cache_index` and `mask_BxLxS` covers all S cache slots.
         logit_cols: compute logits only for these query columns (a static slice); the LM head
         is then applied to those hidden states alone (a prefill needs just the last one).
@@ -452,10 +459,18 @@ def causal_mask(valid_BxS: jax.Array, query_offset: int | jax.Array, length: int
     return causal_LxS[None] & valid_BxS[:, None, :].astype(bool)
 
 
+def cache_shapes(spec: ModelSpec, batch: int, length: int
+                 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of one layer's cached (keys, values): keys [B, K, Dh, S] (transposed, see
+    Attention), values [B, K, S, Dh]."""
+    b, k, s, dh = batch, spec.num_kv_heads, length, spec.head_dim
+    return (b, k, dh, s), (b, k, s, dh)
+
+
 def init_cache(spec: ModelSpec, batch: int, length: int, dtype: Any = None) -> list:
     dt = dtype or spec.dtype
-    shape = (batch, spec.num_kv_heads, length, spec.head_dim)  # [B, K, S, Dh]
-    return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(spec.num_layers)]
+    k_shape, v_shape = cache_shapes(spec, batch, length)
+    return [(jnp.zeros(k_shape, dt), jnp.zeros(v_shape, dt)) for _ in range(spec.num_layers)]
 
 
 def rows_share_prompts(tokens_BxP: Any, mask_BxP: Any, group: int) -> bool:
@@ -475,10 +490,11 @@ def prefill_groups(mdef: ModelDef, params: Params, prompt_BxP: jax.Array,
                    ) -> tuple[jax.Array, list]:
     """Runs each group's prompt through the model once (see `rows_share_prompts`).
 
-    Returns (logits_BxV at the last prompt column, a cache [B, K, P + extra_cols, Dh] per
-    layer whose columns [0, P) hold each row's group keys/values and the rest zeros, for the
-    tokens that follow at cache_index P). The prompt FLOPs are those of B / G rows; a backward
-    through the broadcast sums the G rows' gradients into their shared prompt.
+    Returns (logits_BxV at the last prompt column, a cache per layer (see `init_cache`) of
+    P + extra_cols columns whose columns [0, P) hold each row's group keys/values and the rest
+    zeros, for the tokens that follow at cache_index P). The prompt FLOPs are those of B / G
+    rows; a backward through the broadcast sums the G rows' gradients into their shared
+    prompt.
     """
     b, p = prompt_BxP.shape
     n = b // group
@@ -492,10 +508,10 @@ def prefill_groups(mdef: ModelDef, params: Params, prompt_BxP: jax.Array,
                                       causal_mask(pmask_NxP, 0, p),
                                       init_cache(mdef.spec, n, p, dtype), 0,
                                       logit_cols=slice(p - 1, p))
-    k_heads, dh = cache[0][0].shape[1], cache[0][0].shape[3]
-    pad_BxKxExDh = jnp.zeros((b, k_heads, extra_cols, dh), cache[0][0].dtype)
-    cache = [tuple(jnp.concatenate([to_rows(x), pad_BxKxExDh], axis=2) for x in kv)
-             for kv in cache]
+    k_pad, v_pad = (jnp.zeros(shape, cache[0][0].dtype)
+                    for shape in cache_shapes(mdef.spec, b, extra_cols))
+    cache = [(jnp.concatenate([to_rows(k), k_pad], axis=3),
+              jnp.concatenate([to_rows(v), v_pad], axis=2)) for k, v in cache]
     return to_rows(logits_Nx1xV[:, 0]), cache
 
 

@@ -233,10 +233,12 @@ def test_params_and_cache_live_on_the_sampler_mesh(sampler, meshes):
     sampler_devices = set(meshes.sampler.mesh.devices.flat)
     q = sampler.params["layers"][0]["attn"]["q_proj"]
     assert tuple(q.sharding.spec) == (None, "tp", None)  # heads split over tp
-    (_, cache) = sampler._cache
-    for k, v in cache:
-        assert set(k.sharding.device_set) == sampler_devices
-        assert k.sharding == v.sharding
+    ((b, s), cache) = sampler._cache
+    declared = sampler._cache_sharding(b, s)  # keys [B, K, Dh, S], values [B, K, S, Dh]
+    for (k, v), (k_sh, v_sh) in zip(cache, declared, strict=True):
+        assert set(k.sharding.device_set) == set(v.sharding.device_set) == sampler_devices
+        assert k.sharding.is_equivalent_to(k_sh, k.ndim)
+        assert v.sharding.is_equivalent_to(v_sh, v.ndim)
 
 
 def test_shared_prompt_prefill_draws_the_same_completions(tiny_model, meshes, tokenizer):
