@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from controller.compile_cache import configure_compile_cache
+from controller.compile_cache import cache_dir_for, configure_compile_cache
 from controller.config import ConfigError, JobConfig
 from controller.metrics import MetricsLog
 from controller.status_board import Phase, StatusBoard
@@ -66,7 +66,8 @@ class Job:
         # No-op unless JAX_PLATFORMS=proxy; must precede anything that touches jax.devices().
         self.pathways = initialize_pathways(cfg.topology.backend)
         configure_devices(cfg.topology)  # before anything touches jax.devices()
-        self.compile_cache_dir = configure_compile_cache(cfg.run.compile_cache_dir)
+        self.compile_cache_dir = configure_compile_cache(
+            cache_dir_for(cfg.run.compile_cache_dir, on_pathways=self.pathways is not None))
 
         from controller.data import build_dataset, build_tokenizer
         from controller.loop import build_loop

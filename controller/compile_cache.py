@@ -18,6 +18,8 @@ import threading
 import warnings
 from pathlib import Path
 
+DEFAULT_DIR = "~/.cache/tandem/xla"  # run.compile_cache_dir's default
+
 # Programs that compile faster than this are not written (JAX's default is 1 s, which leaves
 # out the parameter initialisers and small helpers: ~1.7 s of a job's setup on 2 cores).
 MIN_COMPILE_S = 0.2
@@ -42,6 +44,15 @@ def cache_counts() -> dict[str, int]:
     ("misses") by this process since the first job configured the cache."""
     with _lock:
         return dict(_counts)
+
+
+def cache_dir_for(configured: str | None, on_pathways: bool) -> str | None:
+    """The directory a job should use. On Pathways the default, a directory inside the
+    controller's container, is dropped: it dies with the pod, so it would only cost writes; a
+    shared location (`run.compile_cache_dir=gs://bucket/xla-cache`) is an explicit choice."""
+    if on_pathways and configured == DEFAULT_DIR:
+        return None
+    return configured
 
 
 def configure_compile_cache(cache_dir: str | None) -> str | None:

@@ -31,6 +31,8 @@ from pydantic import (
     model_validator,
 )
 
+from controller.compile_cache import DEFAULT_DIR as DEFAULT_COMPILE_CACHE_DIR
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names field, value and fix."""
@@ -411,8 +413,9 @@ class RunConfig(_Section):
     export_hf_dir: str | None = None
     # JAX's persistent compilation cache: compiled programs are kept here and reused when the
     # same job starts again (first step ~14 s -> ~5 s on the bench's standard job). null leaves
-    # JAX's cache settings alone (see controller/compile_cache.py).
-    compile_cache_dir: str | None = "~/.cache/tandem/xla"
+    # JAX's cache settings alone; on Pathways only an explicit (e.g. gs://) directory is used
+    # (see controller/compile_cache.py).
+    compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR
 
     @model_validator(mode="after")
     def _check_export_dir(self) -> RunConfig:

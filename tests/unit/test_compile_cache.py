@@ -53,3 +53,15 @@ def test_an_uncreatable_directory_warns_and_runs_without_cache(jax_cache_unset, 
     with pytest.warns(UserWarning, match=r"run.compile_cache_dir=.*cannot be created.*fix"):
         assert configure_compile_cache(str(blocker / "xla")) is None
     assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_default_dir_matches_the_config_and_pathways_needs_an_explicit_one():
+    from controller.compile_cache import DEFAULT_DIR, cache_dir_for
+    from controller.config import JobConfig
+
+    assert JobConfig().run.compile_cache_dir == DEFAULT_DIR
+    assert cache_dir_for(DEFAULT_DIR, on_pathways=False) == DEFAULT_DIR
+    # A directory inside the controller's container dies with the pod: not used on Pathways.
+    assert cache_dir_for(DEFAULT_DIR, on_pathways=True) is None
+    assert cache_dir_for("gs://bucket/xla", on_pathways=True) == "gs://bucket/xla"
+    assert cache_dir_for(None, on_pathways=False) is None
