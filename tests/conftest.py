@@ -10,9 +10,13 @@ if "xla_force_host_platform_device_count" not in _flags:
 # that build the same programs load them instead of compiling again, and nothing is written
 # to the user's ~/.cache/tandem (jobs leave a cache directory JAX already has alone).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tandem-test-xla-")
+    _cache = tempfile.mkdtemp(prefix="tandem-test-xla-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)  # ~12 MB after a full run
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 
 import jax  # noqa: E402
