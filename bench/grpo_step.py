@@ -44,6 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from controller.compile_cache import JAX_CACHE_ENV  # noqa: E402
 from controller.synthetic import synthetic_prompt_ids  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -259,8 +260,7 @@ def warm_first_step(cmd: list[str], env: dict[str, str], timeout_s: float) -> fl
 def base_env() -> dict[str, str]:
     # No JAX compilation cache from the caller's environment: every framework compiles cold
     # (Tandem's own cache directory is set per run, below).
-    drop = ("XLA_FLAGS", "JAX_PLATFORMS", "PYTHONPATH", "JAX_COMPILATION_CACHE_DIR",
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    drop = ("XLA_FLAGS", "JAX_PLATFORMS", "PYTHONPATH", *JAX_CACHE_ENV)
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -56,7 +56,7 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from controller.api import Job
-    from controller.compile_cache import cache_counts
+    from controller.compile_cache import cache_hits
 
     console = Console(stderr=False)
     console.print(f"[bold]tandem[/bold] run '{cfg.run.name}' (config {cfg.digest()})")
@@ -112,7 +112,7 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
                       f"{cfg.checkpoint_dir or '(checkpointing off)'}")
     if not s:
         return 0
-    hits = cache_counts()["hits"]
+    hits = cache_hits()
     reused = f", {hits} programs from the compile cache" if hits else ""
     console.print(
         f"done: {s['steps']} steps | reward first {s['window']} steps {s['reward_first']:.3f} -> "

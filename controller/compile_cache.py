@@ -25,25 +25,26 @@ DEFAULT_DIR = "~/.cache/tandem/xla"  # run.compile_cache_dir's default
 MIN_COMPILE_S = 0.2
 _JAX_DEFAULT_MIN_COMPILE_S = 1.0
 
+# The environment variables through which JAX takes a cache setting from outside the process.
+JAX_CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+
 _lock = threading.Lock()
-_counts = {"hits": 0, "misses": 0}
+_hits = 0
 _listening = False
 
 
 def _on_event(event: str, **_: object) -> None:
+    global _hits
     if event == "/jax/compilation_cache/cache_hits":
         with _lock:
-            _counts["hits"] += 1
-    elif event == "/jax/compilation_cache/cache_misses":
-        with _lock:
-            _counts["misses"] += 1
+            _hits += 1
 
 
-def cache_counts() -> dict[str, int]:
-    """Programs loaded from the persistent cache ("hits") and compiled and written to it
-    ("misses") by this process since the first job configured the cache."""
+def cache_hits() -> int:
+    """Programs this process loaded from the persistent cache instead of compiling them
+    (counted from the first job that configured the cache on)."""
     with _lock:
-        return dict(_counts)
+        return _hits
 
 
 def cache_dir_for(configured: str | None, on_pathways: bool) -> str | None:

@@ -309,7 +309,6 @@ class Attention(nnx.Module):
         mask_BxLxS = mask_BxLxS.astype(bool)
         if self.sliding and spec.sliding_window is not None:
             # Query column c = cache_index + i sees key column s only if c - s < W.
-            s_len = v.shape[2]
             q_cols_L = (0 if cache_index is None else cache_index) + jnp.arange(l_)
             window_LxS = q_cols_L[:, None] - jnp.arange(s_len)[None, :] < spec.sliding_window
             mask_BxLxS = mask_BxLxS & window_LxS[None]
@@ -377,9 +376,8 @@ class Decoder(nnx.Module):
                  logit_cols: slice | None = None):
         """Returns (logits_BxLxV in float32, new cache or None).
 
-        cache: a list of (k, v) per layer, k [B, K, Dh, S], v [B, K, S, Dh] (`init_cache`); the L
-        new positions are written at
-        `cache_index` and `mask_BxLxS` covers all S cache slots.
+        cache: a list of (k, v) per layer, k [B, K, Dh, S], v [B, K, S, Dh] (`init_cache`); the
+        L new positions are written at `cache_index` and `mask_BxLxS` covers all S cache slots.
         logit_cols: compute logits only for these query columns (a static slice); the LM head
         is then applied to those hidden states alone (a prefill needs just the last one).
         """

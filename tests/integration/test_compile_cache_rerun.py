@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from controller.compile_cache import JAX_CACHE_ENV
 from controller.topology import simulation_env
 
 ARGS = ["data.prompts_per_step=4", "sampling.group_size=4", "run.steps=3", "run.progress=false"]
@@ -18,7 +19,7 @@ ARGS = ["data.prompts_per_step=4", "sampling.group_size=4", "run.steps=3", "run.
 def _run(out: Path, cache: Path) -> tuple[str, list[dict]]:
     env = {**os.environ, **simulation_env(8)}
     # This test is about run.compile_cache_dir: no cache directory handed to JAX from outside.
-    for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+    for k in JAX_CACHE_ENV:
         env.pop(k, None)
     proc = subprocess.run(
         [sys.executable, "-m", "controller.cli", "run", *ARGS, f"run.output_dir={out}",
