@@ -126,6 +126,7 @@ class Loop:
         self.sampler_version = 0  # the version of the weights the sampler holds
         self.consumed_position = dataset.position  # rows behind the last *trained* batch
         self._sampler_lock = threading.Lock()  # weight swaps vs. generate() in async mode
+        self._pretraced = False  # the trainer was asked to trace its update ahead (step 1)
 
     def start(self, resumed_version: int = 0) -> Any:
         """Sets the version counters after a (re)start and pushes weights to the sampler."""
@@ -154,6 +155,7 @@ class Loop:
             prompts = self.dataset.next_batch()
             prompt_tokens = np.repeat(prompts.tokens_PxL, g, axis=0)
             prompt_mask = np.repeat(prompts.mask_PxL, g, axis=0)
+            self._pretrace_update(prompt_tokens, prompt_mask)
             with self._sampler_lock:
                 version = self.sampler_version
                 out = self.sampler.generate(prompt_tokens, prompt_mask, key)
@@ -255,22 +257,41 @@ class Loop:
 
     # -- the trainer side ------------------------------------------------------------------
 
-    def consume(self, r: Rollout) -> dict[str, float]:
-        algo, g, tl = self.cfg.algorithm, self.cfg.sampling.group_size, self.timeline
-        batch = r.batch
-
+    def _train_batch(self, batch: Samples) -> TrainBatch:
+        """The trainer's host batch (advantages still zero), in one fixed set of dtypes."""
         # Overlong filtering (DAPO): truncated completions keep their reward in the group
         # statistics but contribute no loss.
-        loss_mask = batch.mask_BxT
-        if algo.overlong_filtering:
-            loss_mask = batch.mask_BxT & ~batch.truncated_B[:, None]
+        mask_BxT = np.asarray(batch.mask_BxT, bool)
+        loss_mask = mask_BxT
+        if self.cfg.algorithm.overlong_filtering:
+            loss_mask = mask_BxT & ~np.asarray(batch.truncated_B, bool)[:, None]
         # Prompt columns left-padded (masked) to the sampler's bucket width: the trainer, too,
         # compiles once per bucket rather than once per prompt width.
         width = bucket_width(batch.prompt_tokens_BxP.shape[1], self.cfg.sampling.prompt_bucket)
-        prompt_BxP, pmask_BxP = left_pad(batch.prompt_tokens_BxP, batch.prompt_mask_BxP, width,
+        prompt_BxP, pmask_BxP = left_pad(np.asarray(batch.prompt_tokens_BxP, np.int32),
+                                         np.asarray(batch.prompt_mask_BxP, bool), width,
                                          self.tokenizer.pad_id)
-        train = TrainBatch(prompt_BxP, pmask_BxP, batch.tokens_BxT, batch.mask_BxT,
-                           np.zeros(len(batch.rows), np.float32), batch.logps_BxT, loss_mask)
+        return TrainBatch(prompt_BxP, pmask_BxP, np.asarray(batch.tokens_BxT, np.int32),
+                          mask_BxT, np.zeros(len(batch.rows), np.float32),
+                          np.asarray(batch.logps_BxT, np.float32), loss_mask)
+
+    def _pretrace_update(self, prompt_tokens: np.ndarray, prompt_mask: np.ndarray) -> None:
+        """Has the trainer trace its update for this step's batch shapes while the sampler
+        compiles and samples (first step only; see `Trainer.pretrace`)."""
+        if self._pretraced:
+            return
+        self._pretraced = True
+        b, t = len(prompt_tokens), self.cfg.sampling.max_new_tokens
+        placeholder = Samples([{}] * b, prompt_tokens, prompt_mask, np.zeros((b, t), np.int32),
+                              np.ones((b, t), bool), np.zeros((b, t), np.float32),
+                              np.zeros(b, bool), np.zeros(b, np.float32), np.zeros(b, np.float32))
+        self.trainer.pretrace(self._train_batch(placeholder))
+
+    def consume(self, r: Rollout) -> dict[str, float]:
+        algo, g, tl = self.cfg.algorithm, self.cfg.sampling.group_size, self.timeline
+        batch = r.batch
+        train = self._train_batch(batch)
+        loss_mask = train.loss_mask_BxT
 
         # ADVANTAGES: group-relative (algorithm.advantage_estimator), from the final rewards.
         rewards_B = batch.rewards_B

@@ -19,6 +19,8 @@ so accumulating K microbatches gives exactly the minibatch gradient. μ × minib
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +107,8 @@ def sequence_logprobs(mdef: ModelDef, params: Params, prompt_BxP, prompt_mask_Bx
                                          completion_BxT, completion_mask_BxT, temperature)[0]
 
 
+log = logging.getLogger(__name__)
+
 # The narrowest prompt (in padded columns) for which the trainer's forward runs each group's
 # prompt once (see Trainer._group). Measured on the default demo job (prompts padded to 16,
 # 124k params), the shared forward made the update 1.4x slower; on the issue-12 standard job
@@ -152,6 +156,8 @@ class Trainer:
         self._update = jax.jit(self._update_step, donate_argnums=(0,), static_argnames=("group",),
                                out_shardings=(state_shardings, submesh.replicated()))
         self._sequence_kl = jax.jit(self._sequence_kl_impl, static_argnames=("group",))
+        self.update_traces = 0  # times `_update_step` was traced (each trace is a compile)
+        self._pretrace_thread: threading.Thread | None = None
 
     def restore_state(self, state: dict[str, Any]) -> None:
         """Takes a state restored from a checkpoint (same tree, shardings on this mesh)."""
@@ -234,6 +240,7 @@ class Trainer:
     # -- the update ---------------------------------------------------------------------------
 
     def _update_step(self, state, ref_params, b: TrainBatch, off_policy, group: int = 1):
+        self.update_traces += 1  # Python side effect: runs once per trace, not per call
         algo = self.algo
         n_mb, n_acc = algo.num_minibatches, algo.gradient_accumulation_steps
         n_chunks, steps = n_mb * n_acc, algo.num_iterations * n_mb
@@ -356,10 +363,51 @@ class Trainer:
         off_policy: the batch was sampled by older weights (async schedule); each token's
         advantage is reweighted by the truncated importance ratio w = min(π_θ/μ, C).
         """
+        if self._pretrace_thread is not None:  # let it finish: its trace is this call's
+            self._pretrace_thread.join()
+            self._pretrace_thread = None
         flag = jax.device_put(np.bool_(off_policy), self.submesh.replicated())
         self.state, aux = self._update(self.state, self._reference(), self.place_batch(batch),
                                        flag, group=self._group(batch))
         return aux
+
+    def pretrace(self, batch: TrainBatch) -> None:
+        """Traces and lowers the update for `batch`'s shapes on a background thread.
+
+        Tracing the update (Python, ~1 s on the issue-12 job) and lowering it need only the
+        batch's shapes, dtypes and the host-side prompt check (`_group`), not its values. The
+        loop calls this with a placeholder batch as soon as the first prompts are drawn, so the
+        trace runs while the sampler's program compiles (XLA releases the GIL there). JAX keeps
+        the jaxpr and the lowering in its caches, keyed by exactly these abstract arguments, so
+        the first `update` with the same shapes only compiles. A batch of other shapes traces
+        as usual; a failure here is logged and leaves `update` to trace by itself.
+        """
+        if self._pretrace_thread is not None:
+            return
+        group = self._group(batch)
+
+        def abstract(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding)
+
+        b = jax.tree.map(
+            lambda x: abstract(x, self.submesh.batch_sharding(np.shape(x)[0], np.ndim(x))),
+            batch)
+        ref = self.ref_params
+        if self.ref_params_host is not None:  # offloaded: trace without copying it in
+            ref = jax.tree.map(abstract, self.ref_params_host, self.shardings)
+        flag = abstract(np.bool_(False), self.submesh.replicated())
+        state = self.state
+
+        def run() -> None:
+            try:
+                self._update.trace(state, ref, b, flag, group=group).lower()
+            except Exception as e:  # an optimisation only: update() traces for itself
+                log.warning("tracing the update ahead of the first batch failed (%s: %s); "
+                            "the first update traces it instead", type(e).__name__, e)
+
+        self._pretrace_thread = threading.Thread(target=run, daemon=True,
+                                                 name="tandem-pretrace")
+        self._pretrace_thread.start()
 
     def logprobs(self, batch: TrainBatch) -> jax.Array:
         """Per-token logprobs of the batch's completions under the current params."""

@@ -18,7 +18,10 @@ def test_short_run_reward_rises(tmp_path):
     with Job(cfg) as job:
         first = job.step()
         assert job.meshes.trainer.size == job.meshes.sampler.size == 4
+        # The first update was traced ahead, while the sampler compiled, and reused as is.
+        assert job.trainer.update_traces == 1
         history = job.run()
+    assert job.trainer.update_traces == 1  # one compiled update for the whole run
     assert len(history) == 150 and history[0] is first
     for key in ("reward/mean", "loss/policy", "kl/mean", "time/sample_s", "time/reward_s",
                 "time/update_s", "time/reshard_s", "reshard/bytes"):

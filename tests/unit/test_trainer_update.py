@@ -223,6 +223,32 @@ def test_update_shares_prompts_only_when_the_rows_really_share_them(small_model,
         np.testing.assert_allclose(x, y, atol=1e-6)
 
 
+def test_pretraced_update_only_compiles_and_computes_the_same(small_model, meshes, batch):
+    # The loop traces the first update on a background thread from a placeholder batch of the
+    # right shapes (zeros, not the real tokens); the real update must reuse that trace (no
+    # second trace) and land exactly where an update that traced for itself lands.
+    plain = _trainer(small_model, meshes, 0.1, beta=0.5, reference_offload=True)
+    ahead = _trainer(small_model, meshes, 0.1, beta=0.5, reference_offload=True)
+    placeholder = jax.tree.map(np.zeros_like, batch)
+    placeholder = dataclasses.replace(placeholder, prompt_tokens_BxP=batch.prompt_tokens_BxP,
+                                      prompt_mask_BxP=batch.prompt_mask_BxP)
+    ahead.pretrace(placeholder)
+    ahead._pretrace_thread.join()
+    assert ahead.update_traces == 1
+    aux_a = jax.device_get(ahead.update(batch))
+    aux_p = jax.device_get(plain.update(batch))
+    assert ahead.update_traces == 1 and plain.update_traces == 1
+    assert aux_a == aux_p
+    for x, y in zip(jax.tree.leaves(_host(ahead.params)), jax.tree.leaves(_host(plain.params)),
+                    strict=True):
+        np.testing.assert_array_equal(x, y)
+    # Shapes traced before cost no new trace; a batch of other shapes is traced for itself.
+    ahead.pretrace(placeholder)
+    ahead.update(dataclasses.replace(batch, prompt_tokens_BxP=batch.prompt_tokens_BxP[:, 1:],
+                                     prompt_mask_BxP=batch.prompt_mask_BxP[:, 1:]))
+    assert ahead.update_traces == 2
+
+
 @pytest.mark.parametrize("dtypes", [("float32", "float32"), ("bfloat16", "float32")])
 def test_linear_layers_backward_equals_autodiff_of_the_plain_product(dtypes):
     """The model's matmuls carry a custom backward (no transposed copies on XLA:CPU); it must
