@@ -371,7 +371,7 @@ class Trainer:
                                        flag, group=self._group(batch))
         return aux
 
-    def pretrace(self, batch: TrainBatch) -> None:
+    def pretrace(self, batch: TrainBatch) -> threading.Thread | None:
         """Traces and lowers the update for `batch`'s shapes on a background thread.
 
         Tracing the update (Python, ~1 s on the issue-12 job) and lowering it need only the
@@ -380,10 +380,11 @@ class Trainer:
         trace runs while the sampler's program compiles (XLA releases the GIL there). JAX keeps
         the jaxpr and the lowering in its caches, keyed by exactly these abstract arguments, so
         the first `update` with the same shapes only compiles. A batch of other shapes traces
-        as usual; a failure here is logged and leaves `update` to trace by itself.
+        as usual; a failure here is logged and leaves `update` to trace by itself. Returns the
+        thread (None if one is already running); `update` waits for it.
         """
         if self._pretrace_thread is not None:
-            return
+            return None
         group = self._group(batch)
 
         def abstract(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:
@@ -405,9 +406,11 @@ class Trainer:
                 log.warning("tracing the update ahead of the first batch failed (%s: %s); "
                             "the first update traces it instead", type(e).__name__, e)
 
-        self._pretrace_thread = threading.Thread(target=run, daemon=True,
-                                                 name="tandem-pretrace")
+        # Not a daemon: a process that exits mid-trace (a failed first rollout) waits the
+        # second or two for it rather than tearing down the interpreter under a lowering.
+        self._pretrace_thread = threading.Thread(target=run, name="tandem-pretrace")
         self._pretrace_thread.start()
+        return self._pretrace_thread
 
     def logprobs(self, batch: TrainBatch) -> jax.Array:
         """Per-token logprobs of the batch's completions under the current params."""

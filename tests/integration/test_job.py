@@ -16,9 +16,14 @@ from controller.config import load_config
 def test_short_run_reward_rises(tmp_path):
     cfg = load_config(overrides=["run.steps=150", f"run.output_dir={tmp_path}"])
     with Job(cfg) as job:
+        pretraced = []
+        pretrace = job.trainer.pretrace
+        job.trainer.pretrace = lambda batch: pretraced.append(pretrace(batch))
         first = job.step()
         assert job.meshes.trainer.size == job.meshes.sampler.size == 4
-        # The first update was traced ahead, while the sampler compiled, and reused as is.
+        # The loop had the first update traced ahead from a placeholder batch (while the
+        # sampler compiled), and the real update reused that trace: one trace in all.
+        assert len(pretraced) == 1 and pretraced[0] is not None
         assert job.trainer.update_traces == 1
         history = job.run()
     assert job.trainer.update_traces == 1  # one compiled update for the whole run

@@ -232,9 +232,8 @@ def test_pretraced_update_only_compiles_and_computes_the_same(small_model, meshe
     placeholder = jax.tree.map(np.zeros_like, batch)
     placeholder = dataclasses.replace(placeholder, prompt_tokens_BxP=batch.prompt_tokens_BxP,
                                       prompt_mask_BxP=batch.prompt_mask_BxP)
-    ahead.pretrace(placeholder)
-    ahead._pretrace_thread.join()
-    assert ahead.update_traces == 1
+    ahead.pretrace(placeholder).join()
+    assert ahead.update_traces == 1  # traced on the background thread, before any update
     aux_a = jax.device_get(ahead.update(batch))
     aux_p = jax.device_get(plain.update(batch))
     assert ahead.update_traces == 1 and plain.update_traces == 1
