@@ -109,6 +109,28 @@ def sequence_logprobs(mdef: ModelDef, params: Params, prompt_BxP, prompt_mask_Bx
 
 log = logging.getLogger(__name__)
 
+# XLA:CPU puts all of a program's temporaries in one block per device and call: ~144 MB for
+# the issue-12 standard job's update. glibc serves a block over 32 MB with a fresh mmap and
+# unmaps it on free, so every update faulted the whole block in again (~143k page faults, a
+# sixth of its CPU time). Split into heaps of at most this size, the temporaries come as blocks
+# glibc keeps and hands out again (its mmap threshold rises to the largest block freed, up to
+# 32 MB): the update took 1.03-1.04 s against 1.17-1.18 s. XLA cannot write a program with
+# several temp heaps to the persistent compile cache, so the cap is large enough that a
+# program whose temporaries glibc reuses anyway (<= 16 MB: the default demo's update, 13 MB)
+# stays in one heap and is cached; the sampler's programs keep one heap (their temporaries are
+# small, the KV cache is a donated argument).
+CPU_HEAP_LIMIT_BYTES = 16 << 20
+
+
+def cpu_heap_options(submesh: Any) -> dict[str, Any]:
+    """XLA compiler options for the trainer's programs on `submesh` (CPU only; see above)."""
+    from jax.sharding import Mesh
+
+    mesh = submesh.mesh  # an AbstractMesh (`tandem plan`) has no devices and compiles nothing
+    if not isinstance(mesh, Mesh) or mesh.devices.flat[0].platform != "cpu":
+        return {}
+    return {"xla_multiheap_size_constraint_per_heap": CPU_HEAP_LIMIT_BYTES}
+
 # The narrowest prompt (in padded columns) for which the trainer's forward runs each group's
 # prompt once (see Trainer._group). Measured on the default demo job (prompts padded to 16,
 # 124k params), the shared forward made the update 1.4x slower; on the issue-12 standard job
@@ -154,8 +176,10 @@ class Trainer:
         self._optimizer = optimizer
         # Out shardings pinned to the in shardings: the state never drifts to another layout.
         self._update = jax.jit(self._update_step, donate_argnums=(0,), static_argnames=("group",),
-                               out_shardings=(state_shardings, submesh.replicated()))
-        self._sequence_kl = jax.jit(self._sequence_kl_impl, static_argnames=("group",))
+                               out_shardings=(state_shardings, submesh.replicated()),
+                               compiler_options=cpu_heap_options(submesh))
+        self._sequence_kl = jax.jit(self._sequence_kl_impl, static_argnames=("group",),
+                                    compiler_options=cpu_heap_options(submesh))
         self.update_traces = 0  # times `_update_step` was traced (each trace is a compile)
         self._pretrace_thread: threading.Thread | None = None
 
@@ -414,8 +438,9 @@ class Trainer:
 
     def logprobs(self, batch: TrainBatch) -> jax.Array:
         """Per-token logprobs of the batch's completions under the current params."""
-        return jax.jit(self._logprobs, static_argnums=2)(self.params, self.place_batch(batch),
-                                                         self._group(batch))
+        fn = jax.jit(self._logprobs, static_argnums=2,
+                     compiler_options=cpu_heap_options(self.submesh))
+        return fn(self.params, self.place_batch(batch), self._group(batch))
 
     def _sequence_kl_impl(self, params, ref_params, b: TrainBatch, group: int = 1) -> jax.Array:
         n = self.algo.num_minibatches * self.algo.gradient_accumulation_steps

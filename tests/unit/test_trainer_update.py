@@ -223,6 +223,31 @@ def test_update_shares_prompts_only_when_the_rows_really_share_them(small_model,
         np.testing.assert_allclose(x, y, atol=1e-6)
 
 
+def test_heap_cap_changes_no_value_of_the_update(small_model, meshes, batch):
+    # The CPU heap cap (trainer.CPU_HEAP_LIMIT_BYTES) only moves buffers: the same update
+    # compiled without it must land on bit-identical params and metrics.
+    from jax.sharding import AbstractMesh
+
+    from controller.topology import SubMesh
+    from trainer.trainer import CPU_HEAP_LIMIT_BYTES, cpu_heap_options
+
+    assert cpu_heap_options(meshes.trainer) == {
+        "xla_multiheap_size_constraint_per_heap": CPU_HEAP_LIMIT_BYTES}
+    assert CPU_HEAP_LIMIT_BYTES <= 32 << 20  # glibc reuses freed blocks up to 32 MB
+    assert cpu_heap_options(SubMesh("plan", AbstractMesh((2,), ("fsdp",)), {})) == {}
+    capped = _trainer(small_model, meshes, 0.1, beta=0.5)
+    plain = _trainer(small_model, meshes, 0.1, beta=0.5)
+    plain._update = jax.jit(plain._update_step, donate_argnums=(0,), static_argnames=("group",),
+                            out_shardings=(jax.tree.map(lambda x: x.sharding, plain.state),
+                                           meshes.trainer.replicated()))
+    aux_c = jax.device_get(capped.update(batch))
+    aux_p = jax.device_get(plain.update(batch))
+    assert aux_c == aux_p
+    for x, y in zip(jax.tree.leaves(_host(capped.params)), jax.tree.leaves(_host(plain.params)),
+                    strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_pretraced_update_only_compiles_and_computes_the_same(small_model, meshes, batch):
     # The loop traces the first update on a background thread from a placeholder batch of the
     # right shapes (zeros, not the real tokens); the real update must reuse that trace (no
