@@ -9,8 +9,8 @@ batch, mesh, dtype) is a different key, so a stale entry is never used.
 
 On CPU, a trainer program whose temporaries exceed `trainer.CPU_HEAP_LIMIT_BYTES` is compiled
 with them split into several heaps (steps ~10% faster on the issue-12 job), and XLA cannot
-serialise such a program: it is compiled afresh each time, and JAX's warning about the failed
-write is silenced here (it says nothing the user can act on).
+serialise such a program: it is compiled afresh each time (the trainer silences JAX's warning
+about the failed write).
 
 JAX's cache settings are process-wide. A directory the user already gave JAX
 (`JAX_COMPILATION_CACHE_DIR` or `jax.config`) is left alone; `run.compile_cache_dir: null`
@@ -91,9 +91,6 @@ def configure_compile_cache(cache_dir: str | None) -> str | None:
             return None
         path = str(p)
     jax.config.update("jax_compilation_cache_dir", path)
-    warnings.filterwarnings(
-        "ignore", message=r"Error writing persistent compilation cache entry .*"
-        r"Multiple temp buffer allocations found", category=UserWarning)
     if jax.config.jax_persistent_cache_min_compile_time_secs == _JAX_DEFAULT_MIN_COMPILE_S:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
     return path

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,12 +175,19 @@ class Trainer:
             lambda x: x if x.ndim else jax.device_put(x, submesh.replicated()), state)
         state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self._optimizer = optimizer
+        self._compiler_options = cpu_heap_options(submesh)
+        if self._compiler_options:
+            # Such a program cannot be written to JAX's persistent compile cache; JAX warns
+            # about each failed write, which the user cannot act on (see CPU_HEAP_LIMIT_BYTES).
+            warnings.filterwarnings(
+                "ignore", message=r"Error writing persistent compilation cache entry .*"
+                r"Multiple temp buffer allocations found", category=UserWarning)
         # Out shardings pinned to the in shardings: the state never drifts to another layout.
         self._update = jax.jit(self._update_step, donate_argnums=(0,), static_argnames=("group",),
                                out_shardings=(state_shardings, submesh.replicated()),
-                               compiler_options=cpu_heap_options(submesh))
+                               compiler_options=self._compiler_options)
         self._sequence_kl = jax.jit(self._sequence_kl_impl, static_argnames=("group",),
-                                    compiler_options=cpu_heap_options(submesh))
+                                    compiler_options=self._compiler_options)
         self.update_traces = 0  # times `_update_step` was traced (each trace is a compile)
         self._pretrace_thread: threading.Thread | None = None
 
@@ -205,11 +213,12 @@ class Trainer:
     def place_batch(self, batch: TrainBatch) -> TrainBatch:
         """Host arrays -> the trainer mesh, rows split over the "batch" rule's axis."""
         def put(x):
-            if x is None:
-                return None
-            x = np.asarray(x)
-            return jax.device_put(x, self.submesh.batch_sharding(x.shape[0], x.ndim))
+            return None if x is None else jax.device_put(np.asarray(x), self._row_sharding(x))
         return jax.tree.map(put, batch, is_leaf=lambda x: x is None)
+
+    def _row_sharding(self, x: Any) -> Any:
+        """Where a batch leaf lives: its rows split over the "batch" rule's axis."""
+        return self.submesh.batch_sharding(np.shape(x)[0], np.ndim(x))
 
     def _group(self, batch: TrainBatch) -> int:
         """G for the shared-prompt forward, or 1 (per-row) when the batch is not G-grouped.
@@ -414,9 +423,7 @@ class Trainer:
         def abstract(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:
             return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding)
 
-        b = jax.tree.map(
-            lambda x: abstract(x, self.submesh.batch_sharding(np.shape(x)[0], np.ndim(x))),
-            batch)
+        b = jax.tree.map(lambda x: abstract(x, self._row_sharding(x)), batch)
         ref = self.ref_params
         if self.ref_params_host is not None:  # offloaded: trace without copying it in
             ref = jax.tree.map(abstract, self.ref_params_host, self.shardings)
@@ -438,8 +445,7 @@ class Trainer:
 
     def logprobs(self, batch: TrainBatch) -> jax.Array:
         """Per-token logprobs of the batch's completions under the current params."""
-        fn = jax.jit(self._logprobs, static_argnums=2,
-                     compiler_options=cpu_heap_options(self.submesh))
+        fn = jax.jit(self._logprobs, static_argnums=2, compiler_options=self._compiler_options)
         return fn(self.params, self.place_batch(batch), self._group(batch))
 
     def _sequence_kl_impl(self, params, ref_params, b: TrainBatch, group: int = 1) -> jax.Array:
