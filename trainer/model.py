@@ -137,13 +137,18 @@ class RMSNorm(nnx.Module):
         self.plus_one = plus_one
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
-        scale = self.scale[...].reshape((1,) * (x.ndim - 1) + (-1,))
-        normed = x32 * jax.lax.rsqrt(var + self.eps)
-        if self.plus_one:
-            return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
-        return normed.astype(x.dtype) * scale
+        return rms_norm(x, self.scale[...], self.eps, self.plus_one)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool) -> jax.Array:
+    """`RMSNorm` on a bare weight w [D]."""
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    scale = w.reshape((1,) * (x.ndim - 1) + (-1,))
+    normed = x32 * jax.lax.rsqrt(var + eps)
+    if plus_one:
+        return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    return normed.astype(x.dtype) * scale
 
 
 @jax.custom_vjp
@@ -381,10 +386,7 @@ class Decoder(nnx.Module):
         logit_cols: compute logits only for these query columns (a static slice); the LM head
         is then applied to those hidden states alone (a prefill needs just the last one).
         """
-        x = jnp.take(self.embed[...], tokens_BxL, axis=0)
-        if self.spec.embed_scale != 1.0:
-            # HF multiplies by the scale rounded to the weights' dtype (sqrt(D) in bf16).
-            x = x * jnp.asarray(self.spec.embed_scale, x.dtype)
+        x = embed_tokens(self.spec, self.embed[...], tokens_BxL)
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.layers):
             kv = cache[i] if cache is not None else None
@@ -393,11 +395,55 @@ class Decoder(nnx.Module):
                 new_cache.append(kv)
         if logit_cols is not None:
             x = x[:, logit_cols]
-        x = self.final_norm(x)
-        # Tied: the embedding transposed (its weight gradient is a small [D, V] transpose).
-        head = self.embed[...].T if self.spec.tie_embeddings else self.lm_head[...]
-        logits = linear(x, head).astype(jnp.float32)
-        return softcap(logits, self.spec.final_softcap), new_cache
+        top = {"embed": self.embed[...], "final_norm": {"scale": self.final_norm.scale[...]}}
+        if not self.spec.tie_embeddings:
+            top["lm_head"] = self.lm_head[...]
+        return head_logits(self.spec, top, x), new_cache
+
+
+# ---------------------------------------------------------------------------------------------
+# The model in pieces, on parts of a pure params dict: the embedding, one block, the head. The
+# trainer's layered update (trainer/trainer.py) runs each piece as its own program.
+
+# The params outside the blocks: the embedding, the final norm and an untied LM head.
+TOP_KEYS = ("embed", "final_norm", "lm_head")
+
+
+def top_params(params: Params) -> Params:
+    """The params the embedding and the head use (everything but the blocks)."""
+    return {k: params[k] for k in TOP_KEYS if k in params}
+
+
+def embed_tokens(spec: ModelSpec, embed_VxD: jax.Array, tokens_BxL: jax.Array) -> jax.Array:
+    x = jnp.take(embed_VxD, tokens_BxL, axis=0)
+    if spec.embed_scale != 1.0:
+        # HF multiplies by the scale rounded to the weights' dtype (sqrt(D) in bf16).
+        x = x * jnp.asarray(spec.embed_scale, x.dtype)
+    return x
+
+
+def head_logits(spec: ModelSpec, top: Params, x_BxLxD: jax.Array) -> jax.Array:
+    """Final norm, LM head and soft-cap: hidden states -> float32 logits."""
+    x = rms_norm(x_BxLxD, top["final_norm"]["scale"], spec.norm_eps, spec.norm_plus_one)
+    # Tied: the embedding transposed (its weight gradient is a small [D, V] transpose).
+    head = top["embed"].T if spec.tie_embeddings else top["lm_head"]
+    return softcap(linear(x, head).astype(jnp.float32), spec.final_softcap)
+
+
+_BLOCK_DEFS: dict[tuple[ModelSpec, bool], tuple[Any, Any]] = {}
+
+
+def apply_block(spec: ModelSpec, sliding: bool, params_l: Params, x, positions, mask, kv=None,
+                cache_index=None):
+    """One `Block` (a sliding-window one or not) on its pure params dict; see `Block`."""
+    key = (spec, sliding)
+    if key not in _BLOCK_DEFS:
+        layer = next(i for i in range(spec.num_layers) if spec.is_sliding(i) == sliding)
+        _BLOCK_DEFS[key] = nnx.split(nnx.eval_shape(lambda: Block(spec, nnx.Rngs(0), layer)))
+    graphdef, abstract = _BLOCK_DEFS[key]
+    state = jax.tree.map(lambda a: a, abstract)
+    nnx.replace_by_pure_dict(state, params_l)
+    return nnx.merge(graphdef, state)(x, positions, mask, kv, cache_index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,22 +541,37 @@ def prefill_groups(mdef: ModelDef, params: Params, prompt_BxP: jax.Array,
     prompt.
     """
     b, p = prompt_BxP.shape
-    n = b // group
-
-    def to_rows(x):  # [N, ...] -> [B, ...], each group's value repeated G times
-        return jnp.broadcast_to(x[:, None], (n, group, *x.shape[1:])).reshape(b, *x.shape[1:])
-
-    prompt_NxP = prompt_BxP.reshape(n, group, p)[:, 0]
-    pmask_NxP = pmask_BxP.reshape(n, group, p)[:, 0].astype(bool)
-    logits_Nx1xV, cache = apply_model(mdef, params, prompt_NxP, positions_from_mask(pmask_NxP),
+    pmask_NxP = group_firsts(pmask_BxP, group).astype(bool)
+    logits_Nx1xV, cache = apply_model(mdef, params, group_firsts(prompt_BxP, group),
+                                      positions_from_mask(pmask_NxP),
                                       causal_mask(pmask_NxP, 0, p),
-                                      init_cache(mdef.spec, n, p, dtype), 0,
+                                      init_cache(mdef.spec, b // group, p, dtype), 0,
                                       logit_cols=slice(p - 1, p))
-    k_pad, v_pad = (jnp.zeros(shape, cache[0][0].dtype)
-                    for shape in cache_shapes(mdef.spec, b, extra_cols))
-    cache = [(jnp.concatenate([to_rows(k), k_pad], axis=3),
-              jnp.concatenate([to_rows(v), v_pad], axis=2)) for k, v in cache]
-    return to_rows(logits_Nx1xV[:, 0]), cache
+    cache = [group_kv_to_rows(mdef.spec, kv, group, extra_cols) for kv in cache]
+    return to_rows(logits_Nx1xV[:, 0], group), cache
+
+
+def group_firsts(x_BxR: Any, group: int) -> Any:
+    """[B, ...] -> [B / G, ...]: the first row of each group of G."""
+    return x_BxR.reshape(-1, group, *x_BxR.shape[1:])[:, 0]
+
+
+def to_rows(x_Nx: jax.Array, group: int) -> jax.Array:
+    """[N, ...] -> [N·G, ...], each group's value repeated G times."""
+    n = x_Nx.shape[0]
+    return jnp.broadcast_to(x_Nx[:, None], (n, group, *x_Nx.shape[1:])
+                            ).reshape(n * group, *x_Nx.shape[1:])
+
+
+def group_kv_to_rows(spec: ModelSpec, kv: tuple[jax.Array, jax.Array], group: int,
+                     extra_cols: int) -> tuple[jax.Array, jax.Array]:
+    """One layer's prompt cache of N groups -> B = N·G rows with `extra_cols` zero columns
+    after the prompt's (for the tokens that follow)."""
+    k, v = kv
+    k_pad, v_pad = (jnp.zeros(shape, k.dtype)
+                    for shape in cache_shapes(spec, k.shape[0] * group, extra_cols))
+    return (jnp.concatenate([to_rows(k, group), k_pad], axis=3),
+            jnp.concatenate([to_rows(v, group), v_pad], axis=2))
 
 
 def param_shardings(mdef: ModelDef, submesh: Any) -> Params:

@@ -1,10 +1,10 @@
 """The trainer: owns the policy (and reference) parameters and optimizer state on its mesh.
 
-`Trainer.update(batch)` runs one jitted, sharded GRPO update. Params and optimizer state are
-donated to it (their old buffers are reused), so callers must not hold on to
-`trainer.params` across an update: take what they need (the reshard) before the next one.
+`Trainer.update(batch)` runs one sharded GRPO update. Params and optimizer state are donated
+to it (their old buffers are reused), so callers must not hold on to `trainer.params` across
+an update: take what they need (the reshard) before the next one.
 
-One update, all inside one jitted function (GRPO, Shao et al., 2024, Algorithm 1):
+One update (GRPO, Shao et al., 2024, Algorithm 1):
 
     π_ref logprobs (β > 0, KL in the loss)  and  π_old logprobs (see `old_logprobs`)
     for iteration in 1..μ:                       # algorithm.num_iterations
@@ -13,8 +13,14 @@ One update, all inside one jitted function (GRPO, Shao et al., 2024, Algorithm 1
             params <- AdamW(clip_by_global_norm(g))
 
 The microbatch losses use the aggregation weights of their whole minibatch (trainer/loss.py),
-so accumulating K microbatches gives exactly the minibatch gradient. μ × minibatches is a
-`lax.scan` (one compiled body, not μ·M copies); microbatches are an inner scan.
+so accumulating K microbatches gives exactly the minibatch gradient.
+
+Two ways to run it, with the same values. One optimizer step on one microbatch (μ = 1, one
+minibatch, no accumulation: the common GRPO setting) runs as a chain of small programs, one per
+piece of the model (`Trainer._layered_update`): a block is compiled once for all the layers of
+its kind, and each program's temporaries stay small. Anything else runs as one jitted function
+(`Trainer._update_step`), where μ × minibatches is a `lax.scan` (one compiled body, not μ·M
+copies) and microbatches are an inner scan.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,12 +43,19 @@ from trainer.loss import KL_ESTIMATORS, aggregation_weights, grpo_loss, truncate
 from trainer.model import (
     ModelDef,
     Params,
-    apply_model,
+    apply_block,
+    cache_shapes,
     causal_mask,
+    embed_tokens,
+    group_firsts,
+    group_kv_to_rows,
+    head_logits,
+    param_count,
     param_shardings,
     positions_from_mask,
-    prefill_groups,
     rows_share_prompts,
+    to_rows,
+    top_params,
 )
 
 
@@ -80,24 +94,67 @@ def sequence_logprobs_and_entropy(mdef: ModelDef, params: Params, prompt_BxP, pr
     to float rounding); the prompt's share of the FLOPs is divided by G, and the backward sums
     each completion's gradient into the shared prompt activations, as the per-row forward's
     identical copies would.
+
+    The forward is the three pieces below (`embed_rows`, `block_rows` per layer, `head_rows`),
+    which the layered update also runs as separate programs.
     """
-    p, t = prompt_BxP.shape[1], completion_BxT.shape[1]
+    top = top_params(params)
+    h = embed_rows(mdef, top, prompt_BxP, completion_BxT, group)
+    for i in range(mdef.spec.num_layers):
+        h = block_rows(mdef, mdef.spec.is_sliding(i), params["layers"][i], h, prompt_mask_BxP,
+                       completion_mask_BxT, group)
+    return head_rows(mdef, top, h, completion_BxT, temperature, group)
+
+
+# Hidden states between the pieces: (x_BxLxD,) over prompt + completion columns for group 1;
+# (x_NxPxD, x_BxTxD) for group G > 1: each group's prompt once, then every row's completion.
+Hidden = tuple[jax.Array, ...]
+
+
+def embed_rows(mdef: ModelDef, top: Params, prompt_BxP, completion_BxT, group: int) -> Hidden:
+    spec, embed = mdef.spec, top["embed"]
+    if group == 1:
+        return (embed_tokens(spec, embed, jnp.concatenate([prompt_BxP, completion_BxT], 1)),)
+    return (embed_tokens(spec, embed, group_firsts(prompt_BxP, group)),
+            embed_tokens(spec, embed, completion_BxT))
+
+
+def block_rows(mdef: ModelDef, sliding: bool, params_l: Params, h: Hidden, prompt_mask_BxP,
+               completion_mask_BxT, group: int) -> Hidden:
+    """One block on the hidden states: for group > 1 the prompts first, into a KV cache that
+    each row's completion then attends to at cache columns [P, P + T)."""
+    spec = mdef.spec
+    p, t = prompt_mask_BxP.shape[1], completion_mask_BxT.shape[1]
     mask_BxL = jnp.concatenate([prompt_mask_BxP, completion_mask_BxT], axis=1).astype(bool)
     if group == 1:
-        tokens_BxL = jnp.concatenate([prompt_BxP, completion_BxT], axis=1)
-        logits_BxTxV, _ = apply_model(mdef, params, tokens_BxL, positions_from_mask(mask_BxL),
-                                      causal_mask(mask_BxL, 0, p + t),
-                                      logit_cols=slice(p - 1, p + t - 1))
-        return token_logprobs_and_entropy(logits_BxTxV, completion_BxT, temperature)
+        x, _ = apply_block(spec, sliding, params_l, h[0], positions_from_mask(mask_BxL),
+                           causal_mask(mask_BxL, 0, p + t))
+        return (x,)
+    x_NxPxD, x_BxTxD = h
+    pmask_NxP = group_firsts(prompt_mask_BxP, group).astype(bool)
+    empty = tuple(jnp.zeros(shape, x_NxPxD.dtype)
+                  for shape in cache_shapes(spec, x_NxPxD.shape[0], p))
+    x_NxPxD, kv = apply_block(spec, sliding, params_l, x_NxPxD, positions_from_mask(pmask_NxP),
+                              causal_mask(pmask_NxP, 0, p), empty, 0)
+    x_BxTxD, _ = apply_block(spec, sliding, params_l, x_BxTxD,
+                             positions_from_mask(mask_BxL)[:, p:], causal_mask(mask_BxL, p, t),
+                             group_kv_to_rows(spec, kv, group, t), p)
+    return x_NxPxD, x_BxTxD
 
-    # PROMPTS, once per group; then the COMPLETIONS, per row, against their group's prompt
-    # keys/values at cache columns [P, P + T).
-    last_BxV, cache = prefill_groups(mdef, params, prompt_BxP, prompt_mask_BxP, group, t)
-    logits_BxT1xV, _ = apply_model(mdef, params, completion_BxT,
-                                   positions_from_mask(mask_BxL)[:, p:],
-                                   causal_mask(mask_BxL, p, t), cache, p,
-                                   logit_cols=slice(0, t - 1))
-    logits_BxTxV = jnp.concatenate([last_BxV[:, None], logits_BxT1xV], axis=1)
+
+def head_rows(mdef: ModelDef, top: Params, h: Hidden, completion_BxT, temperature: float,
+              group: int) -> tuple[jax.Array, jax.Array]:
+    """(logprob, entropy) of every completion token from the last block's hidden states."""
+    spec, t = mdef.spec, completion_BxT.shape[1]
+    if group == 1:
+        x = h[0]
+        p = x.shape[1] - t
+        logits_BxTxV = head_logits(spec, top, x[:, p - 1:p + t - 1])
+    else:
+        x_NxPxD, x_BxTxD = h
+        last_Bx1xV = to_rows(head_logits(spec, top, x_NxPxD[:, -1:]), group)
+        logits_BxTxV = jnp.concatenate([last_Bx1xV, head_logits(spec, top, x_BxTxD[:, :t - 1])],
+                                       axis=1)
     return token_logprobs_and_entropy(logits_BxTxV, completion_BxT, temperature)
 
 
@@ -110,16 +167,18 @@ def sequence_logprobs(mdef: ModelDef, params: Params, prompt_BxP, prompt_mask_Bx
 
 log = logging.getLogger(__name__)
 
-# XLA:CPU puts all of a program's temporaries in one block per device and call: ~144 MB for
-# the issue-12 standard job's update. glibc serves a block over 32 MB with a fresh mmap and
-# unmaps it on free, so every update faulted the whole block in again (~143k page faults, a
-# sixth of its CPU time). Split into heaps of at most this size, the temporaries come as blocks
-# glibc keeps and hands out again (its mmap threshold rises to the largest block freed, up to
-# 32 MB): the update took 1.03-1.04 s against 1.17-1.18 s. XLA cannot write a program with
-# several temp heaps to the persistent compile cache, so the cap is large enough that a
-# program whose temporaries glibc reuses anyway (<= 16 MB: the default demo's update, 13 MB)
-# stays in one heap and is cached; the sampler's programs keep one heap (their temporaries are
-# small, the KV cache is a donated argument).
+# XLA:CPU puts all of a program's temporaries in one block per device and call: ~144 MB for the
+# issue-12 standard job's update as one program. glibc serves a block over 32 MB with a fresh
+# mmap and unmaps it on free, so every update faulted the whole block in again (~143k page
+# faults, a sixth of its CPU time). Split into heaps of at most this size, the temporaries come
+# as blocks glibc keeps and hands out again (its mmap threshold rises to the largest block
+# freed, up to 32 MB): the update took 1.03-1.04 s against 1.17-1.18 s. XLA cannot write a
+# program with several temp heaps to the persistent compile cache, so the cap is large enough
+# that a program whose temporaries glibc reuses anyway (<= 16 MB: the demo's update, 13 MB)
+# stays in one heap and is cached; the sampler's programs keep one heap (their temporaries
+# are small, the KV cache is a donated argument). The layered update's programs hold one block's
+# temporaries each, under the cap on that job, so they too keep one heap and are cached; the cap
+# still splits the monolithic update's and a large model's.
 CPU_HEAP_LIMIT_BYTES = 16 << 20
 
 
@@ -132,6 +191,14 @@ def cpu_heap_options(submesh: Any) -> dict[str, Any]:
         return {}
     return {"xla_multiheap_size_constraint_per_heap": CPU_HEAP_LIMIT_BYTES}
 
+# The smallest model (in parameters) whose update runs as per-layer programs by default (see
+# `Trainer._layered_update`). Each program costs a launch on every device (~2 ms on the
+# simulated CPU devices, with its collectives); for the default demo model (124k parameters,
+# 2 layers, an update of ~50 ms) the ~14 launches made the update ~40% slower, while the
+# issue-12 standard job (3.2M parameters, 4 layers) compiles its first update 1.5 s faster
+# and runs as fast as before.
+LAYERED_MIN_PARAMS = 1_000_000
+
 # The narrowest prompt (in padded columns) for which the trainer's forward runs each group's
 # prompt once (see Trainer._group). Measured on the default demo job (prompts padded to 16,
 # 124k params), the shared forward made the update 1.4x slower; on the issue-12 standard job
@@ -143,13 +210,19 @@ _SUMMED = ("loss/policy", "loss/kl", "loss/entropy", "loss/total")  # Σ over mi
 _MIN, _MAX = ("ratio/min",), ("ratio/max",)  # everything else: token-count-weighted mean
 
 
+def _call(fn: Callable[..., Any], *args: Any, **static: Any) -> Any:
+    """Runs one of the layered update's programs (see `Trainer._layered_update`)."""
+    return fn(*args, **static)
+
+
 class Trainer:
     """GRPO updates on the trainer sub-mesh."""
 
     def __init__(self, mdef: ModelDef, params: Params, optimizer: optax.GradientTransformation,
                  submesh: Any, algo: AlgorithmConfig, temperature: float, *,
                  lr_schedule: optax.Schedule | None = None, is_cap: float = 2.0,
-                 prompt_group: int = 1, share_min_width: int = SHARE_MIN_WIDTH):
+                 prompt_group: int = 1, share_min_width: int = SHARE_MIN_WIDTH,
+                 layered: bool | None = None):
         self.mdef = mdef
         self.submesh = submesh
         self.algo = algo
@@ -188,7 +261,28 @@ class Trainer:
                                compiler_options=self._compiler_options)
         self._sequence_kl = jax.jit(self._sequence_kl_impl, static_argnames=("group",),
                                     compiler_options=self._compiler_options)
-        self.update_traces = 0  # times `_update_step` was traced (each trace is a compile)
+        # The layered update's programs (see `_layered_update`); one compile per kind of layer.
+        opts = self._compiler_options
+        # None: layered for models of LAYERED_MIN_PARAMS or more (see there).
+        self.layered = (param_count(params) >= LAYERED_MIN_PARAMS) if layered is None \
+            else layered
+        self._head_logps_j = jax.jit(self._head_logps_impl, static_argnames=("group",),
+                                     compiler_options=opts)
+        self._embed_j = jax.jit(self._embed_impl, static_argnames=("group",),
+                                compiler_options=opts)
+        self._block_fwd_j = jax.jit(self._block_fwd_impl, static_argnames=("sliding", "group"),
+                                    compiler_options=opts)
+        self._block_j = jax.jit(self._block_impl, static_argnames=("sliding", "group"),
+                                compiler_options=opts)
+        self._block_bwd_j = jax.jit(self._block_bwd_impl, compiler_options=opts)
+        self._head_j = jax.jit(self._head_impl, static_argnames=("group",), compiler_options=opts)
+        self._finish_j = jax.jit(self._finish_impl, donate_argnums=(0,),
+                                 static_argnames=("group",),
+                                 out_shardings=(state_shardings, submesh.replicated()),
+                                 compiler_options=opts)
+        # Times the update was traced (each trace is a compile): `_update_step` for the
+        # monolithic update, `_finish_impl` (its last program) for the layered one.
+        self.update_traces = 0
         self._pretrace_thread: threading.Thread | None = None
 
     def restore_state(self, state: dict[str, Any]) -> None:
@@ -272,6 +366,77 @@ class Trainer:
 
     # -- the update ---------------------------------------------------------------------------
 
+    def _loss(self, logps, ent, d, off_policy) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """One microbatch's loss and aux from its logprobs and entropies. `d` holds the
+        microbatch ("b"), its aggregation weights ("w"), π_old ("old"; None: sg(π_θ)) and π_ref
+        ("ref"; None without a KL term in the loss)."""
+        algo = self.algo
+        mb: TrainBatch = d["b"]
+        if algo.entropy_coef == 0:
+            ent = jax.lax.stop_gradient(ent)  # metric only: skip its backward pass
+        # μ = 1, one minibatch: the batch came from the current policy, so π_old = sg(π_θ);
+        # the ratio is exactly 1 in value and its gradient is the policy gradient.
+        old = jax.lax.stop_gradient(logps) if d["old"] is None else d["old"]
+        # A stale batch (async schedule) is reweighted per token by w = min(π_θ/μ, C)
+        # against the behaviour logprobs; on-policy batches use w = 1 exactly.
+        w_is = jnp.where(off_policy, truncated_is_weights(logps, mb.sampler_logps_BxT,
+                                                          self.is_cap), 1.0)
+        loss, aux = grpo_loss(
+            logps, old, d["ref"], mb.advantages_B[:, None] * w_is, mb.loss_mask,
+            epsilon=algo.epsilon, epsilon_low=algo.epsilon_low,
+            epsilon_high=algo.epsilon_high, dual_clip_c=algo.dual_clip_c, beta=algo.beta,
+            kl_estimator=algo.kl_estimator, aggregation=algo.loss_aggregation,
+            norm_length=algo.loss_norm_length,
+            importance_sampling_level=algo.importance_sampling_level,
+            entropy_BxT=ent, entropy_coef=algo.entropy_coef, weights_BxT=d["w"])
+        aux["loss/total"] = loss
+        aux["policy/is_weight_mean"] = _masked_mean(w_is, mb.loss_mask)
+        aux["_tokens"] = jnp.sum(mb.loss_mask.astype(jnp.float32))
+        cm = mb.completion_mask_BxT
+        aux["_logp_diff"] = jnp.sum(jnp.abs(jax.lax.stop_gradient(logps)
+                                            - mb.sampler_logps_BxT) * cm)
+        aux["_logp_tokens"] = jnp.sum(cm.astype(jnp.float32))
+        return loss, aux
+
+    def _apply_grads(self, params: Params, opt_state: Any, grads: Params,
+                     aux_K: dict[str, jax.Array], step_index: jax.Array
+                     ) -> tuple[Params, Any, dict[str, jax.Array]]:
+        """One optimizer step on summed gradients; aux_K: its microbatches' aux, stacked."""
+        aux = _combine(aux_K)
+        aux["grad/norm"] = optax.tree.norm(grads)  # before clipping
+        if self.lr_schedule is not None:
+            aux["optim/lr"] = jnp.asarray(self.lr_schedule(step_index), jnp.float32)
+        updates, opt_state = self._optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, aux
+
+    def _finish_aux(self, aux_S: dict[str, jax.Array], first_S: jax.Array,
+                    aux_pre: dict[str, jax.Array], loss_mask: jax.Array, steps: int
+                    ) -> dict[str, jax.Array]:
+        """The update's metrics from its optimizer steps' aux (leading axis S)."""
+        aux = _combine(aux_S)
+        for k in ("grad/norm", "optim/lr", *_SUMMED):  # per optimizer step: mean, not sum
+            if k in aux:
+                aux[k] = aux[k] / steps
+        # Trainer and sampler score the same tokens with the same weights: a gap here means a
+        # stale or wrongly loaded sampler (it should be float rounding only). Without a
+        # recompute pass, only the first optimizer step's logprobs are pre-update.
+        if "sampler/logp_abs_diff" not in aux_pre:
+            f = first_S.astype(jnp.float32)
+            aux_pre["sampler/logp_abs_diff"] = (
+                jnp.sum(aux_S["_logp_diff"] * f)
+                / jnp.maximum(jnp.sum(aux_S["_logp_tokens"] * f), 1.0))
+        # No loss tokens at all (e.g. every row overlong-filtered): the update is a no-op for
+        # the surrogate; report neutral ratio bounds instead of ±inf.
+        has_tokens = jnp.sum(aux_S["_tokens"]) > 0
+        for k in (*_MIN, *_MAX):
+            aux[k] = jnp.where(has_tokens, aux[k], 1.0)
+        aux["loss/tokens"] = jnp.sum(loss_mask.astype(jnp.float32))
+        for k in ("_tokens", "_logp_diff", "_logp_tokens"):
+            aux.pop(k, None)
+        aux.update(aux_pre)
+        aux["optim/steps"] = jnp.asarray(steps, jnp.float32)
+        return aux
+
     def _update_step(self, state, ref_params, b: TrainBatch, off_policy, group: int = 1):
         self.update_traces += 1  # Python side effect: runs once per trace, not per call
         algo = self.algo
@@ -303,33 +468,7 @@ class Trainer:
         data = jax.tree.map(lambda x: self._chunks(x, n_chunks), data)
 
         def loss_fn(params, d):
-            mb: TrainBatch = d["b"]
-            logps, ent = self._logprobs_entropy(params, mb, group)
-            if algo.entropy_coef == 0:
-                ent = jax.lax.stop_gradient(ent)  # metric only: skip its backward pass
-            # μ = 1, one minibatch: the batch came from the current policy, so π_old = sg(π_θ);
-            # the ratio is exactly 1 in value and its gradient is the policy gradient.
-            old = jax.lax.stop_gradient(logps) if d["old"] is None else d["old"]
-            # A stale batch (async schedule) is reweighted per token by w = min(π_θ/μ, C)
-            # against the behaviour logprobs; on-policy batches use w = 1 exactly.
-            w_is = jnp.where(off_policy, truncated_is_weights(logps, mb.sampler_logps_BxT,
-                                                              self.is_cap), 1.0)
-            loss, aux = grpo_loss(
-                logps, old, d["ref"], mb.advantages_B[:, None] * w_is, mb.loss_mask,
-                epsilon=algo.epsilon, epsilon_low=algo.epsilon_low,
-                epsilon_high=algo.epsilon_high, dual_clip_c=algo.dual_clip_c, beta=algo.beta,
-                kl_estimator=algo.kl_estimator, aggregation=algo.loss_aggregation,
-                norm_length=algo.loss_norm_length,
-                importance_sampling_level=algo.importance_sampling_level,
-                entropy_BxT=ent, entropy_coef=algo.entropy_coef, weights_BxT=d["w"])
-            aux["loss/total"] = loss
-            aux["policy/is_weight_mean"] = _masked_mean(w_is, mb.loss_mask)
-            aux["_tokens"] = jnp.sum(mb.loss_mask.astype(jnp.float32))
-            cm = mb.completion_mask_BxT
-            aux["_logp_diff"] = jnp.sum(jnp.abs(jax.lax.stop_gradient(logps)
-                                                - mb.sampler_logps_BxT) * cm)
-            aux["_logp_tokens"] = jnp.sum(cm.astype(jnp.float32))
-            return loss, aux
+            return self._loss(*self._logprobs_entropy(params, d["b"], group), d, off_policy)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -349,13 +488,8 @@ class Trainer:
             else:
                 zeros = jax.tree.map(jnp.zeros_like, params)
                 grads, aux_K = jax.lax.scan(micro, zeros, jnp.arange(n_acc))
-            aux = _combine(aux_K)
-            aux["grad/norm"] = optax.tree.norm(grads)  # before clipping
-            if self.lr_schedule is not None:
-                aux["optim/lr"] = jnp.asarray(
-                    self.lr_schedule(state["step"] * steps + i), jnp.float32)
-            updates, opt_state = self._optimizer.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
+            params, opt_state, aux = self._apply_grads(params, opt_state, grads, aux_K,
+                                                       state["step"] * steps + i)
             return (params, opt_state), (aux, i == 0)
 
         carry = (state["params"], state["opt_state"])
@@ -365,30 +499,152 @@ class Trainer:
         else:
             (params, opt_state), (aux_S, first_S) = jax.lax.scan(opt_step, carry,
                                                                  jnp.arange(steps))
-        aux = _combine(aux_S)
-        for k in ("grad/norm", "optim/lr", *_SUMMED):  # per optimizer step: mean, not sum
-            if k in aux:
-                aux[k] = aux[k] / steps
-        # Trainer and sampler score the same tokens with the same weights: a gap here means a
-        # stale or wrongly loaded sampler (it should be float rounding only). Without a
-        # recompute pass, only the first optimizer step's logprobs are pre-update.
-        if "sampler/logp_abs_diff" not in aux_pre:
-            f = first_S.astype(jnp.float32)
-            aux_pre["sampler/logp_abs_diff"] = (
-                jnp.sum(aux_S["_logp_diff"] * f)
-                / jnp.maximum(jnp.sum(aux_S["_logp_tokens"] * f), 1.0))
-        # No loss tokens at all (e.g. every row overlong-filtered): the update is a no-op for
-        # the surrogate; report neutral ratio bounds instead of ±inf.
-        has_tokens = jnp.sum(aux_S["_tokens"]) > 0
-        for k in (*_MIN, *_MAX):
-            aux[k] = jnp.where(has_tokens, aux[k], 1.0)
-        aux["loss/tokens"] = jnp.sum(loss_mask.astype(jnp.float32))
-        for k in ("_tokens", "_logp_diff", "_logp_tokens"):
-            aux.pop(k, None)
-        aux.update(aux_pre)
-        aux["optim/steps"] = jnp.asarray(steps, jnp.float32)
+        aux = self._finish_aux(aux_S, first_S, aux_pre, loss_mask, steps)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
         return new_state, aux
+
+    # -- the layered update -------------------------------------------------------------------
+
+    def uses_layered_update(self) -> bool:
+        """Whether `update` runs as per-layer programs (`_layered_update`): for one optimizer
+        step per update on one microbatch, the common GRPO setting, unless the trainer was
+        built with layered=False (or, by default, for a model under LAYERED_MIN_PARAMS).
+        Everything else (μ > 1, several minibatches, gradient accumulation) runs the
+        monolithic `_update_step`."""
+        return (self.layered and self.optimizer_steps_per_update == 1
+                and self.algo.gradient_accumulation_steps == 1)
+
+    def _layered_update(self, state, ref_params, b: TrainBatch, off_policy, group: int = 1,
+                        run: Callable[..., Any] = _call):
+        """`_update_step` for one optimizer step on one microbatch, as a chain of programs: the
+        reference logprobs; the embedding; each block's forward, which returns its pullback
+        (a pytree of the residuals its backward needs); the head and loss with their gradient;
+        each block's backward, last block first; the embedding's backward and the optimizer.
+
+        The same values as `_update_step` (up to float rounding: the embedding's two gradient
+        terms are summed in another order). Why: XLA compiles a block once however many layers
+        share its kind, so the first update compiles ~2 of the model's L blocks' worth of code
+        instead of 2·L; and each program's temporaries are a block's, small enough for malloc
+        to reuse between calls instead of mapping and faulting in one large buffer per call.
+        """
+        algo, spec = self.algo, self.mdef.spec
+        ref_logps = None
+        if ref_params is not None and algo.kl_penalty == "loss":
+            ref_logps = self._layered_logprobs(ref_params, b, group, run)
+        params = state["params"]
+        top = top_params(params)
+        h = run(self._embed_j, top, b, group=group)
+        pullbacks = []
+        for i in range(spec.num_layers):
+            h, pullback = run(self._block_fwd_j, params["layers"][i], h, b,
+                              sliding=spec.is_sliding(i), group=group)
+            pullbacks.append(pullback)
+        aux, g_top, dh = run(self._head_j, top, h, b, ref_logps, off_policy, group=group)
+        g_layers: list[Any] = [None] * spec.num_layers
+        for i in reversed(range(spec.num_layers)):
+            g_layers[i], dh = run(self._block_bwd_j, pullbacks.pop(), dh)  # frees residuals
+        return run(self._finish_j, state, g_top, g_layers, dh, b, aux, group=group)
+
+    def _layered_logprobs(self, params: Params, b: TrainBatch, group: int,
+                          run: Callable[..., Any] = _call) -> jax.Array:
+        """Logprobs (no gradient) by the layered update's programs: the embedding, a block's
+        forward without the residuals a backward needs, and the head."""
+        spec = self.mdef.spec
+        h = run(self._embed_j, top_params(params), b, group=group)
+        for i in range(spec.num_layers):
+            h = run(self._block_j, params["layers"][i], h, b, sliding=spec.is_sliding(i),
+                    group=group)
+        return run(self._head_logps_j, top_params(params), h, b, group=group)
+
+    def _lower_ahead(self, fn: Callable[..., Any], *args: Any, **static: Any) -> Any:
+        """`pretrace`'s runner for `_layered_update`: traces and lowers one program for abstract
+        arguments and returns its outputs as abstract values with the shardings the program
+        pins them to, so that the next program is traced for exactly the arguments the real
+        call passes. A block's backward takes its forward's residuals, whose layout only the
+        compiler decides: it is left to the real call (its trace is the cheapest)."""
+        def like(tree: Any, sharding: Any) -> Any:
+            return jax.tree.map(
+                lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), tree, sharding)
+
+        def rows(tree: Any) -> Any:
+            return jax.tree.map(lambda o: like(o, self._row_sharding(o)), tree)
+
+        if fn is self._block_bwd_j:
+            return like(self.mdef.shapes()["layers"][0], self.shardings["layers"][0]), args[1]
+        traced = fn.trace(*args, **static)
+        traced.lower()
+        out = traced.out_info
+        if fn is self._block_fwd_j:
+            return rows(out[0]), None
+        if fn is self._head_j:
+            aux, g_top, dh = out
+            return (jax.tree.map(lambda o: like(o, self.submesh.replicated()), aux),
+                    like(g_top, top_params(self.shardings)), rows(dh))
+        return None if fn is self._finish_j else rows(out)
+
+    def _constrain_hidden(self, h: Hidden) -> Hidden:
+        return tuple(self._constrain_rows(x) for x in h)
+
+    def _head_logps_impl(self, top: Params, h: Hidden, b: TrainBatch, group: int
+                         ) -> jax.Array:
+        return self._constrain_rows(head_rows(self.mdef, top, h, b.completion_tokens_BxT,
+                                              self.temperature, group)[0])
+
+    def _embed_impl(self, top: Params, b: TrainBatch, group: int) -> Hidden:
+        return self._constrain_hidden(
+            embed_rows(self.mdef, top, b.prompt_tokens_BxP, b.completion_tokens_BxT, group))
+
+    def _block_impl(self, params_l: Params, h: Hidden, b: TrainBatch, sliding: bool,
+                    group: int) -> Hidden:
+        return self._constrain_hidden(block_rows(
+            self.mdef, sliding, params_l, h, b.prompt_mask_BxP, b.completion_mask_BxT, group))
+
+    def _block_fwd_impl(self, params_l: Params, h: Hidden, b: TrainBatch, sliding: bool,
+                        group: int) -> tuple[Hidden, Any]:
+        def block(params_l, h):
+            return self._constrain_hidden(block_rows(
+                self.mdef, sliding, params_l, h, b.prompt_mask_BxP, b.completion_mask_BxT,
+                group))
+        return jax.vjp(block, params_l, h)  # (output, pullback: a pytree of residuals)
+
+    def _block_bwd_impl(self, pullback: Any, dh: Hidden) -> tuple[Params, Hidden]:
+        g_layer, dh = pullback(dh)
+        g_layer = jax.lax.with_sharding_constraint(g_layer, self.shardings["layers"][0])
+        return g_layer, self._constrain_hidden(dh)
+
+    def _head_impl(self, top: Params, h: Hidden, b: TrainBatch, ref_logps, off_policy,
+                   group: int) -> tuple[dict[str, jax.Array], Params, Hidden]:
+        algo = self.algo
+        d = {"b": b, "ref": ref_logps,
+             "w": aggregation_weights(b.loss_mask, algo.loss_aggregation,
+                                      algo.loss_norm_length),
+             "old": b.sampler_logps_BxT if algo.old_logprobs == "sampler" else None}
+
+        def loss_fn(top, h):
+            logps, ent = head_rows(self.mdef, top, h, b.completion_tokens_BxT,
+                                   self.temperature, group)
+            return self._loss(logps, ent, d, off_policy)
+
+        (_, aux), (g_top, dh) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(top, h)
+        return (jax.lax.with_sharding_constraint(aux, self.submesh.replicated()),
+                jax.lax.with_sharding_constraint(g_top, top_params(self.shardings)),
+                self._constrain_hidden(dh))
+
+    def _finish_impl(self, state, g_top: Params, g_layers: list[Params], dh: Hidden,
+                     b: TrainBatch, aux: dict[str, jax.Array], group: int):
+        self.update_traces += 1  # Python side effect: runs once per trace, not per call
+        params = state["params"]
+        _, embed_pullback = jax.vjp(
+            lambda e: embed_rows(self.mdef, {"embed": e}, b.prompt_tokens_BxP,
+                                 b.completion_tokens_BxT, group), params["embed"])
+        (g_embed,) = embed_pullback(dh)
+        grads = {**g_top, "embed": g_top["embed"] + g_embed, "layers": dict(enumerate(g_layers))}
+        aux_K = jax.tree.map(lambda x: x[None], aux)
+        params, opt_state, aux = self._apply_grads(params, state["opt_state"], grads, aux_K,
+                                                   state["step"])
+        aux = self._finish_aux(jax.tree.map(lambda x: x[None], aux), jnp.ones((1,), bool), {},
+                               b.loss_mask, 1)
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, aux
 
     def update(self, batch: TrainBatch, *, off_policy: bool = False) -> dict[str, jax.Array]:
         """One GRPO update (μ × num_minibatches optimizer steps); device-side metrics.
@@ -400,8 +656,9 @@ class Trainer:
             self._pretrace_thread.join()
             self._pretrace_thread = None
         flag = jax.device_put(np.bool_(off_policy), self.submesh.replicated())
-        self.state, aux = self._update(self.state, self._reference(), self.place_batch(batch),
-                                       flag, group=self._group(batch))
+        update = self._layered_update if self.uses_layered_update() else self._update
+        self.state, aux = update(self.state, self._reference(), self.place_batch(batch), flag,
+                                 group=self._group(batch))
         return aux
 
     def pretrace(self, batch: TrainBatch) -> threading.Thread | None:
@@ -412,9 +669,10 @@ class Trainer:
         loop calls this with a placeholder batch as soon as the first prompts are drawn, so the
         trace runs while the sampler's program compiles (XLA releases the GIL there). JAX keeps
         the jaxpr and the lowering in its caches, keyed by exactly these abstract arguments, so
-        the first `update` with the same shapes only compiles. A batch of other shapes traces
-        as usual; a failure here is logged and leaves `update` to trace by itself. Returns the
-        thread (None if one is already running); `update` waits for it.
+        the first `update` with the same shapes only compiles. The layered update's programs
+        are traced in turn, each for the outputs of the one before (`_lower_ahead`). A batch
+        of other shapes traces as usual; a failure here is logged and leaves `update` to trace
+        by itself. Returns the thread (None if one is already running); `update` waits for it.
         """
         if self._pretrace_thread is not None:
             return None
@@ -432,7 +690,10 @@ class Trainer:
 
         def run() -> None:
             try:
-                self._update.trace(state, ref, b, flag, group=group).lower()
+                if self.uses_layered_update():
+                    self._layered_update(state, ref, b, flag, group, run=self._lower_ahead)
+                else:
+                    self._update.trace(state, ref, b, flag, group=group).lower()
             except Exception as e:  # an optimisation only: update() traces for itself
                 log.warning("tracing the update ahead of the first batch failed (%s: %s); "
                             "the first update traces it instead", type(e).__name__, e)

@@ -46,11 +46,12 @@ def _host(tree):
     return jax.tree.map(lambda x: np.array(x), jax.device_get(tree))
 
 
-def _trainer(small_model, meshes, lr, **algo):
+def _trainer(small_model, meshes, lr, trainer_kw=None, **algo):
     mdef, params = small_model
     cfg = AlgorithmConfig(**{"beta": 0.0, **algo})
     # A host copy: the trainer donates its state, which must not alias the shared fixture.
-    return Trainer(mdef, _host(params), optax.sgd(lr), meshes.trainer, cfg, temperature=1.0)
+    return Trainer(mdef, _host(params), optax.sgd(lr), meshes.trainer, cfg, temperature=1.0,
+                   **(trainer_kw or {}))
 
 
 AGG = "seq-mean-token-mean"  # per-row weights 1/(|y_b|·S): the mode most sensitive to chunking
@@ -94,6 +95,10 @@ def test_gradient_accumulation_is_exact(small_model, meshes, batch, one_step):
     # counted over the whole minibatch, not per microbatch.
     two = _trainer(small_model, meshes, 0.1, loss_aggregation=AGG,
                    gradient_accumulation_steps=2)
+    # Accumulation runs as one monolithic program; so does, by default, a model this small.
+    assert not two.uses_layered_update() and not _trainer(small_model, meshes, 0.1).layered
+    assert Trainer(*small_model, optax.sgd(0.1), meshes.trainer, AlgorithmConfig(),
+                   temperature=1.0, layered=True).uses_layered_update()
     a2 = jax.device_get(two.update(batch))
     p1, a1 = one_step
     for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(_host(two.params)), strict=True):
@@ -223,7 +228,7 @@ def test_update_shares_prompts_only_when_the_rows_really_share_them(small_model,
         np.testing.assert_allclose(x, y, atol=1e-6)
 
 
-def test_heap_cap_changes_no_value_of_the_update(small_model, meshes, batch):
+def test_heap_cap_changes_no_value_of_the_update(small_model, meshes, batch, monkeypatch):
     # The CPU heap cap (trainer.CPU_HEAP_LIMIT_BYTES) only moves buffers: the same update
     # compiled without it must land on bit-identical params and metrics.
     from jax.sharding import AbstractMesh
@@ -235,11 +240,12 @@ def test_heap_cap_changes_no_value_of_the_update(small_model, meshes, batch):
         "xla_multiheap_size_constraint_per_heap": CPU_HEAP_LIMIT_BYTES}
     assert CPU_HEAP_LIMIT_BYTES <= 32 << 20  # glibc reuses freed blocks up to 32 MB
     assert cpu_heap_options(SubMesh("plan", AbstractMesh((2,), ("fsdp",)), {})) == {}
+    import trainer.trainer as trainer_module
+
     capped = _trainer(small_model, meshes, 0.1, beta=0.5)
+    monkeypatch.setattr(trainer_module, "cpu_heap_options", lambda submesh: {})
     plain = _trainer(small_model, meshes, 0.1, beta=0.5)
-    plain._update = jax.jit(plain._update_step, donate_argnums=(0,), static_argnames=("group",),
-                            out_shardings=(jax.tree.map(lambda x: x.sharding, plain.state),
-                                           meshes.trainer.replicated()))
+    assert capped._compiler_options and not plain._compiler_options
     aux_c = jax.device_get(capped.update(batch))
     aux_p = jax.device_get(plain.update(batch))
     assert aux_c == aux_p
@@ -248,12 +254,16 @@ def test_heap_cap_changes_no_value_of_the_update(small_model, meshes, batch):
         np.testing.assert_array_equal(x, y)
 
 
-def test_pretraced_update_only_compiles_and_computes_the_same(small_model, meshes, batch):
+@pytest.mark.parametrize("layered", [True, False])
+def test_pretraced_update_only_compiles_and_computes_the_same(small_model, meshes, batch,
+                                                               layered):
     # The loop traces the first update on a background thread from a placeholder batch of the
     # right shapes (zeros, not the real tokens); the real update must reuse that trace (no
     # second trace) and land exactly where an update that traced for itself lands.
-    plain = _trainer(small_model, meshes, 0.1, beta=0.5, reference_offload=True)
-    ahead = _trainer(small_model, meshes, 0.1, beta=0.5, reference_offload=True)
+    kw = {"trainer_kw": {"layered": layered}, "beta": 0.5, "reference_offload": True}
+    plain = _trainer(small_model, meshes, 0.1, **kw)
+    ahead = _trainer(small_model, meshes, 0.1, **kw)
+    assert ahead.uses_layered_update() == layered
     placeholder = jax.tree.map(np.zeros_like, batch)
     placeholder = dataclasses.replace(placeholder, prompt_tokens_BxP=batch.prompt_tokens_BxP,
                                       prompt_mask_BxP=batch.prompt_mask_BxP)
@@ -271,6 +281,47 @@ def test_pretraced_update_only_compiles_and_computes_the_same(small_model, meshe
     ahead.update(dataclasses.replace(batch, prompt_tokens_BxP=batch.prompt_tokens_BxP[:, 1:],
                                      prompt_mask_BxP=batch.prompt_mask_BxP[:, 1:]))
     assert ahead.update_traces == 2
+
+
+@pytest.fixture(scope="module")
+def gemma_like_model(small_model):
+    """Two layers of two kinds (sliding window, then global), sandwich norms, an untied head,
+    scaled embeddings and soft-capped logits: every branch of the layered update's pieces."""
+    from trainer.model import define_model, init_params
+
+    spec = dataclasses.replace(small_model[0].spec, num_layers=2, sliding_window=2,
+                               sliding_layers=(True, False), sandwich_norm=True,
+                               tie_embeddings=False, embed_scale=4.0, final_softcap=5.0)
+    return define_model(spec), init_params(spec, seed=5)
+
+
+@pytest.mark.parametrize("variant", ["per-row", "grouped", "gemma-like"])
+def test_layered_update_equals_the_monolithic_update(small_model, gemma_like_model, meshes,
+                                                     batch, variant):
+    # The default update runs as per-layer programs (embedding, each block's forward and
+    # backward, head and loss, optimizer); it must land where the one-program update lands:
+    # with the reference model's KL and an entropy bonus in the loss, on-policy and then with
+    # the off-policy importance weights, per-row and with each group's prompt run once.
+    model = gemma_like_model if variant == "gemma-like" else small_model
+    g = 4 if variant == "grouped" else 1
+    b = _grouped(batch, 4) if variant == "grouped" else batch
+    algo = {"beta": 0.5, "entropy_coef": 0.01, "loss_aggregation": AGG}
+    share = {"prompt_group": g, "share_min_width": 0}
+    layered = _trainer(model, meshes, 0.1, trainer_kw={**share, "layered": True}, **algo)
+    mono = _trainer(model, meshes, 0.1, trainer_kw={**share, "layered": False}, **algo)
+    assert layered.uses_layered_update() and not mono.uses_layered_update()
+    assert layered._group(b) == g
+    for off_policy in (False, True):
+        aux_l = jax.device_get(layered.update(b, off_policy=off_policy))
+        aux_m = jax.device_get(mono.update(b, off_policy=off_policy))
+        assert aux_l.keys() == aux_m.keys()
+        for k in aux_m:
+            assert aux_l[k] == pytest.approx(aux_m[k], rel=1e-5, abs=1e-6), k
+        for x, y in zip(jax.tree.leaves(_host(layered.params)),
+                        jax.tree.leaves(_host(mono.params)), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert aux_m["kl/mean"] > 0 and aux_m["policy/is_weight_mean"] != 1.0  # both terms active
+    assert layered.update_traces == 1  # one trace of its programs, reused by the second update
 
 
 @pytest.mark.parametrize("dtypes", [("float32", "float32"), ("bfloat16", "float32")])
