@@ -28,6 +28,7 @@ with one), D model width, H query heads, K key/value heads, Dh head width, F MLP
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -430,17 +431,17 @@ def head_logits(spec: ModelSpec, top: Params, x_BxLxD: jax.Array) -> jax.Array:
     return softcap(linear(x, head).astype(jnp.float32), spec.final_softcap)
 
 
-_BLOCK_DEFS: dict[tuple[ModelSpec, bool], tuple[Any, Any]] = {}
+@functools.cache
+def _block_def(spec: ModelSpec, sliding: bool) -> tuple[Any, Any]:
+    """(graph definition, abstract state) of a block of the given kind."""
+    layer = next(i for i in range(spec.num_layers) if spec.is_sliding(i) == sliding)
+    return nnx.split(nnx.eval_shape(lambda: Block(spec, nnx.Rngs(0), layer)))
 
 
 def apply_block(spec: ModelSpec, sliding: bool, params_l: Params, x, positions, mask, kv=None,
                 cache_index=None):
     """One `Block` (a sliding-window one or not) on its pure params dict; see `Block`."""
-    key = (spec, sliding)
-    if key not in _BLOCK_DEFS:
-        layer = next(i for i in range(spec.num_layers) if spec.is_sliding(i) == sliding)
-        _BLOCK_DEFS[key] = nnx.split(nnx.eval_shape(lambda: Block(spec, nnx.Rngs(0), layer)))
-    graphdef, abstract = _BLOCK_DEFS[key]
+    graphdef, abstract = _block_def(spec, sliding)
     state = jax.tree.map(lambda a: a, abstract)
     nnx.replace_by_pure_dict(state, params_l)
     return nnx.merge(graphdef, state)(x, positions, mask, kv, cache_index)

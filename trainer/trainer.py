@@ -601,11 +601,8 @@ class Trainer:
 
     def _block_fwd_impl(self, params_l: Params, h: Hidden, b: TrainBatch, sliding: bool,
                         group: int) -> tuple[Hidden, Any]:
-        def block(params_l, h):
-            return self._constrain_hidden(block_rows(
-                self.mdef, sliding, params_l, h, b.prompt_mask_BxP, b.completion_mask_BxT,
-                group))
-        return jax.vjp(block, params_l, h)  # (output, pullback: a pytree of residuals)
+        # (output, pullback: a pytree of the residuals the backward needs)
+        return jax.vjp(lambda p, x: self._block_impl(p, x, b, sliding, group), params_l, h)
 
     def _block_bwd_impl(self, pullback: Any, dh: Hidden) -> tuple[Params, Hidden]:
         g_layer, dh = pullback(dh)
