@@ -131,7 +131,7 @@ def test_a_run_from_model_path_exports_its_weights_and_tokenizer(tmp_path, capsy
     # A checkpoint as a `model.path` job writes it (the meta's config is the full model_dump,
     # so every model field looks set; the run's own export_hf_dir exists by now), saved
     # directly: the export must be the source model's weights and tokenizer, bit for bit.
-    from hf_fixtures import write_tiny_hf_model
+    from helpers.hf_fixtures import write_tiny_hf_model
     from safetensors.numpy import load_file
 
     from trainer.checkpoint import Checkpointer

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers: no hub acce
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hf_fixtures import FAMILIES, build_tiny_hf_model, write_tiny_hf_model  # noqa: E402
+from helpers.hf_fixtures import FAMILIES, build_tiny_hf_model, write_tiny_hf_model  # noqa: E402
 
 from controller.config import (  # noqa: E402
     AlgorithmConfig,

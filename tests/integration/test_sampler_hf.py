@@ -1,10 +1,11 @@
 """The JAX sampler against `transformers` greedy `generate` on the same tiny HF model.
 
-Each family's tiny random model (tests/hf_fixtures.py) is written as a HF directory, loaded into
-Tandem with `load_hf_model` and into torch with `AutoModelForCausalLM.from_pretrained` (float32,
-eager attention). A left-padded batch of mixed prompt lengths goes through both: greedy tokens
-must be equal token for token up to each row's first EOS, and the sampler's per-token logprob
-of each greedy token must equal log_softmax(HF's raw logits)[token] within 1e-4 (STYLE.md).
+Each family's tiny random model (tests/helpers/hf_fixtures.py) is written as a HF directory,
+loaded into Tandem with `load_hf_model` and into torch with
+`AutoModelForCausalLM.from_pretrained` (float32, eager attention). A left-padded batch of mixed
+prompt lengths goes through both: greedy tokens must be equal token for token up to each row's
+first EOS, and the sampler's per-token logprob of each greedy token must equal log_softmax(HF's
+raw logits)[token] within 1e-4 (STYLE.md).
 """
 
 import os
@@ -17,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers: no hub acce
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hf_fixtures import write_tiny_hf_model  # noqa: E402
+from helpers.hf_fixtures import write_tiny_hf_model  # noqa: E402
 
 from controller.config import SamplingConfig  # noqa: E402
 from sampler.jax_sampler import JaxSampler  # noqa: E402

@@ -1,16 +1,14 @@
 """A GRPO job on a text task with rewards in worker processes: failures reach the metrics."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import USER_REWARDS as USER
 
 from controller.api import Job
 from controller.config import load_config
 from rewards.registry import RewardFailureError
-
-USER = Path(__file__).parents[1] / "unit" / "_user_rewards.py"
 
 
 @pytest.mark.slow  # two compilations of a model: about 25 s of CPU

@@ -4,6 +4,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import USER_REWARDS as USER
 
 from controller.config import RewardsConfig
 from rewards.pool import LocalBackend, ProcessPool
@@ -16,7 +17,6 @@ from rewards.registry import (
     get_reward,
 )
 
-USER = Path(__file__).with_name("_user_rewards.py")
 TIMEOUT_S = 1.0
 FUNCTIONS = [f"{USER}:{name}" for name in
              ("sleep_forever", "raises", "nan", "dies", "exact", "with_ids", "parts")]

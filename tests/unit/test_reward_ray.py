@@ -1,18 +1,18 @@
 """The Ray backend scores like the process pool (skipped where Ray is not installed)."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
+
+from helpers import USER_REWARDS as USER  # noqa: E402
 
 from controller.datasets import gsm8k_path  # noqa: E402
 from rewards.pool import ProcessPool  # noqa: E402
 from rewards.ray_backend import RayBackend  # noqa: E402
 from rewards.registry import RewardSet, build_specs  # noqa: E402
 
-USER = Path(__file__).with_name("_user_rewards.py")
 FUNCTIONS = ["gsm8k", "format", f"{USER}:parts", f"{USER}:sleep_forever", f"{USER}:dies"]
 TIMEOUT_S = 2.0
 
