@@ -44,8 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from controller.compile_cache import JAX_CACHE_ENV  # noqa: E402
-from controller.synthetic import synthetic_prompt_ids  # noqa: E402
+from controller.data.synthetic import synthetic_prompt_ids  # noqa: E402
+from controller.startup import JAX_CACHE_ENV  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # The standard job

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from controller.datasets import gsm8k_path
+from controller.data.datasets import gsm8k_path
 from rewards.builtin import gsm8k
 from rewards.pool import LocalBackend, ProcessPool
 from rewards.registry import RewardSet, build_specs

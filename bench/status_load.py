@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))  # this checkout's packages, not an installed copy
 def client_main(address: str, pollers: int, watchers: int, interval: float) -> int:
     import grpc
 
-    from controller import status_pb2 as pb
-    from controller import status_pb2_grpc as pb_grpc
+    from controller.status import status_pb2 as pb
+    from controller.status import status_pb2_grpc as pb_grpc
 
     def channel():
         # A subchannel pool per channel: each client has its own TCP connection.

@@ -29,12 +29,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from controller.compile_cache import cache_dir_for, configure_compile_cache
 from controller.config import ConfigError, JobConfig
 from controller.metrics import MetricsLog
-from controller.status_board import Phase, StatusBoard
+from controller.startup import cache_dir_for, configure_compile_cache, initialize_pathways
+from controller.status.board import Phase, StatusBoard
 from controller.topology import configure_devices
-from deploy.pathways import initialize_pathways
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ class Job:
             history=cfg.status.history)
         self.status_server = None
         if cfg.status.enabled:
-            from controller.status import start_status_server
+            from controller.status.server import start_status_server
 
             self.status_server = start_status_server(cfg.status, self.board)
         try:
@@ -147,7 +146,7 @@ class Job:
         if cfg.run.output_dir:
             (Path(cfg.run.output_dir) / "config.yaml").write_text(cfg.to_yaml())
         if self.status_server is not None:
-            from controller.status import topology_message
+            from controller.status.server import topology_message
 
             self.status_server.set_topology(topology_message(
                 self.meshes, self.trainer.shardings, self.sampler.shardings,

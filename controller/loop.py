@@ -30,14 +30,14 @@ import numpy as np
 
 from controller.advantages import compute_advantages, soft_overlong_penalty, uniform_groups
 from controller.config import JobConfig
-from controller.data import TaskDataset
+from controller.data.tasks import TaskDataset
+from controller.data.tokenizer import Tokenizer
 from controller.metrics import to_float
 from controller.timeline import Timeline
-from controller.tokenizer import CharTokenizer
 from reshard.transfer import Resharder
 from rewards.registry import RewardSet
-from sampler.base import Sampler
-from sampler.jax_sampler import bucket_width, left_pad
+from sampler.base import Sampler, left_pad
+from sampler.jax_sampler import bucket_width
 from trainer.trainer import TrainBatch, Trainer
 
 
@@ -68,14 +68,11 @@ class Samples:
 def concat_samples(parts: list[Samples], pad_id: int) -> Samples:
     """Row-wise concatenation; prompts are left-padded to the widest part."""
     width = max(p.prompt_tokens_BxP.shape[1] for p in parts)
-
-    def left_pad(x: np.ndarray, fill: Any) -> np.ndarray:
-        return np.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=fill)
-
+    prompts = [left_pad(p.prompt_tokens_BxP, p.prompt_mask_BxP, width, pad_id) for p in parts]
     return Samples(
         [r for p in parts for r in p.rows],
-        np.concatenate([left_pad(p.prompt_tokens_BxP, pad_id) for p in parts]),
-        np.concatenate([left_pad(p.prompt_mask_BxP, False) for p in parts]),
+        np.concatenate([t for t, _ in prompts]),
+        np.concatenate([m for _, m in prompts]),
         *(np.concatenate([getattr(p, f) for p in parts]) for f in (
             "tokens_BxT", "mask_BxT", "logps_BxT", "truncated_B", "scores_B", "rewards_B")))
 
@@ -110,7 +107,7 @@ class Loop:
 
     schedule = "sync"
 
-    def __init__(self, cfg: JobConfig, tokenizer: CharTokenizer, dataset: TaskDataset,
+    def __init__(self, cfg: JobConfig, tokenizer: Tokenizer, dataset: TaskDataset,
                  trainer: Trainer, sampler: Sampler, resharder: Resharder, rewards: RewardSet,
                  timeline: Timeline | None = None):
         self.cfg = cfg
@@ -127,6 +124,11 @@ class Loop:
         self.consumed_position = dataset.position  # rows behind the last *trained* batch
         self._sampler_lock = threading.Lock()  # weight swaps vs. generate() in async mode
         self._pretraced = False  # the trainer was asked to trace its update ahead (step 1)
+        # Rows are built G at a time from one prompt each (np.repeat in `_sample_and_score`);
+        # dynamic sampling and concatenation keep whole groups. So with sampling.share_prompt
+        # the sampler and the trainer may run each prompt once per group: decided here, once,
+        # and handed to both with the batch.
+        self.prompt_group = cfg.sampling.group_size if cfg.sampling.share_prompt else 1
 
     def start(self, resumed_version: int = 0) -> Any:
         """Sets the version counters after a (re)start and pushes weights to the sampler."""
@@ -158,7 +160,8 @@ class Loop:
             self._pretrace_update(prompt_tokens, prompt_mask)
             with self._sampler_lock:
                 version = self.sampler_version
-                out = self.sampler.generate(prompt_tokens, prompt_mask, key)
+                out = self.sampler.generate(prompt_tokens, prompt_mask, key,
+                                            group=self.prompt_group)
             # HOST SYNC: the reward functions need the completion text.
             tokens, mask, logps = jax.device_get((out.tokens_BxT, out.mask_BxT, out.logps_BxT))
 
@@ -273,7 +276,8 @@ class Loop:
                                          self.tokenizer.pad_id)
         return TrainBatch(prompt_BxP, pmask_BxP, np.asarray(batch.tokens_BxT, np.int32),
                           mask_BxT, np.zeros(len(batch.rows), np.float32),
-                          np.asarray(batch.logps_BxT, np.float32), loss_mask)
+                          np.asarray(batch.logps_BxT, np.float32), loss_mask,
+                          group=self.prompt_group)
 
     def _pretrace_update(self, prompt_tokens: np.ndarray, prompt_mask: np.ndarray) -> None:
         """Has the trainer trace its update for this step's batch shapes while the sampler

@@ -124,7 +124,7 @@ class Meshes:
         return f"{one(self.trainer)} | {one(self.sampler)}"
 
 
-def _resolve_shape(name: str, shape: Mapping[str, int], n: int) -> tuple[int, ...]:
+def resolve_shape(name: str, shape: Mapping[str, int], n: int) -> tuple[int, ...]:
     sizes = dict(shape)
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if -1 in sizes.values():
@@ -176,14 +176,14 @@ def build_meshes(cfg: TopologyConfig, devices: Sequence[Any] | None = None, *,
             f"(fix: topology.backend=cpu-sim topology.simulated_devices=8)"
         )
     if colocated:
-        shape = _resolve_shape("trainer", cfg.trainer_mesh, len(devices))
+        shape = resolve_shape("trainer", cfg.trainer_mesh, len(devices))
         mesh = Mesh(np.array(devices).reshape(shape), tuple(cfg.trainer_mesh))
         rules = dict(cfg.trainer_rules)
         return Meshes(trainer=SubMesh("trainer", mesh, rules),
                       sampler=SubMesh("sampler", mesh, rules))
     n_train, n_samp = split_counts(cfg, len(devices))
-    t_shape = _resolve_shape("trainer", cfg.trainer_mesh, n_train)
-    s_shape = _resolve_shape("sampler", cfg.sampler_mesh, n_samp)
+    t_shape = resolve_shape("trainer", cfg.trainer_mesh, n_train)
+    s_shape = resolve_shape("sampler", cfg.sampler_mesh, n_samp)
     t_dev = np.array(devices[:n_train]).reshape(t_shape)
     s_dev = np.array(devices[n_train:]).reshape(s_shape)
     return Meshes(

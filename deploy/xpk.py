@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import TextIO
 
 from controller.config import ConfigError, JobConfig
-from controller.topology import TopologyError, _resolve_shape, split_counts
-from deploy.pathways import DEFAULT_BACKEND_TARGET
+from controller.topology import TopologyError, resolve_shape, split_counts
 
+# The IFRT proxy address a pod made by `xpk workload create-pathways` listens on (its sidecar);
+# the controller's JAX_BACKEND_TARGET.
+DEFAULT_BACKEND_TARGET = "grpc://127.0.0.1:29000"
 XPK_ENV_VAR = "TANDEM_XPK"
 PRIORITIES = ("very-low", "low", "medium", "high", "very-high")  # xpk's --priority choices
 # xpk's own rule for --workload and --cluster (xpk/parser/validators.py): a Kubernetes
@@ -169,8 +171,8 @@ def plan_devices(cfg: JobConfig, tpu: TpuType, num_slices: int) -> DevicePlan:
     where = f"on {tpu.describe(num_slices)}"
     try:
         n_train, n_samp = split_counts(cfg.topology, total)
-        t_shape = _resolve_shape("trainer", cfg.topology.trainer_mesh, n_train)
-        s_shape = _resolve_shape("sampler", cfg.topology.sampler_mesh, n_samp)
+        t_shape = resolve_shape("trainer", cfg.topology.trainer_mesh, n_train)
+        s_shape = resolve_shape("sampler", cfg.topology.sampler_mesh, n_samp)
     except TopologyError as e:
         raise SubmitError(f"{e} [{where}]") from None
     warnings = []

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import jax
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,13 @@ class WeightMismatchError(ValueError):
 
 
 class Sampler(Protocol):
-    def generate(self, prompt_tokens_BxP: Any, prompt_mask_BxP: Any, rng: Any) -> Completions:
-        """Completions for left-padded prompts (one row per completion wanted)."""
+    def generate(self, prompt_tokens_BxP: Any, prompt_mask_BxP: Any, rng: Any, *,
+                 group: int = 1) -> Completions:
+        """Completions for left-padded prompts (one row per completion wanted).
+
+        group > 1 says the rows come in consecutive groups of `group` rows with one prompt
+        each (the controller builds them so); a backend may then prefill each prompt once.
+        """
         ...
 
     def load_weights(self, params: Any) -> None:
@@ -38,6 +44,23 @@ class Sampler(Protocol):
     def metrics(self) -> dict[str, float]:
         """Counters about the sampler itself (`sampler/...` keys), read after generate."""
         ...
+
+
+def left_pad(tokens_BxP: np.ndarray, mask_BxP: np.ndarray, width: int, pad_id: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Adds masked pad columns on the left up to `width`; real tokens stay right-aligned.
+
+    Every prompt batch a sampler takes is left-padded: each row's next token then falls in the
+    same cache column. The controller pads with this too (data batches, merged batches).
+    """
+    b, p = tokens_BxP.shape
+    if width == p:
+        return tokens_BxP, mask_BxP
+    tokens = np.full((b, width), pad_id, np.int32)
+    mask = np.zeros((b, width), bool)
+    tokens[:, width - p:] = tokens_BxP
+    mask[:, width - p:] = mask_BxP
+    return tokens, mask
 
 
 def check_weights(params: Any, expected: Any, shardings: Any | None) -> None:

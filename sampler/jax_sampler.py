@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from controller.config import SamplingConfig
-from sampler.base import Completions, check_weights
+from sampler.base import Completions, check_weights, left_pad
 from sampler.sampling import sample_tokens
 from trainer.model import (
     ModelDef,
@@ -47,7 +47,6 @@ from trainer.model import (
     param_shardings,
     positions_from_mask,
     prefill_groups,
-    rows_share_prompts,
 )
 
 # Draw every decode step's Gumbel noise [T, B, V] before the loop when it fits in this much.
@@ -65,19 +64,6 @@ def bucket_width(width: int, bucket: int | None) -> int:
     while out < width:
         out *= 2
     return out
-
-
-def left_pad(tokens_BxP: np.ndarray, mask_BxP: np.ndarray, width: int, pad_id: int
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Adds masked pad columns on the left up to `width` (real tokens stay right-aligned)."""
-    b, p = tokens_BxP.shape
-    if width == p:
-        return tokens_BxP, mask_BxP
-    tokens = np.full((b, width), pad_id, np.int32)
-    mask = np.zeros((b, width), bool)
-    tokens[:, width - p:] = tokens_BxP
-    mask[:, width - p:] = mask_BxP
-    return tokens, mask
 
 
 def prefill(mdef: ModelDef, params: Any, prompt_BxP: jax.Array, valid_BxS: jax.Array,
@@ -151,8 +137,13 @@ class JaxSampler:
 
     # -- generation ------------------------------------------------------------------------
 
-    def generate(self, prompt_tokens_BxP: Any, prompt_mask_BxP: Any, rng: Any) -> Completions:
-        """Completions for left-padded prompts; returns device arrays (no host sync here)."""
+    def generate(self, prompt_tokens_BxP: Any, prompt_mask_BxP: Any, rng: Any, *,
+                 group: int = 1) -> Completions:
+        """Completions for left-padded prompts; returns device arrays (no host sync here).
+
+        group > 1: rows come in consecutive groups of `group` with one prompt each, and each
+        prompt is prefilled once per group (see `trainer.model.prefill_groups`).
+        """
         if self._params is None:
             raise RuntimeError("sampler has no weights yet: call load_weights(params) first")
         tokens = np.asarray(prompt_tokens_BxP, np.int32)
@@ -162,6 +153,8 @@ class JaxSampler:
                 f"generate: prompt tokens {tokens.shape} and mask {mask.shape} must be the same "
                 f"[B, P] shape"
             )
+        if group < 1 or tokens.shape[0] % group:
+            raise ValueError(f"generate: {tokens.shape[0]} rows do not form groups of {group}")
         width = bucket_width(tokens.shape[1], self.cfg.prompt_bucket)
         tokens, mask = left_pad(tokens, mask, width, self.pad_id)
         b = tokens.shape[0]
@@ -170,7 +163,7 @@ class JaxSampler:
         rng = jax.device_put(rng, self.submesh.replicated())
         cache = self._take_cache(b, width + self.cfg.max_new_tokens - 1)
         out_tokens, out_logps, out_mask, kept_mass, cache = self._generate(
-            self._params, tokens, mask, rng, cache, group=self._group(tokens, mask))
+            self._params, tokens, mask, rng, cache, group=group)
         self._cache = ((b, width + self.cfg.max_new_tokens - 1), cache)
         self._last = {"prompt_width": width, "kept_mass": kept_mass}
         return Completions(out_tokens, out_logps, out_mask)
@@ -184,12 +177,6 @@ class JaxSampler:
             out["sampler/prompt_width"] = float(self._last["prompt_width"])
             out["sampler/kept_mass"] = float(self._last["kept_mass"])
         return out
-
-    def _group(self, tokens_BxP: np.ndarray, mask_BxP: np.ndarray) -> int:
-        """G when the rows come G at a time with one prompt each (sampling.share_prompt), so
-        each prompt is prefilled once; else 1. Checked on the host, so any batch is exact."""
-        g = self.cfg.group_size
-        return g if self.cfg.share_prompt and rows_share_prompts(tokens_BxP, mask_BxP, g) else 1
 
     def _take_cache(self, b: int, s: int) -> list:
         """The kept cache buffer if its shape fits, else a new one (the old one is freed)."""

@@ -125,7 +125,10 @@ class VllmSampler:
         self.llm.reset_prefix_cache()
         self._weight_loads += 1
 
-    def generate(self, prompt_tokens_BxP: Any, prompt_mask_BxP: Any, rng: Any) -> Completions:
+    def generate(self, prompt_tokens_BxP: Any, prompt_mask_BxP: Any, rng: Any, *,
+                 group: int = 1) -> Completions:
+        """One vLLM request per row; `group` is not needed (vLLM's prefix cache shares a
+        group's prompt blocks by itself)."""
         import jax
         from vllm.inputs import TokensPrompt
 

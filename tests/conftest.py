@@ -44,7 +44,7 @@ def meshes():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from controller.data import digits_tokenizer
+    from controller.data.tasks import digits_tokenizer
 
     return digits_tokenizer()
 

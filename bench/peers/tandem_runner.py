@@ -80,7 +80,7 @@ def main() -> int:
         return 0
 
     from controller.api import Job
-    from controller.data import encode_prompts
+    from controller.data.batch import encode_prompts
 
     job = Job(cfg)
     setup_s = time.perf_counter() - T_START  # imports, meshes, model init, first weight push

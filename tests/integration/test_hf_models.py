@@ -30,8 +30,8 @@ from controller.config import (  # noqa: E402
     SamplingConfig,
     load_config,
 )
-from controller.data import encode_prompts  # noqa: E402
-from controller.hf_tokenizer import TokenizerFilesError  # noqa: E402
+from controller.data.batch import encode_prompts  # noqa: E402
+from controller.data.hf_tokenizer import TokenizerFilesError  # noqa: E402
 from controller.topology import simulation_env  # noqa: E402
 from reshard.transfer import Resharder  # noqa: E402
 from sampler.jax_sampler import JaxSampler  # noqa: E402

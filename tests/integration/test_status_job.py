@@ -13,11 +13,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from controller import status_pb2 as pb
 from controller.api import Job
+from controller.cli.status import StatusClient
 from controller.config import load_config
-from controller.status import SERVICE_NAME
-from controller.status_cli import StatusClient
+from controller.status import status_pb2 as pb
+from controller.status.server import SERVICE_NAME
 
 TINY = ["model.hidden_size=16", "model.num_layers=1", "model.mlp_dim=32", "model.num_heads=2",
         "model.num_kv_heads=1", "data.prompts_per_step=4", "sampling.group_size=2",
@@ -179,7 +179,7 @@ def test_job_refuses_open_bind_without_token():
 def test_cli_watch_view_ends_with_the_job(capsys, monkeypatch):
     """`tandem status --watch` (not a terminal: a log, then the final table) replays the last
     --window steps, follows the run, and reports how the job ended."""
-    from controller.cli import main
+    from controller.cli.main import main
 
     monkeypatch.setenv("COLUMNS", "120")
     job = Job(load_config(overrides=[*TINY, "run.steps=3"]))

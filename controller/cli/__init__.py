@@ -1,0 +1,1 @@
+"""The `tandem` command line (entry point: `controller.cli.main:main`)."""

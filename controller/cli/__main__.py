@@ -1,0 +1,7 @@
+"""`python -m controller.cli ...` runs the `tandem` command line."""
+
+import sys
+
+from controller.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,247 @@
+"""`tandem export <checkpoint> <out_dir>`: a Tandem checkpoint as a Hugging Face directory.
+
+    tandem export runs/exp1 exported/            # the run's newest checkpoint that restores
+    tandem export runs/exp1/checkpoints out/ --step 200
+    tandem export runs/exp1/checkpoints/200 out/
+
+The model is rebuilt from the config the checkpoint records (its `meta`), only the params are
+read (an orbax partial restore of `state.params`, onto one CPU device: no optimizer state and
+no device split needed), and `trainer.hf.save_hf_model` writes config.json, safetensors and,
+for a job that started from `model.path`, that directory's tokenizer files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class ExportError(RuntimeError):
+    """A checkpoint that cannot be exported; the message names the path and the fix."""
+
+
+class _Unreadable(ExportError):
+    """One step's files are incomplete or corrupt: an earlier step may still export."""
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Reading `<step>/state` on its own makes orbax warn that the step-level metadata file is
+    not in it (it is one level up); that is expected here, so absl warnings are muted."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
+def _is_step_dir(p: Path) -> bool:
+    # Orbax renames `<step>.orbax-checkpoint-tmp*` to `<step>` once a save is complete.
+    return p.is_dir() and p.name.isdigit() and (p / "state").is_dir() and (p / "meta").is_dir()
+
+
+def find_step_dirs(checkpoint: str | Path, step: int | None = None) -> list[Path]:
+    """Candidate step directories, newest first, for a run dir, checkpoint dir or step dir."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise ExportError(f"checkpoint {str(path)!r} does not exist (fix: pass a run's "
+                          f"run.output_dir, its checkpoints/ directory, or one step directory)")
+    if _is_step_dir(path):
+        if step is not None and int(path.name) != step:
+            raise ExportError(f"{path} is the checkpoint of step {path.name}, not --step {step} "
+                              f"(fix: drop --step or pass the checkpoint directory {path.parent})")
+        return [path]
+    if (path / "checkpoints").is_dir() and not any(_is_step_dir(p) for p in path.iterdir()):
+        path = path / "checkpoints"  # a run's output directory
+    steps = sorted((p for p in path.iterdir() if _is_step_dir(p)), key=lambda p: int(p.name),
+                   reverse=True)
+    if step is not None:
+        steps = [p for p in steps if int(p.name) == step]
+        if not steps:
+            have = sorted(int(p.name) for p in path.iterdir() if _is_step_dir(p))
+            raise ExportError(f"{path} has no checkpoint of --step {step} (it has steps {have}; "
+                              f"fix: pick one of them or drop --step for the newest)")
+    if not steps:
+        raise ExportError(f"no complete checkpoint in {path} (fix: pass a run's output directory "
+                          f"or checkpoint directory that holds <step>/state and <step>/meta; a "
+                          f"run saves them with run.output_dir or checkpoint.dir set)")
+    return steps
+
+
+def _read_meta(step_dir: Path) -> dict[str, Any]:
+    file = step_dir / "meta" / "metadata"
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise _Unreadable(f"{file} is unreadable ({type(e).__name__}: {e}); this step's "
+                          f"checkpoint is incomplete or corrupt (fix: pass --step with an "
+                          f"earlier step)") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ExportError(f"{file} records no run config; {step_dir} was not written by a Tandem "
+                          f"job (fix: pass a checkpoint a `tandem run` saved)")
+    return meta
+
+
+def _model_for(cfg: Any) -> Any:
+    """The ModelDef the job trained, rebuilt from its config as `Job` builds it."""
+    from trainer.model import ModelSpec, define_model
+
+    if cfg.model.path:
+        from trainer.hf import load_hf_spec
+
+        return define_model(load_hf_spec(cfg.model.path, cfg.model.dtype))
+    from controller.data import build_tokenizer
+
+    return define_model(ModelSpec.from_config(cfg.model, build_tokenizer(cfg).vocab_size))
+
+
+def _check_shapes(step_dir: Path, mdef: Any) -> None:
+    """The checkpoint's params must be exactly the tree the config's model defines."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    try:
+        with _quiet_orbax():
+            stored = ocp.PyTreeCheckpointer().metadata(step_dir / "state")
+    except Exception as e:  # unreadable metadata: a corrupt checkpoint
+        stored, why = None, f"{type(e).__name__}: {e}"
+    else:
+        why = "no params in its metadata"
+    tree = getattr(stored, "item_metadata", stored)
+    tree = getattr(tree, "tree", tree)
+    if not isinstance(tree, dict) or "params" not in tree:
+        raise _Unreadable(f"{step_dir / 'state'} is incomplete or corrupt ({why}) (fix: pass "
+                          f"--step with an earlier checkpoint)")
+    def leaves(t: Any) -> dict[str, tuple[tuple[int, ...], str]]:  # orbax keys are strings
+        return {"/".join(str(getattr(k, "key", k)) for k in path): (tuple(v.shape), str(v.dtype))
+                for path, v in jax.tree_util.tree_leaves_with_path(t)}
+
+    want, got = leaves(mdef.shapes()), leaves(tree["params"])
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:4]
+        raise ExportError(
+            f"the params in {step_dir / 'state'} do not match the model its recorded config "
+            f"defines (first differences, as (name, (shape, dtype)): {diff}); the checkpoint was "
+            f"written by another config or model (fix: export it with the config it was trained "
+            f"with, i.e. its own meta, untouched)")
+
+
+def restore_params(step_dir: Path, mdef: Any) -> Any:
+    """`state.params` of one step directory, onto one device, CPU if there is one (an orbax
+    partial restore: the optimizer state is never read)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    try:
+        device = jax.devices("cpu")[0]  # host memory: the weights are written from the host
+    except RuntimeError:  # JAX_PLATFORMS names no CPU backend: the first device there is
+        device = jax.devices()[0]
+    one = jax.sharding.SingleDeviceSharding(device)
+    target = {"params": jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), mdef.shapes())}
+    with _quiet_orbax():
+        out = ocp.PyTreeCheckpointer().restore(
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True))
+    return out["params"]
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, step: int | None = None,
+                      model_path: str | None = None, overwrite: bool = False) -> tuple[Path, int]:
+    """Writes a Tandem checkpoint as a HF directory; returns (out_dir, exported step).
+
+    Without `step`, the newest checkpoint that restores is used (a corrupt one is skipped with
+    a warning, as a resume does).
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty; nothing is overwritten (fix: choose a "
+                          f"new output directory, or pass --overwrite)")
+    candidates = find_step_dirs(checkpoint, step)
+    for i, step_dir in enumerate(candidates):
+        try:
+            return _export_step(step_dir, out, model_path, overwrite)
+        except _Unreadable as e:
+            if step is not None or i + 1 == len(candidates):
+                raise
+            log.warning("%s; trying the previous checkpoint", e)
+    raise AssertionError("unreachable: find_step_dirs returns at least one")
+
+
+def _export_step(step_dir: Path, out: Path, model_path: str | None, overwrite: bool
+                 ) -> tuple[Path, int]:
+    from controller.config import ConfigError, validate_config
+    from trainer.hf import save_hf_model
+
+    meta = _read_meta(step_dir)
+    data = dict(meta["config"])
+    # The run's own export target is checked to be empty on validation, and was filled by the
+    # run itself: it has nothing to do with this export.
+    data["run"] = {**data.get("run", {}), "export_hf_dir": None}
+    model = dict(data.get("model", {}))
+    if model_path is not None:
+        model["path"] = model_path
+    elif model.get("path") and not (Path(model["path"]) / "config.json").is_file():
+        raise ExportError(
+            f"{step_dir} was trained from model.path={model['path']!r}, which no longer holds "
+            f"a Hugging Face model; its config.json and tokenizer are needed (fix: pass "
+            f"--model-path with a copy of that directory)")
+    if model.get("path"):  # the HF config.json defines the shape: as the run was configured
+        model = {k: model[k] for k in ("path", "dtype") if k in model}
+    data["model"] = model
+    try:
+        cfg = validate_config(data)
+    except ConfigError as e:
+        raise ExportError(f"the config recorded in {step_dir / 'meta'} does not validate "
+                          f"(written by another Tandem version?): {e}") from None
+    mdef = _model_for(cfg)
+    _check_shapes(step_dir, mdef)
+    try:
+        params = restore_params(step_dir, mdef)
+    except Exception as e:  # any failure to read means this one is unusable
+        raise _Unreadable(f"{step_dir / 'state'} does not restore ({type(e).__name__}: {e}) "
+                          f"(fix: pass --step with an earlier checkpoint)") from e
+    path = save_hf_model(out, mdef.spec, params, source_dir=cfg.model.path, overwrite=overwrite)
+    return path, int(step_dir.name)
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from controller.cli.args import fail
+    from controller.config import ConfigError
+    from trainer.hf import HFCheckpointError
+
+    try:
+        path, step = export_checkpoint(ns.checkpoint, ns.out_dir, step=ns.step,
+                                       model_path=ns.model_path, overwrite=ns.overwrite)
+    except (ExportError, ConfigError, HFCheckpointError) as e:
+        return fail(e)
+    print(f"exported the checkpoint of step {step} to {path} (load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(path)!r}) or vLLM)")
+    return 0
+
+
+def add_export_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "export", help="write a checkpoint as a Hugging Face model directory",
+        description="Write a Tandem checkpoint's policy as a Hugging Face directory that "
+        "transformers and vLLM load. CHECKPOINT is a run's output directory, its checkpoints/ "
+        "directory (the newest step that restores) or one step directory.",
+    )
+    p.add_argument("checkpoint", help="run output dir, checkpoint dir, or <checkpoints>/<step>")
+    p.add_argument("out_dir", help="the Hugging Face directory to write (new or empty)")
+    p.add_argument("--step", type=int, default=None, help="export this step (default: newest)")
+    p.add_argument("--model-path", default=None,
+                   help="the HF directory the run started from, if its model.path moved")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,132 @@
+"""`tandem run [config.yaml] [key.sub=value ...]`: run a GRPO job with a progress display."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from controller.cli.args import fail, split_args
+from controller.config import ConfigError, JobConfig, load_config
+
+RUN_EPILOG = """\
+examples:
+  tandem run                                   # the embedded default: 8 simulated CPU devices,
+                                               # 4 trainer + 4 sampler, the reverse_digits task
+  tandem run run.steps=50 sampling.group_size=4
+  tandem run my_job.yaml optimizer.learning_rate=1e-3
+  tandem run topology.trainer_devices=6        # 6 trainer + 2 sampler devices
+
+Any field of the config can be overridden as section.field=value (values are YAML).
+Sections: model, topology, sampling, algorithm, optimizer, rewards, data, run.
+"""
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    config_path, overrides = split_args(ns.args)
+    try:
+        cfg = load_config(config_path, overrides)  # validated before any JAX work
+    except ConfigError as e:
+        return fail(e)
+    try:
+        return _run(cfg, ns)
+    except ConfigError as e:  # device split, existing run directory, ...
+        return fail(e)
+
+
+def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
+    if ns.print_config:
+        print(cfg.to_yaml())
+        return 0
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from controller.api import Job
+    from controller.startup import cache_hits
+
+    console = Console(stderr=False)
+    console.print(f"[bold]tandem[/bold] run '{cfg.run.name}' (config {cfg.digest()})")
+    try:
+        job = Job(cfg)
+    except ConfigError as e:  # e.g. the split does not fit the devices, or status.host unsafe
+        return fail(e)
+    console.print(f"devices: {job.meshes.describe()}")
+    if job.compile_cache_dir:
+        console.print(f"compile cache: {job.compile_cache_dir} (run.compile_cache_dir)",
+                      highlight=False, soft_wrap=True)
+    if job.resumed_from is not None:
+        console.print(f"resumed from the checkpoint of step {job.resumed_from} in "
+                      f"{cfg.checkpoint_dir}")
+    if job.pathways:  # JAX_PLATFORMS=proxy: the proxy address and persistence in the log
+        console.print(job.pathways.describe())
+    spec = job.model_def.spec
+    source = f" from {cfg.model.path} ({spec.hf_model_type})" if cfg.model.path else ""
+    if job.status_address is not None:
+        console.print(f"status: {job.status_address} (tandem status --address "
+                      f"{job.status_address} --watch)", highlight=False)
+    console.print(
+        f"model: {job.num_params:,} params{source}, {spec.num_layers} layers, "
+        f"d={spec.hidden_size} | task: {cfg.data.task}, {cfg.data.prompts_per_step} prompts "
+        f"x G={cfg.sampling.group_size} per step | schedule: {job.loop.schedule}"
+        + (f" (max_staleness={cfg.schedule.max_staleness})" if cfg.schedule.kind == "async"
+           else " (one mesh)" if cfg.schedule.kind == "colocated" else "")
+    )
+    progress = Progress(
+        TextColumn("step {task.completed:>4.0f}/{task.total:.0f}"), BarColumn(),
+        TextColumn("reward {task.fields[reward]:.3f}"), TextColumn("{task.fields[dt]:.2f}s/step"),
+        TimeElapsedColumn(), console=console, disable=not cfg.run.progress,
+    )
+    every = max(1, cfg.run.steps // 10)
+    with job, progress:
+        bar = progress.add_task("run", total=cfg.run.steps, completed=job.steps_done,
+                                reward=0.0, dt=0.0)
+
+        def on_step(m: dict[str, float]) -> None:
+            progress.update(bar, advance=1, reward=m["reward/mean"], dt=m["time/step_s"])
+            s = int(m["step"])
+            if s == 1 or s % every == 0:
+                progress.console.print(
+                    f"step {s:>4}  reward {m['reward/mean']:.3f}  loss {m['loss/total']:+.4f}  "
+                    f"kl {m.get('kl/mean', 0.0):.4f}  len {m['completion/len_mean']:.1f}  "
+                    f"{m['time/step_s']:.2f}s")
+
+        job.run(on_step=on_step)
+        s = job.summary()
+    if job.stop_requested:
+        console.print(f"stopped at step {job.steps_done} on request; checkpoint saved in "
+                      f"{cfg.checkpoint_dir or '(checkpointing off)'}")
+    if not s:
+        return 0
+    hits = cache_hits()
+    reused = f", {hits} programs from the compile cache" if hits else ""
+    console.print(
+        f"done: {s['steps']} steps | reward first {s['window']} steps {s['reward_first']:.3f} -> "
+        f"last {s['window']} steps {s['reward_last']:.3f} | {s['step_s_mean']:.3f} s/step "
+        f"(first step {s['first_step_s']:.1f}s incl. compile{reused}) | weight sync "
+        f"{s['reshard_bytes'] / 1e6:.2f} MB at {s['reshard_gbps']:.2f} GB/s"
+    )
+    if "timeline/overlap_frac" in s:
+        console.print(
+            f"timeline: sampler busy {s['timeline/sampler_busy_frac']:.0%}, trainer busy "
+            f"{s['timeline/trainer_busy_frac']:.0%}, both at once "
+            f"{s['timeline/overlap_frac']:.0%} of the wall time")
+    if cfg.run.output_dir:
+        out = Path(cfg.run.output_dir)
+        console.print(f"metrics: {out / 'metrics.jsonl'} | trace: {out / 'trace.json'} "
+                      f"(open in ui.perfetto.dev)")
+    if cfg.run.export_hf_dir:
+        console.print(f"saved Hugging Face model: {job.save_hf_model(cfg.run.export_hf_dir)}")
+    return 0
+
+
+def add_run_parser(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser(
+        "run", help="run a GRPO job (default: the embedded CPU-simulation job)",
+        description="Run a GRPO job. Arguments: an optional YAML config, then any number of "
+        "section.field=value overrides.",
+        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("args", nargs="*", metavar="[config.yaml] [key=value]")
+    run.add_argument("--print-config", action="store_true",
+                     help="print the resolved config as YAML and exit")
+    run.set_defaults(func=cmd_run)

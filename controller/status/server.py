@@ -1,0 +1,399 @@
+"""The gRPC status service (`tandem.v1.TandemStatus`, see controller/status.proto).
+
+It runs inside the controller process on its own thread pool and answers from the
+`StatusBoard` the loop publishes to, so no RPC waits for the loop and the loop never waits for
+an RPC. It also serves standard health checking (`grpc.health.v1.Health`: SERVING while the job
+can still step, NOT_SERVING once it has stopped or failed) and server reflection, so `grpcurl`
+and load balancers work.
+
+Security: the server binds loopback by default. Binding any other address needs a bearer token
+(`status.token`, or the env var `status.token_env`), which an interceptor checks on every RPC
+(health and reflection included): clients send `authorization: Bearer <token>`. TLS is on
+when `status.tls_cert` and `status.tls_key` are set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import ipaddress
+import os
+import threading
+import weakref
+from collections.abc import Mapping
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from controller.config import ConfigError, StatusConfig
+from controller.status import status_pb2 as pb
+from controller.status import status_pb2_grpc as pb_grpc
+from controller.status.board import StatusBoard, StepRecord, WatcherBehind, window_stats
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TandemStatus"].full_name  # tandem.v1.TandemStatus
+DEFAULT_WINDOW = 10
+# Unary RPCs need free workers; each open WatchMetrics stream holds one for its lifetime.
+RESERVED_UNARY_WORKERS = 4
+
+
+class StatusServerError(ConfigError):
+    """The status server cannot start with this config (the message names field and fix)."""
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname other than localhost: may resolve anywhere
+
+
+def format_address(host: str, port: int) -> str:
+    """host:port, with IPv6 literals bracketed."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def resolve_token(cfg: StatusConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    """The bearer token: `status.token`, else the env var `status.token_env`, else None."""
+    if cfg.token is not None:
+        return cfg.token.get_secret_value()
+    env = os.environ if environ is None else environ
+    return env.get(cfg.token_env) or None
+
+
+def check_bind(cfg: StatusConfig, token: str | None) -> None:
+    """Refuses a non-loopback bind without a token (before anything else is started)."""
+    if not is_loopback(cfg.host) and token is None:
+        raise StatusServerError(
+            f"status.host={cfg.host!r} is not a loopback address and no bearer token is set; "
+            f"the status service would be open to the network (fix: set the env var "
+            f"{cfg.token_env}=<secret> or status.token=<secret>, or use status.host=127.0.0.1)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Converting the board's plain objects to messages
+
+
+def step_message(r: StepRecord) -> pb.StepMetrics:
+    return pb.StepMetrics(step=r.step, time_unix=r.time_unix, values=dict(r.values))
+
+
+def topology_message(meshes: Any, trainer_shardings: Any, sampler_shardings: Any,
+                     shapes: Any, backend: str) -> pb.TopologyReply:
+    """Devices, the two sub-meshes (controller.topology.SubMesh) and per-parameter specs.
+
+    Built once, on the loop's thread, when the job has its meshes; served as is afterwards.
+    """
+    import jax
+
+    reply = pb.TopologyReply(backend=backend, summary=meshes.describe())
+    for sub, dst in ((meshes.trainer, reply.trainer), (meshes.sampler, reply.sampler)):
+        dst.name = sub.name
+        for axis, size in sub.mesh.shape.items():
+            dst.axes[axis] = int(size)
+            dst.axis_order.append(axis)
+        for d in sub.mesh.devices.flat:
+            dst.device_ids.append(int(d.id))
+            reply.devices.append(pb.Device(
+                id=int(d.id), platform=str(d.platform), kind=str(getattr(d, "device_kind", "")),
+                process_index=int(getattr(d, "process_index", 0)), mesh=sub.name))
+        for logical, physical in sub.rules.items():
+            dst.rules[logical] = physical or ""
+    flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    t_leaves = jax.tree.leaves(trainer_shardings)
+    s_leaves = jax.tree.leaves(sampler_shardings)
+    for (path, leaf), t, s in zip(flat_shapes, t_leaves, s_leaves, strict=True):
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        reply.params.append(pb.ParamSharding(
+            path=name, shape=[int(x) for x in leaf.shape], dtype=str(leaf.dtype),
+            trainer_spec=str(t.spec), sampler_spec=str(s.spec)))
+    return reply
+
+
+def _printable(text: str) -> str:
+    """Metadata values must be printable ASCII."""
+    return "".join(c if " " <= c <= "~" else " " for c in text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The service
+
+
+class StatusServicer(pb_grpc.TandemStatusServicer):
+    """Answers from the board; never calls into the loop."""
+
+    def __init__(self, board: StatusBoard, max_watchers: int):
+        self.board = board
+        self.topology: pb.TopologyReply | None = None  # set once the meshes exist
+        self.max_watchers = max_watchers
+        self._watchers = 0
+        self._lock = threading.Lock()
+        # (records published, window) -> reply; many pollers of one step share one reply.
+        self._metrics_cache: dict[tuple[int, int], pb.MetricsReply] = {}
+        self._step_cache: dict[int, pb.StepMetrics] = {}  # seq -> message, for watchers
+
+    def _step_msg(self, r: StepRecord) -> pb.StepMetrics:
+        msg = self._step_cache.get(r.seq)
+        if msg is None:
+            msg = step_message(r)
+            if len(self._step_cache) > 256:
+                self._step_cache.clear()
+            self._step_cache[r.seq] = msg
+        return msg
+
+    def GetStatus(self, request, context):
+        b, s = self.board, self.board.snapshot
+        return pb.StatusReply(
+            job_id=b.job_id, run_name=b.run_name, config_digest=b.config_digest,
+            phase=pb.Phase.Value(s.phase.name), phase_name=s.phase.value, step=s.step,
+            total_steps=b.total_steps, policy_version=s.policy_version,
+            start_time_unix=b.start_time, uptime_s=b.uptime(), last_error=s.last_error,
+            stop_requested=b.stop_event.is_set(),
+            checkpoint_requested=b.checkpoint_event.is_set(),
+            checkpointing_configured=b.checkpoint_hook is not None)
+
+    def GetMetrics(self, request, context):
+        window = request.window or DEFAULT_WINDOW
+        if window < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"window={window}: must be >= 0 (fix: e.g. window=10; 0 means 10)")
+        window = min(window, self.board.history)
+        key = (self.board.published, window)
+        reply = self._metrics_cache.get(key)
+        if reply is None:
+            records = self.board.window(window)
+            reply = pb.MetricsReply(window=len(records))
+            if records:
+                reply.latest.CopyFrom(self._step_msg(records[-1]))
+                reply.first_step = records[0].step
+                for k, st in window_stats(records).items():
+                    reply.windowed[k].CopyFrom(pb.MetricStats(
+                        mean=st.mean, std=st.std, min=st.min, max=st.max, count=st.count))
+            if len(self._metrics_cache) > 64:
+                self._metrics_cache.clear()
+            self._metrics_cache[key] = reply
+        return reply
+
+    def WatchMetrics(self, request, context):
+        board = self.board
+        # Fixed before the stream counts as open: a step published after this is seen.
+        next_seq = (board.first_seq_at(request.from_step) if request.from_step > 0
+                    else board.published)
+        with self._lock:
+            if self._watchers >= self.max_watchers:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{self._watchers} WatchMetrics streams are open, the most this server "
+                    f"allows (fix: raise status.max_workers, now "
+                    f"{self.max_watchers + RESERVED_UNARY_WORKERS})")
+            self._watchers += 1
+        gone = threading.Event()
+
+        def on_done() -> None:
+            gone.set()
+            self.board.wake()
+
+        context.add_callback(on_done)
+        try:
+            while not gone.is_set():
+                try:
+                    records = board.wait_records(next_seq, timeout=1.0, cancelled=gone.is_set)
+                except WatcherBehind as e:
+                    context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+                if not records:
+                    if board.closed and board.published <= next_seq:
+                        # The job has ended and this watcher has seen every step; the
+                        # trailer says how it ended (the server is about to go away).
+                        s = board.snapshot
+                        context.set_trailing_metadata((
+                            ("tandem-phase", s.phase.value),
+                            ("tandem-step", str(s.step)),
+                            ("tandem-policy-version", str(s.policy_version)),
+                            ("tandem-last-error", _printable(s.last_error)[:1000])))
+                        return
+                    continue
+                for r in records:
+                    yield self._step_msg(r)
+                next_seq = records[-1].seq + 1
+        finally:
+            with self._lock:
+                self._watchers -= 1
+
+    @property
+    def open_watchers(self) -> int:
+        """WatchMetrics streams open now."""
+        return self._watchers
+
+    def GetTopology(self, request, context):
+        if self.topology is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"the topology is not built yet (phase "
+                          f"{self.board.snapshot.phase.value}); retry in a few seconds")
+        return self.topology
+
+    def RequestCheckpoint(self, request, context):
+        accepted, after, message = self.board.request_checkpoint()
+        if not accepted:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+        return pb.RequestCheckpointReply(accepted=True, after_step=after, message=message)
+
+    def RequestStop(self, request, context):
+        accepted, after, message = self.board.request_stop(
+            request.reason or "requested over gRPC")
+        return pb.RequestStopReply(accepted=accepted, after_step=after, message=message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Authentication
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Rejects every RPC whose `authorization` metadata is not `Bearer <token>`."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, handler_call_details):
+        got = ""
+        for k, v in handler_call_details.invocation_metadata or ():
+            if k == "authorization":
+                got = v
+                break
+        # Constant-time compare: the token is a secret.
+        if hmac.compare_digest(got.encode(), self._expected):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        msg = ("missing or wrong bearer token (fix: send metadata 'authorization: Bearer "
+               "<token>'; `tandem status --token` or the env var does this)")
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
+
+        if handler is None:
+            return None
+        # Answer with the same cardinality as the method, so the client sees a clean status.
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+
+
+@dataclass
+class StatusServer:
+    """A running status server; `stop()` ends it (idempotent)."""
+
+    server: grpc.Server
+    servicer: StatusServicer
+    health: health.HealthServicer
+    address: str  # host:port actually bound
+    port: int
+    tls: bool
+    token_required: bool
+
+    def set_serving(self, serving: bool) -> None:
+        st = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, st)
+
+    def set_topology(self, reply: pb.TopologyReply) -> None:
+        self.servicer.topology = reply
+
+    def stop(self, grace: float = 5.0) -> None:
+        """NOT_SERVING, end watch streams (they drain first), then stop within `grace` s."""
+        self.set_serving(False)
+        self.servicer.board.close()
+        self.server.stop(grace).wait()
+
+
+def _close_at_exit(board: StatusBoard) -> None:
+    """Ends open watch streams when the interpreter exits without Job.close().
+
+    Python joins the server's executor threads at exit, and a WatchMetrics stream lasts until
+    its board closes; closing the board first (a threading-atexit hook runs before the
+    executor's, which was registered earlier) keeps a forgotten close() from hanging exit.
+    """
+    ref = weakref.ref(board)
+
+    def close() -> None:
+        b = ref()
+        if b is not None:
+            b.close()
+
+    register = getattr(threading, "_register_atexit", None)  # private, but what
+    if register is not None:                                  # concurrent.futures uses
+        with contextlib.suppress(RuntimeError):  # "can't register atexit after shutdown"
+            register(close)
+
+
+def start_status_server(cfg: StatusConfig, board: StatusBoard,
+                        token: str | None = None) -> StatusServer:
+    """Starts the status server for `board` on its own thread pool; returns when bound.
+
+    `token` defaults to `resolve_token(cfg)`. Raises StatusServerError (naming the field and a
+    fix) for a non-loopback host without a token, unreadable TLS files, or a port in use.
+    """
+    token = resolve_token(cfg) if token is None else token
+    check_bind(cfg, token)
+    interceptors = [BearerTokenInterceptor(token)] if token else []
+    max_watchers = max(1, cfg.max_workers - RESERVED_UNARY_WORKERS)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=cfg.max_workers,
+                                   thread_name_prefix="tandem-status"),
+        interceptors=interceptors,
+        options=[("grpc.so_reuseport", 0)],  # two jobs must not silently share a port
+    )
+    servicer = StatusServicer(board, max_watchers)
+    pb_grpc.add_TandemStatusServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+
+    bind = format_address(cfg.host, cfg.port)
+    tls = cfg.tls_cert is not None
+    try:
+        if tls:
+            try:
+                with open(cfg.tls_key, "rb") as f:
+                    key = f.read()
+                with open(cfg.tls_cert, "rb") as f:
+                    cert = f.read()
+            except OSError as e:
+                raise StatusServerError(
+                    f"status.tls_cert={cfg.tls_cert!r} / status.tls_key={cfg.tls_key!r}: "
+                    f"cannot read ({e}) (fix: point both at readable PEM files)") from None
+            port = server.add_secure_port(bind, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            port = server.add_insecure_port(bind)
+    except RuntimeError as e:
+        raise StatusServerError(
+            f"status.host={cfg.host!r} status.port={cfg.port}: cannot bind {bind} ({e}) "
+            f"(fix: status.port=0 picks a free port)") from None
+    if not port:
+        raise StatusServerError(
+            f"status.host={cfg.host!r} status.port={cfg.port}: cannot bind {bind} (in use, or "
+            f"not an address of this machine) (fix: status.port=0 picks a free port)")
+    server.start()
+    _close_at_exit(board)
+    running = StatusServer(server, servicer, health_servicer, format_address(cfg.host, port),
+                           port, tls, token is not None)
+    running.set_serving(not board.snapshot.phase.terminal)
+    board.add_listener(lambda phase: running.set_serving(not phase.terminal))
+    return running
