@@ -1,6 +1,7 @@
 """Built-in rewards: reverse_digits, gsm8k, format, length_penalty, code.
 
-Each is a plain function `(prompt, completion, row, **kwargs) -> float`, registered by name.
+Each is a plain function `(prompt, completion, row, **kwargs) -> float`. The names a config uses
+for them are the table `rewards.lookup.BUILTINS`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any
 
-from rewards.registry import register_reward
-from rewards.synthetic import synthetic_even
+from rewards.sandbox import run_python
 
 
-@register_reward("reverse_digits")
 def reverse_digits(prompt: str, completion: str, row: Mapping[str, Any]) -> float:
     """Partial credit for reversing the prompt's digits.
 
@@ -132,7 +131,6 @@ def _math_verify(predicted: str, reference: str) -> bool:
     return bool(gold and pred and verify(gold, pred, timeout_seconds=None))
 
 
-@register_reward("gsm8k")
 def gsm8k(prompt: str, completion: str, row: Mapping[str, Any]) -> float:
     """1.0 if the completion's final answer equals the GSM8K reference, else 0.0.
 
@@ -165,7 +163,6 @@ _FORMAT = re.compile(
     r"^\s*<(think|reasoning)>.*?\S.*?</\1>\s*<answer>.*?\S.*?</answer>\s*$", re.S)
 
 
-@register_reward("format")
 def format_reward(prompt: str, completion: str, row: Mapping[str, Any]) -> float:
     """1.0 if the completion is `<think>…</think>` (or `<reasoning>…</reasoning>`) followed by
     `<answer>…</answer>` and nothing else (whitespace aside), both non-empty; 0.5 if it has a
@@ -175,7 +172,6 @@ def format_reward(prompt: str, completion: str, row: Mapping[str, Any]) -> float
     return 0.5 if any(a.strip() for a in _ANSWER_TAG.findall(completion)) else 0.0
 
 
-@register_reward("length_penalty")
 def length_penalty(prompt: str, completion: str, row: Mapping[str, Any],
                    completion_ids: Sequence[int] | None = None, *, max_len: int = 512,
                    buffer: int = 128) -> float:
@@ -213,7 +209,6 @@ def extract_code(completion: str) -> str:
     return blocks[-1] if blocks else completion
 
 
-@register_reward("code")
 def code_reward(prompt: str, completion: str, row: Mapping[str, Any], *,
                 timeout_s: float = 5.0, memory_mb: int = 512) -> float:
     """The fraction of the row's tests the completion's code passes, each run in the sandbox.
@@ -224,8 +219,6 @@ def code_reward(prompt: str, completion: str, row: Mapping[str, Any], *,
     loops forever, forks, opens sockets or writes outside its directory fails that test; see
     `rewards.sandbox`. A row with no tests is an error (reported, never a silent 0).
     """
-    from rewards.sandbox import run_python
-
     code = extract_code(completion)
     tests = row.get("tests")
     cases = row.get("test_cases")
@@ -242,5 +235,3 @@ def code_reward(prompt: str, completion: str, row: Mapping[str, Any], *,
         return passed / len(cases)
     raise KeyError("code reward: the row has no 'tests' (list of asserts) or 'test_cases' "
                    "(list of {input, output})")
-# The `synthetic` benchmark task's reward (a function of the completion's token ids).
-register_reward("synthetic_even")(synthetic_even)

@@ -12,6 +12,9 @@ controller therefore never waits on a hung call beyond `timeout_s`.
 `LocalBackend` runs calls in the controller process: no process start-up or pickling, but a
 call can only be cut at its timeout when it runs pure-Python code on the main thread (SIGALRM);
 use it for rewards you trust, such as the built-ins.
+
+`rewards.registry.build_backend` picks one of these (or `rewards.ray_backend.RayBackend`) from
+the config.
 """
 
 from __future__ import annotations
@@ -27,32 +30,13 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from rewards.registry import Backend, BoundReward, Call, Outcome, RewardError, RewardSpec
-
-if TYPE_CHECKING:
-    from controller.config import RewardsConfig
+from rewards.base import Call, Outcome, RewardError, RewardSpec
+from rewards.lookup import resolve_all
 
 _STARTUP_TIMEOUT_S = 120.0  # a worker that cannot import its rewards in this long is an error
 _MAX_STARTUP_DEATHS = 5  # workers dying before they are up this often is an error
-
-
-def build_backend(cfg: RewardsConfig, specs: Sequence[RewardSpec]) -> Backend:
-    """The backend `rewards.backend` names, for the given reward specs."""
-    if cfg.backend == "local":
-        return LocalBackend(specs, timeout_s=cfg.timeout_s)
-    if cfg.backend == "process":
-        return ProcessPool(specs, num_workers=cfg.num_workers, timeout_s=cfg.timeout_s,
-                           max_calls_per_worker=cfg.worker_max_calls)
-    from rewards.ray_backend import RayBackend
-
-    return RayBackend(specs, num_workers=cfg.num_workers, timeout_s=cfg.timeout_s,
-                      address=cfg.ray_address, num_cpus=cfg.ray_num_cpus)
-
-
-def resolve_all(specs: Sequence[RewardSpec], warmup: bool = False) -> list[BoundReward]:
-    return [BoundReward.resolve(s.spec, s.kwargs, warmup=warmup) for s in specs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,6 +158,11 @@ class ProcessPool:
         self._startup_deaths = 0
         self._workers = [self._start() for _ in range(num_workers)]
         self._closed = False
+
+    @property
+    def processes(self) -> list[Any]:
+        """The current worker processes (`multiprocessing.Process`), one per slot."""
+        return [w.proc for w in self._workers]
 
     # -- worker lifecycle -------------------------------------------------------------------
 

@@ -17,7 +17,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from rewards.registry import BoundReward, Call, Outcome, RewardError, RewardSpec
+from rewards.base import Call, Outcome, RewardError, RewardSpec
+from rewards.lookup import resolve_all
 
 try:
     import ray
@@ -29,7 +30,7 @@ class _RewardActor:
     """Holds the resolved rewards; `run` scores one call."""
 
     def __init__(self, specs: list[RewardSpec]):
-        self.fns = [BoundReward.resolve(s.spec, s.kwargs, warmup=True) for s in specs]
+        self.fns = resolve_all(specs, warmup=True)
 
     def ready(self) -> bool:
         return True
@@ -49,8 +50,7 @@ class RayBackend:
                 "rewards.backend=process)")
         if timeout_s <= 0:
             raise RewardError(f"rewards.timeout_s={timeout_s}: must be > 0")
-        for s in specs:  # fail in the controller on a typo, not in every actor
-            BoundReward.resolve(s.spec, s.kwargs)
+        resolve_all(specs)  # fail in the controller on a typo, not in every actor
         self._owns_ray = not ray.is_initialized()  # then close() shuts it down again
         if self._owns_ray:
             ray.init(address=address, include_dashboard=False, ignore_reinit_error=True,

@@ -1,4 +1,4 @@
-"""Reward functions by name, `module:function` or file path, combined with weights.
+"""A job's rewards: functions named by spec, combined with weights, scored on a backend.
 
 A reward function is called as
 
@@ -17,266 +17,62 @@ failed call scores `rewards.fallback_score`, is counted in `rewards/failures_<ki
 more than `rewards.max_failure_fraction` of a step's calls fail the step stops with a
 `RewardFailureError` showing one example traceback. Nothing is silently zero.
 
-Where calls run is the backend's business (`rewards.pool`: in-process or a process pool;
-`rewards.ray_backend`: Ray actors); this module holds what all of them share.
+This module is the package's front: `RewardSet` scores a batch, `build_specs` reads the config's
+reward list, `build_backend` picks where calls run. It builds on the modules below it, which
+never import it back:
+
+    base.py         errors, Call, Outcome, BoundReward, RewardSpec, the Backend protocol
+    builtin.py      the built-in reward functions (plain functions)
+    lookup.py       spec -> function: the built-in table, registered names, module:function, files
+    pool.py         LocalBackend (in-process) and ProcessPool (worker processes)
+    ray_backend.py  RayBackend (Ray actors)
+    synthetic.py    the synthetic benchmark task's reward (standard library only)
+    sandbox.py      run_python: untrusted code in a sandboxed subprocess, which starts by
+                    running _sandbox_boot.py as a script (it is never imported)
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
-import inspect
-import math
-import sys
-import time
-import traceback
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from rewards.base import (
+    FAILURE_KINDS,
+    Backend,
+    Call,
+    Outcome,
+    RewardError,
+    RewardFailureError,
+    RewardSpec,
+)
+from rewards.lookup import (
+    get_reward,
+    normalize_spec,
+    register_reward,
+    registered_rewards,
+    reward_label,
+)
+from rewards.pool import LocalBackend, ProcessPool
 
 if TYPE_CHECKING:
     from controller.config import RewardsConfig
 
-RewardFn = Callable[..., Any]
-
-FAILURE_KINDS = ("error", "nonfinite", "timeout", "crash")
-
-_REGISTRY: dict[str, RewardFn] = {}
-
-
-class RewardError(ValueError):
-    """A reward that cannot be found or loaded, or a misconfigured reward set."""
-
-
-class RewardFailureError(RuntimeError):
-    """Too many reward calls failed in one step; the message shows an example traceback."""
-
-
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    def deco(fn: RewardFn) -> RewardFn:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise RewardError(f"reward {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
-
-
-def registered_rewards() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
-
-
-def _load_builtins() -> None:
-    importlib.import_module("rewards.builtin")
-
-
-# ---------------------------------------------------------------------------------------------
-# Resolving a spec to a function
-
-
-def _split_file_spec(spec: str) -> tuple[str, str] | None:
-    """`a/b.py` -> ("a/b.py", "reward"); `a/b.py:fn` -> ("a/b.py", "fn"); else None."""
-    if spec.endswith(".py"):
-        return spec, "reward"
-    path, sep, attr = spec.rpartition(":")
-    return (path, attr) if sep and path.endswith(".py") and attr else None
-
-
-def normalize_spec(spec: str) -> str:
-    """A spec that resolves the same in any process: file paths made absolute."""
-    split = _split_file_spec(spec)
-    if split is None:
-        return spec
-    return f"{Path(split[0]).expanduser().resolve()}:{split[1]}"
-
-
-def _load_file(path: str) -> Any:
-    p = Path(path)
-    if not p.is_file():
-        raise RewardError(f"rewards.functions: file {path!r} does not exist (fix: check the path)")
-    # One module per file path, reused: loading twice would re-run the file's top level.
-    name = "tandem_reward_" + hashlib.sha1(str(p).encode()).hexdigest()[:12]
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, p)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException as e:
-        del sys.modules[name]
-        raise RewardError(
-            f"rewards.functions: loading {path!r} failed: {type(e).__name__}: {e}") from e
-    return module
-
-
-def get_reward(spec: str) -> RewardFn:
-    """A registered name, `package.module:function`, or `path/to/file.py[:function]`."""
-    _load_builtins()
-    if spec in _REGISTRY:
-        return _REGISTRY[spec]
-    split = _split_file_spec(normalize_spec(spec))
-    if split is not None:
-        path, attr = split
-        module = _load_file(path)
-        where = path
-    elif ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise RewardError(f"rewards.functions: cannot import {module_name!r} ({e})") from e
-        where = module_name
-    else:
-        raise RewardError(
-            f"rewards.functions: unknown reward {spec!r} (fix: one of {registered_rewards()}, "
-            f"'module:function' or 'path/to/file.py:function')"
-        )
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise RewardError(f"rewards.functions: {where!r} has no function {attr!r}")
-    return fn
-
-
-def reward_label(spec: str) -> str:
-    """The short name a reward's metrics and kwargs go by: the registered or function name."""
-    if spec in _REGISTRY:
-        return spec
-    split = _split_file_spec(spec)
-    if split is not None:
-        return split[1]
-    return spec.rpartition(":")[2] if ":" in spec else spec
-
-
-def accepts_ids(fn: RewardFn) -> bool:
-    """Whether `fn` takes `completion_ids=` (by name or through **kwargs)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == "completion_ids" or p.kind is p.VAR_KEYWORD for p in params)
-
-
-# ---------------------------------------------------------------------------------------------
-# One call and its outcome; shared by every backend (and run inside worker processes)
-
-
-@dataclass(frozen=True)
-class Call:
-    """One reward function on one completion: the unit a backend runs and times out."""
-
-    fn_index: int
-    prompt: str
-    completion: str
-    completion_ids: list[int] | None
-    row: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How one call ended. `value` is a float or a dict of float components when kind="ok"."""
-
-    kind: str  # "ok" or one of FAILURE_KINDS
-    value: float | dict[str, float] | None = None
-    detail: str = ""  # the traceback or reason of a failure
-    elapsed_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class BoundReward:
-    """A resolved function with its call options; `call` never raises for user errors."""
-
-    fn: RewardFn
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    pass_ids: bool = False
-
-    @classmethod
-    def resolve(cls, spec: str, kwargs: Mapping[str, Any] | None = None, *,
-                warmup: bool = False) -> BoundReward:
-        """The function `spec` names; with `warmup`, also runs its `fn.warmup()` if it has one
-        (slow one-time set-up, such as imports, that must not count against a call's
-        timeout; backends call it once per worker)."""
-        fn = get_reward(spec)
-        if warmup and callable(getattr(fn, "warmup", None)):
-            fn.warmup()
-        return cls(fn, dict(kwargs or {}), accepts_ids(fn))
-
-    def call(self, c: Call) -> Outcome:
-        t0 = time.perf_counter()
-        try:
-            extra = dict(self.kwargs)
-            if self.pass_ids:
-                extra["completion_ids"] = c.completion_ids
-            raw = self.fn(c.prompt, c.completion, c.row, **extra)
-        except Exception:
-            return Outcome("error", None, traceback.format_exc(), time.perf_counter() - t0)
-        return check_value(raw, time.perf_counter() - t0)
-
-
-def _as_float(v: Any) -> float | None:
-    if isinstance(v, (str, bytes)) or v is None:
-        return None
-    try:
-        return float(v)  # int, float, bool, numpy scalars, 0-d arrays
-    except (TypeError, ValueError):
-        return None
-
-
-def check_value(raw: Any, elapsed_s: float = 0.0) -> Outcome:
-    """A reward's return value -> Outcome: finite floats (or a dict of them) are "ok"."""
-    if isinstance(raw, Mapping):
-        out: dict[str, float] = {}
-        for k, v in raw.items():
-            f = _as_float(v)
-            if f is None:
-                return Outcome("error", None, f"component {k!r} is {v!r}, not a number",
-                               elapsed_s)
-            if not math.isfinite(f):
-                return Outcome("nonfinite", None, f"component {k!r} is {f}", elapsed_s)
-            out[str(k)] = f
-        if not out:
-            return Outcome("error", None, "returned an empty dict", elapsed_s)
-        return Outcome("ok", out, "", elapsed_s)
-    f = _as_float(raw)
-    if f is None:
-        return Outcome("error", None,
-                       f"returned {raw!r} ({type(raw).__name__}); a reward must return a float "
-                       f"or a dict of floats", elapsed_s)
-    if not math.isfinite(f):
-        return Outcome("nonfinite", None, f"returned {f}", elapsed_s)
-    return Outcome("ok", f, "", elapsed_s)
-
-
-class Backend(Protocol):
-    """Runs calls; returns one Outcome per call, in order, within the per-call timeout."""
-
-    def run(self, calls: Sequence[Call]) -> list[Outcome]: ...
-
-    def close(self) -> None: ...
-
-
-# ---------------------------------------------------------------------------------------------
-# The set of rewards a job uses
-
-
-@dataclass(frozen=True)
-class RewardSpec:
-    """A reward as configured: spec string, metrics label, kwargs and weight w_k."""
-
-    spec: str
-    label: str
-    kwargs: Mapping[str, Any]
-    weight: float
+# The names code outside `rewards` imports from here; some are defined in the modules below.
+__all__ = [
+    "RewardError",
+    "RewardFailureError",
+    "RewardSet",
+    "build_backend",
+    "build_specs",
+    "get_reward",
+    "register_reward",
+    "registered_rewards",
+]
 
 
 def build_specs(functions: Sequence[str], weights: Sequence[float] | None = None,
                 kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> list[RewardSpec]:
     """Resolves labels (duplicates get "_2", "_3") and checks kwargs name a known label."""
-    _load_builtins()
     weights = list(weights) if weights is not None else [1.0] * len(functions)
     if len(weights) != len(functions):
         raise RewardError(
@@ -297,6 +93,20 @@ def build_specs(functions: Sequence[str], weights: Sequence[float] | None = None
             f"rewards.kwargs names {sorted(unknown)}, which are not rewards of this job "
             f"(fix: use one of {[s.label for s in out]})")
     return out
+
+
+def build_backend(cfg: RewardsConfig, specs: Sequence[RewardSpec]) -> Backend:
+    """The backend `rewards.backend` names, for the given reward specs."""
+    if cfg.backend == "local":
+        return LocalBackend(specs, timeout_s=cfg.timeout_s)
+    if cfg.backend == "process":
+        return ProcessPool(specs, num_workers=cfg.num_workers, timeout_s=cfg.timeout_s,
+                           max_calls_per_worker=cfg.worker_max_calls)
+    # Imported here: importing Ray is slow, and only this backend needs it.
+    from rewards.ray_backend import RayBackend
+
+    return RayBackend(specs, num_workers=cfg.num_workers, timeout_s=cfg.timeout_s,
+                      address=cfg.ray_address, num_cpus=cfg.ray_num_cpus)
 
 
 class RewardSet:
@@ -331,16 +141,12 @@ class RewardSet:
         self.fallback_score = float(fallback_score)
         self.max_failure_fraction = float(max_failure_fraction)
         if backend is None:
-            from rewards.pool import LocalBackend
-
             backend = LocalBackend(self.specs, timeout_s=timeout_s)
         self.backend = backend
 
     @classmethod
     def from_config(cls, cfg: RewardsConfig) -> RewardSet:
         """The reward set and backend that `cfg` (a `RewardsConfig`) describes."""
-        from rewards.pool import build_backend
-
         specs = build_specs(cfg.functions, cfg.weights, cfg.kwargs)
         return cls(cfg.functions, cfg.weights, kwargs=cfg.kwargs,
                    component_weights=cfg.component_weights, backend=build_backend(cfg, specs),

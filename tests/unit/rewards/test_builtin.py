@@ -1,12 +1,12 @@
-"""Built-in rewards on real GSM8K rows, the format and length rewards, and the code sandbox."""
+"""Built-in rewards: reverse_digits, GSM8K on real rows, format, length and code."""
 
 import json
-import os
-import time
 
 import pytest
 
-from controller.datasets import gsm8k_path
+from controller.config import DataConfig
+from controller.data.datasets import gsm8k_path
+from controller.data.tasks import TaskDataset, digits_tokenizer, reverse_digits_row
 from rewards.builtin import (
     answers_match,
     code_reward,
@@ -15,8 +15,28 @@ from rewards.builtin import (
     gsm8k,
     length_penalty,
     parse_number,
+    reverse_digits,
 )
-from rewards.sandbox import run_python
+
+
+def test_reverse_digits_partial_credit():
+    row = {"target": "321"}
+    assert reverse_digits("123=", "321.", row) == 1.0
+    assert reverse_digits("123=", "321", row) == pytest.approx(0.9)  # right digits, no stop
+    assert reverse_digits("123=", "391.", row) == pytest.approx(2 / 3)
+    assert reverse_digits("123=", "3214.", row) == pytest.approx(3 / 4)  # extra digit costs
+    assert reverse_digits("123=", ".", row) == 0.0
+
+
+def test_task_rows_are_deterministic_and_resumable():
+    a = [reverse_digits_row(0, i, 2, 4) for i in range(5)]
+    assert a == [reverse_digits_row(0, i, 2, 4) for i in range(5)]
+    assert all(row["target"] == row["prompt"][:-1][::-1] for row in a)
+    ds = TaskDataset(DataConfig(prompts_per_step=3), digits_tokenizer())
+    first = ds.next_batch()
+    resumed = TaskDataset(DataConfig(prompts_per_step=3), digits_tokenizer(), position=3)
+    assert resumed.next_batch().rows == ds.next_batch().rows
+    assert first.mask_PxL[:, -1].all()  # left-padded: the last column is always real
 
 
 @pytest.fixture(scope="module")
@@ -102,66 +122,3 @@ def test_code_reward_counts_passing_tests():
     assert code_reward("", "print(int(input()) * 2)", io_row, timeout_s=5) == 0.5
     with pytest.raises(KeyError, match="no 'tests'"):
         code_reward("", "print(1)", {})
-
-
-# ---------------------------------------------------------------------------------------------
-# The sandbox
-
-
-def test_sandbox_runs_code_in_its_own_directory():
-    r = run_python("import os\nopen('out.txt', 'w').write('hi')\n"
-                   "print(open('out.txt').read(), os.getcwd().split('/')[-1])")
-    assert r.ok and r.stdout.split() == ["hi", "work"], r
-    assert {"session", "rlimits", "audit"} <= set(r.isolation)
-
-
-def test_sandbox_kills_an_infinite_loop_at_its_timeout():
-    t0 = time.monotonic()
-    r = run_python("while True:\n    pass\n", timeout_s=1.0)
-    assert r.timed_out and not r.ok and r.returncode is None
-    assert 1.0 <= r.elapsed_s < 10 and time.monotonic() - t0 < 15
-
-
-@pytest.mark.parametrize("bomb", [
-    "import os\nwhile True:\n    os.fork()\n",
-    "import subprocess\nsubprocess.Popen(['sh', '-c', ':(){ :|:& };:'])\n",
-    "import os\nos.system(':(){ :|:& };:')\n",
-    "import multiprocessing as mp\nwhile True:\n    mp.Process(target=print).start()\n",
-])
-def test_sandbox_stops_fork_bombs(bomb):
-    t0 = time.monotonic()
-    r = run_python(bomb, timeout_s=5.0)
-    assert not r.ok and not r.timed_out, r  # refused at once, not left to run
-    assert "PermissionError: sandbox" in r.stderr
-    assert time.monotonic() - t0 < 10
-
-
-def test_sandbox_cannot_write_outside_its_directory(tmp_path):
-    target = tmp_path / "escaped.txt"
-    attempts = [
-        f"open({str(target)!r}, 'w').write('x')",
-        f"import os\nos.close(os.open({str(target)!r}, os.O_CREAT | os.O_WRONLY))",
-        f"import os\nos.symlink({str(tmp_path)!r}, 'link')\nopen('link/escaped.txt', 'w')",
-        f"import shutil\nshutil.copy('main.py', {str(target)!r})",
-        "open('../escaped.txt', 'w').write('x')",
-        f"import os\nos.remove({str(tmp_path / 'keep.txt')!r})",
-    ]
-    (tmp_path / "keep.txt").write_text("keep")
-    for code in attempts:
-        r = run_python(code, timeout_s=5.0)
-        assert not r.ok and "PermissionError: sandbox" in r.stderr, (code, r)
-    assert not target.exists()
-    assert (tmp_path / "keep.txt").read_text() == "keep"
-
-
-def test_sandbox_has_no_network_and_limited_memory():
-    r = run_python("import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)")
-    assert not r.ok and "socket" in r.stderr
-    r = run_python("x = bytearray(1 << 30)\nprint('allocated')", memory_mb=256)
-    assert not r.ok and "MemoryError" in r.stderr and "allocated" not in r.stdout
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="RLIMIT_NPROC does not bind for root")
-def test_sandbox_nproc_limit_binds_for_non_root():
-    r = run_python("print('ok')")
-    assert r.ok and "nproc" in r.isolation

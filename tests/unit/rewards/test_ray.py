@@ -8,7 +8,7 @@ ray = pytest.importorskip("ray")
 
 from helpers import USER_REWARDS as USER  # noqa: E402
 
-from controller.datasets import gsm8k_path  # noqa: E402
+from controller.data.datasets import gsm8k_path  # noqa: E402
 from rewards.pool import ProcessPool  # noqa: E402
 from rewards.ray_backend import RayBackend  # noqa: E402
 from rewards.registry import RewardSet, build_specs  # noqa: E402
