@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,37 +32,58 @@ from pydantic import (
     model_validator,
 )
 
-from controller.compile_cache import DEFAULT_DIR as DEFAULT_COMPILE_CACHE_DIR
+# run.compile_cache_dir's default; controller/startup.py points JAX's cache at it.
+DEFAULT_COMPILE_CACHE_DIR = "~/.cache/tandem/xla"
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names field, value and fix."""
 
 
+class TopologyError(ConfigError):
+    """A device split that cannot be built on the devices at hand."""
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Each field's doc is the string literal under it; use_attribute_docstrings makes pydantic
+    # read it into `FieldInfo.description`, which controller/config_reference.py renders into
+    # docs/configuration.md.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(_Section):
     """The policy: a decoder-only transformer in the Llama / Qwen2 layout."""
 
-    vocab_size: int | None = Field(None, ge=2)  # None: the task tokenizer's vocabulary size
-    hidden_size: int = Field(64, ge=8)  # d
+    vocab_size: int | None = Field(None, ge=2)
+    """V: vocabulary size; None: the task tokenizer's vocabulary size."""
+    hidden_size: int = Field(64, ge=8)
+    """d: the model width (residual stream and embeddings)."""
     num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(4, ge=1)  # H (query heads)
-    num_kv_heads: int = Field(2, ge=1)  # K (key/value heads; grouped-query attention)
-    head_dim: int | None = Field(None, ge=2)  # None: hidden_size // num_heads
-    mlp_dim: int = Field(256, ge=8)  # SwiGLU inner width
+    """Number of decoder blocks."""
+    num_heads: int = Field(4, ge=1)
+    """H (query heads)."""
+    num_kv_heads: int = Field(2, ge=1)
+    """K (key/value heads; grouped-query attention). Must divide num_heads."""
+    head_dim: int | None = Field(None, ge=2)
+    """Width of one attention head; None: hidden_size // num_heads."""
+    mlp_dim: int = Field(256, ge=8)
+    """SwiGLU inner width."""
     rope_theta: float = Field(10_000.0, gt=0)
+    """θ: the rotary position embedding (RoPE) base."""
     norm_eps: float = Field(1e-6, gt=0)
+    """ε added to the mean square inside RMSNorm."""
     tie_embeddings: bool = True
-    qkv_bias: bool = False  # Qwen2 uses biases on q/k/v
-    dtype: Literal["float32", "bfloat16"] = "float32"  # activation and parameter dtype
+    """Share the input embedding matrix with the output (logits) projection."""
+    qkv_bias: bool = False
+    """Add biases to the q/k/v projections (Qwen2 uses biases on q/k/v)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Activation and parameter dtype."""
     init_seed: int = 0
-    # A local Hugging Face model directory (config.json, *.safetensors, tokenizer.json) of the
-    # Qwen2/2.5, Qwen3, Llama 3 or Gemma 2/3 families. When set, the architecture, weights and
-    # tokenizer come from it (cast to `dtype`) and the shape fields above must stay unset.
+    """Seed of the random parameter initialization (unused when `path` is set)."""
     path: str | None = None
+    """A local Hugging Face model directory (config.json, *.safetensors, tokenizer.json) of the
+    Qwen2/2.5, Qwen3, Llama 3 or Gemma 2/3 families. When set, the architecture, weights and
+    tokenizer come from it (cast to `dtype`) and the shape fields above must stay unset."""
 
     @field_validator("path")
     @classmethod
@@ -110,20 +132,24 @@ class ModelConfig(_Section):
 class TopologyConfig(_Section):
     """How the job's devices are found and split into the trainer and sampler sub-meshes."""
 
-    # "cpu-sim": JAX's CPU backend with `simulated_devices` fake devices (the CPU-proxy mode);
-    # "native": whatever jax.devices() returns (TPU/GPU, or Pathways' proxy backend).
     backend: Literal["cpu-sim", "native"] = "cpu-sim"
+    """"cpu-sim": JAX's CPU backend with `simulated_devices` fake devices (the CPU-proxy mode);
+    "native": whatever jax.devices() returns (TPU/GPU, or Pathways' proxy backend)."""
     simulated_devices: int = Field(8, ge=2)
-    # Trainer size, as a device count, or (when None) as a fraction of all devices.
+    """Number of fake CPU devices in "cpu-sim" mode (ignored by "native")."""
     trainer_devices: int | None = Field(None, ge=1)
+    """Trainer size as a device count; None: `trainer_fraction` of all devices."""
     trainer_fraction: float = Field(0.5, gt=0, lt=1)
-    # Mesh shapes: axis name -> size; one axis may be -1 ("the rest").
+    """Trainer size as a fraction of all devices, used when `trainer_devices` is None; the
+    sampler gets the rest."""
     trainer_mesh: dict[str, int] = Field(default_factory=lambda: {"fsdp": -1})
+    """Trainer mesh shape: axis name -> size; one axis may be -1 ("the rest")."""
     sampler_mesh: dict[str, int] = Field(default_factory=lambda: {"dp": 1, "tp": -1})
-    # Logical-axis rules: logical axis name -> mesh axis (or None = replicated).
+    """Sampler mesh shape: axis name -> size; one axis may be -1 ("the rest")."""
     trainer_rules: dict[str, str | None] = Field(
         default_factory=lambda: {"embed": "fsdp", "batch": "fsdp"}
     )
+    """Trainer logical-axis rules: logical axis name -> mesh axis (or None = replicated)."""
     sampler_rules: dict[str, str | None] = Field(
         default_factory=lambda: {
             "heads": "tp",
@@ -133,6 +159,7 @@ class TopologyConfig(_Section):
             "batch": "dp",
         }
     )
+    """Sampler logical-axis rules: logical axis name -> mesh axis (or None = replicated)."""
 
     @model_validator(mode="after")
     def _check_meshes(self) -> TopologyConfig:
@@ -161,6 +188,44 @@ class TopologyConfig(_Section):
                 )
         return self
 
+    # Pure arithmetic on a device count: `controller.topology` splits the real devices with
+    # these, and `tandem submit` checks a split against a TPU type before allocating it.
+
+    def split_counts(self, total: int) -> tuple[int, int]:
+        """(trainer, sampler) device counts, both >= 1, that add up to `total`."""
+        if self.trainer_devices is not None:
+            n_train = self.trainer_devices
+            field = f"topology.trainer_devices={n_train}"
+        else:
+            n_train = round(total * self.trainer_fraction)
+            field = f"topology.trainer_fraction={self.trainer_fraction}"
+        if not 1 <= n_train <= total - 1:
+            raise TopologyError(
+                f"{field} gives {n_train} trainer device(s) out of {total}; both the trainer "
+                f"and the sampler need at least one (fix: topology.trainer_devices="
+                f"{max(1, total // 2)})"
+            )
+        return n_train, total - n_train
+
+    def mesh_shape(self, side: Literal["trainer", "sampler"], n: int) -> tuple[int, ...]:
+        """The `side`'s mesh shape on `n` devices, with a -1 axis resolved."""
+        shape = self.trainer_mesh if side == "trainer" else self.sampler_mesh
+        sizes = dict(shape)
+        fixed = math.prod(v for v in sizes.values() if v != -1)
+        if -1 in sizes.values():
+            if n % fixed:
+                raise TopologyError(
+                    f"topology.{side}_mesh={dict(shape)}: the fixed axes (product {fixed}) do "
+                    f"not divide the {n} {side} device(s) (fix: make the product divide {n})"
+                )
+            sizes = {k: (n // fixed if v == -1 else v) for k, v in sizes.items()}
+        elif fixed != n:
+            raise TopologyError(
+                f"topology.{side}_mesh={dict(shape)} has {fixed} devices but the {side} side "
+                f"has {n} (fix: make the sizes multiply to {n}, or use -1 for one axis)"
+            )
+        return tuple(sizes.values())
+
 
 class SamplingConfig(_Section):
     """Generation on the sampler mesh.
@@ -171,30 +236,35 @@ class SamplingConfig(_Section):
     truncation, the distribution the trainer scores (see sampler/sampling.py for why).
     """
 
-    # "jax": the compiled KV-cache sampler on the sampler mesh; "vllm": vLLM (GPU) or vLLM with
-    # tpu-inference (TPU), installed with `pip install 'tandem-rl[vllm]'`.
     backend: Literal["jax", "vllm"] = "jax"
-    group_size: int = Field(8, ge=2)  # G: completions per prompt
-    temperature: float = Field(1.0, ge=0)  # τ; 0 = greedy (top_k / top_p then do nothing)
-    top_k: int = Field(0, ge=0)  # keep the k most likely tokens; 0 = off
-    top_p: float = Field(1.0, gt=0, le=1)  # nucleus: smallest set with mass >= p; 1 = off
-    max_new_tokens: int = Field(6, ge=1)  # T: completion length cap
-    # Token ids that end a row, in addition to the tokenizer's end-of-sequence token.
+    """"jax": the compiled KV-cache sampler on the sampler mesh; "vllm": vLLM (GPU) or vLLM with
+    tpu-inference (TPU), installed with `pip install 'tandem-rl[vllm]'`."""
+    group_size: int = Field(8, ge=2)
+    """G: completions per prompt."""
+    temperature: float = Field(1.0, ge=0)
+    """τ; 0 = greedy (top_k / top_p then do nothing)."""
+    top_k: int = Field(0, ge=0)
+    """Keep the k most likely tokens; 0 = off."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus: smallest set with mass >= p; 1 = off."""
+    max_new_tokens: int = Field(6, ge=1)
+    """T: completion length cap."""
     stop_tokens: list[int] = Field(default_factory=list)
-    # Prompt widths are left-padded up to prompt_bucket * 2^k, so a batch of a new width
-    # reuses a compiled program (at most log2(longest / prompt_bucket) + 1 programs per batch
-    # size). None: exact widths, one compilation per new width.
+    """Token ids that end a row, in addition to the tokenizer's end-of-sequence token."""
     prompt_bucket: int | None = Field(16, ge=1)
-    # The G rows of a group share one prompt: run it through the model once per group (the
-    # sampler's prefill, the trainer's and the reference's forward) and share its keys/values
-    # with the group's completions. Same numbers as per-row (up to float rounding), with the
-    # prompt's FLOPs divided by G. false: every row runs its own copy of the prompt. The
-    # trainer shares only prompts of >= 32 padded columns (trainer.trainer.SHARE_MIN_WIDTH):
-    # its shared forward is two model passes, which short prompts do not pay for.
+    """Prompt widths are left-padded up to prompt_bucket * 2^k, so a batch of a new width
+    reuses a compiled program (at most log2(longest / prompt_bucket) + 1 programs per batch
+    size). None: exact widths, one compilation per new width."""
     share_prompt: bool = True
-    # Extra keyword arguments for vllm.LLM(...) (backend=vllm only), e.g.
-    # {gpu_memory_utilization: 0.5, tensor_parallel_size: 4}.
+    """The G rows of a group share one prompt: run it through the model once per group (the
+    sampler's prefill, the trainer's and the reference's forward) and share its keys/values
+    with the group's completions. Same numbers as per-row (up to float rounding), with the
+    prompt's FLOPs divided by G. false: every row runs its own copy of the prompt. The
+    trainer shares only prompts of >= 32 padded columns (trainer.trainer.SHARE_MIN_WIDTH):
+    its shared forward is two model passes, which short prompts do not pay for."""
     vllm_engine_args: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments for vllm.LLM(...) (backend=vllm only), e.g.
+    {gpu_memory_utilization: 0.5, tensor_parallel_size: 4}."""
 
     @model_validator(mode="after")
     def _check_stop_tokens(self) -> SamplingConfig:
@@ -216,61 +286,75 @@ class AlgorithmConfig(_Section):
     """
 
     # -- advantages (controller/advantages.py) --
-    # "grpo": (r - mean_g) / (std_g + eps), sample std (ddof=1); "dr_grpo": r - mean_g (no
-    # std, Liu et al., 2025); "rloo": r_i - mean_{j != i} r_j (leave-one-out, Ahmadian et al.).
     advantage_estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
-    # Where GRPO's std comes from: "group" (GRPO) or "batch" (std of all rewards in the batch,
-    # group mean kept: Lite PPO, Liu et al., 2025 "Tricks or Traps"; TRL scale_rewards="batch").
+    """"grpo": (r - mean_g) / (std_g + eps), sample std (ddof=1); "dr_grpo": r - mean_g (no
+    std, Liu et al., 2025); "rloo": r_i - mean_{j != i} r_j (leave-one-out, Ahmadian et al.)."""
     advantage_normalization: Literal["group", "batch"] = "group"
-    advantage_eps: float = Field(1e-4, gt=0)  # added to the group std before dividing
+    """Where GRPO's std comes from: "group" (GRPO) or "batch" (std of all rewards in the batch,
+    group mean kept: Lite PPO, Liu et al., 2025 "Tricks or Traps"; TRL scale_rewards="batch")."""
+    advantage_eps: float = Field(1e-4, gt=0)
+    """eps: added to the group std before dividing."""
 
     # -- policy loss (trainer/loss.py) --
-    beta: float = Field(0.02, ge=0)  # β: KL coefficient; 0 disables the reference model
-    epsilon: float = Field(0.2, gt=0, lt=1)  # ε: PPO clip range, ρ ∈ [1-ε, 1+ε]
-    epsilon_low: float | None = Field(None, gt=0, lt=1)  # ε_low, DAPO clip-higher; None: ε
-    epsilon_high: float | None = Field(None, gt=0)  # ε_high, DAPO (Yu et al., 2025); None: ε
-    dual_clip_c: float | None = Field(None, gt=1)  # c, dual-clip PPO (Ye et al., 2020), A < 0
-    # "token": ρ_t = π_θ(y_t)/π_old(y_t) (PPO/GRPO); "sequence": GSPO's
-    # s_i = exp(mean_t log ρ_t) (Zheng et al., 2025), as TRL's importance_sampling_level.
+    beta: float = Field(0.02, ge=0)
+    """β: KL coefficient; 0 disables the reference model."""
+    epsilon: float = Field(0.2, gt=0, lt=1)
+    """ε: PPO clip range, ρ ∈ [1-ε, 1+ε]."""
+    epsilon_low: float | None = Field(None, gt=0, lt=1)
+    """ε_low, DAPO clip-higher; None: ε."""
+    epsilon_high: float | None = Field(None, gt=0)
+    """ε_high, DAPO (Yu et al., 2025); None: ε."""
+    dual_clip_c: float | None = Field(None, gt=1)
+    """c, dual-clip PPO (Ye et al., 2020), A < 0: L_pg = min(L_pg, -c·A); None: off."""
     importance_sampling_level: Literal["token", "sequence"] = "token"
-    # How per-token losses become one number (verl's loss_agg_mode names):
-    # "token-mean" (DAPO; TRL "dapo"/"bnpo"), "seq-mean-token-mean" (GRPO; TRL "grpo"),
-    # "seq-mean-token-sum", "seq-mean-token-sum-norm" (Dr.GRPO: Σ / (B·L), TRL "dr_grpo").
+    """"token": ρ_t = π_θ(y_t)/π_old(y_t) (PPO/GRPO); "sequence": GSPO's
+    s_i = exp(mean_t log ρ_t) (Zheng et al., 2025), as TRL's importance_sampling_level."""
     loss_aggregation: Literal[
         "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
     ] = "token-mean"
-    # L in Dr.GRPO's constant normaliser; None: sampling.max_new_tokens.
+    """How per-token losses become one number (verl's loss_agg_mode names):
+    "token-mean" (DAPO; TRL "dapo"/"bnpo"), "seq-mean-token-mean" (GRPO; TRL "grpo"),
+    "seq-mean-token-sum", "seq-mean-token-sum-norm" (Dr.GRPO: Σ / (B·L), TRL "dr_grpo")."""
     loss_norm_length: int | None = Field(None, ge=1)
-    entropy_coef: float = Field(0.0, ge=0)  # entropy bonus: loss -= coef · H(π_θ)
+    """L in Dr.GRPO's constant normaliser; None: sampling.max_new_tokens."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus: loss -= coef · H(π_θ)."""
 
     # -- KL to the frozen reference model π_ref --
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # Schulman (2020); k3 as in GRPO
-    # "loss": + β·KL per token in the loss (GRPO); "reward": r_i -= β·Σ_t KL_t before the
-    # advantages (InstructGPT-style; verl use_kl_in_reward).
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL(π_θ ‖ π_ref) estimator, Schulman (2020); k3 as in GRPO."""
     kl_penalty: Literal["loss", "reward"] = "loss"
-    # Keep the frozen reference model in host memory between steps and copy it to the trainer
-    # mesh only for the reference forward pass: frees its device memory for a host->device copy
-    # of its bytes per step.
+    """"loss": + β·KL per token in the loss (GRPO); "reward": r_i -= β·Σ_t KL_t before the
+    advantages (InstructGPT-style; verl use_kl_in_reward)."""
     reference_offload: bool = False
+    """Keep the frozen reference model in host memory between steps and copy it to the trainer
+    mesh only for the reference forward pass: frees its device memory for a host->device copy
+    of its bytes per step."""
 
     # -- the update: μ iterations × minibatches × gradient accumulation (trainer/trainer.py) --
-    num_iterations: int = Field(1, ge=1)  # μ: passes over each batch (GRPO, Shao et al.)
-    # π_old for the ratio: "recompute" (trainer forward before the update; with μ = 1 and one
-    # minibatch π_old = sg(π_θ), no extra pass) or "sampler" (the sampler's logprobs).
+    num_iterations: int = Field(1, ge=1)
+    """μ: passes over each batch (GRPO, Shao et al.)."""
     old_logprobs: Literal["recompute", "sampler"] = "recompute"
-    num_minibatches: int = Field(1, ge=1)  # optimizer steps per pass; rows split evenly
-    gradient_accumulation_steps: int = Field(1, ge=1)  # microbatches summed per optimizer step
+    """π_old for the ratio: "recompute" (trainer forward before the update; with μ = 1 and one
+    minibatch π_old = sg(π_θ), no extra pass) or "sampler" (the sampler's logprobs)."""
+    num_minibatches: int = Field(1, ge=1)
+    """Optimizer steps per pass; rows split evenly."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Microbatches summed per optimizer step."""
 
     # -- DAPO data shaping (controller/loop.py) --
-    # Dynamic sampling: drop groups whose G reward-function scores (before the overlong
-    # penalty; DAPO filters on accuracy) are all equal, sample more prompts to refill the
-    # batch, at most `dynamic_sampling_max_retries` extra rounds; then top up with dropped ones.
     dynamic_sampling: bool = False
+    """Dynamic sampling: drop groups whose G reward-function scores (before the overlong
+    penalty; DAPO filters on accuracy) are all equal, sample more prompts to refill the
+    batch, at most `dynamic_sampling_max_retries` extra rounds; then top up with dropped ones."""
     dynamic_sampling_max_retries: int = Field(3, ge=0)
-    overlong_filtering: bool = False  # DAPO: truncated completions (no stop) get no loss
-    # Soft overlong punishment (DAPO eq. 13): L_cache; None disables. L_max = max_new_tokens.
+    """Extra sampling rounds dynamic sampling may run per step to refill the batch."""
+    overlong_filtering: bool = False
+    """DAPO: truncated completions (no stop) get no loss."""
     overlong_buffer_len: int | None = Field(None, ge=1)
-    overlong_penalty_factor: float = Field(1.0, ge=0)  # scales the soft penalty (verl)
+    """Soft overlong punishment (DAPO eq. 13): L_cache; None disables. L_max = max_new_tokens."""
+    overlong_penalty_factor: float = Field(1.0, ge=0)
+    """Scales the soft overlong penalty (verl)."""
 
     @model_validator(mode="after")
     def _check_algorithm(self) -> AlgorithmConfig:
@@ -301,44 +385,60 @@ class AlgorithmConfig(_Section):
 class OptimizerConfig(_Section):
     """AdamW from optax, with global-norm clipping and a warmup + constant/cosine schedule."""
 
-    learning_rate: float = Field(3e-3, gt=0)  # η (peak, after warmup)
-    b1: float = Field(0.9, ge=0, lt=1)  # β1
-    b2: float = Field(0.99, ge=0, lt=1)  # β2
-    weight_decay: float = Field(0.0, ge=0)  # λ (decoupled, AdamW)
-    max_grad_norm: float | None = Field(1.0, gt=0)  # global-norm clip; None disables clipping
-    warmup_steps: int = Field(0, ge=0)  # linear warmup 0 -> η, in optimizer steps
-    # After warmup: "constant" η, or "cosine" decay to min_lr_ratio·η over the rest of the run
-    # (decay_steps optimizer steps; None: run.steps × μ × num_minibatches).
+    learning_rate: float = Field(3e-3, gt=0)
+    """η (peak, after warmup)."""
+    b1: float = Field(0.9, ge=0, lt=1)
+    """β1: Adam's first-moment decay."""
+    b2: float = Field(0.99, ge=0, lt=1)
+    """β2: Adam's second-moment decay."""
+    weight_decay: float = Field(0.0, ge=0)
+    """λ (decoupled, AdamW)."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Global-norm clip; None disables clipping."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup 0 -> η, in optimizer steps."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After warmup: "constant" η, or "cosine" decay to min_lr_ratio·η over the rest of the run
+    (decay_steps optimizer steps; None: run.steps × μ × num_minibatches)."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """The cosine schedule's final learning rate, as a fraction of η."""
     decay_steps: int | None = Field(None, ge=1)
+    """Length of the cosine decay in optimizer steps; None: run.steps × μ × num_minibatches."""
 
 
 class RewardsConfig(_Section):
     """Reward functions (name, `module:function` or file path), weights, and where calls run."""
 
-    # Each entry: a registered name (`gsm8k`), `package.module:function`, or
-    # `path/to/file.py:function` (`path/to/file.py` alone means its function `reward`).
     functions: list[str] = Field(default_factory=lambda: ["reverse_digits"], min_length=1)
-    weights: list[float] | None = None  # w_k per function; None: all 1.0
-    # Keyword arguments per function, keyed by its label (the registered name or the function's
-    # name), e.g. {length_penalty: {max_len: 256}}.
+    """The reward functions; r = Σ_k w_k r_k. Each entry: a registered name (`gsm8k`),
+    `package.module:function`, or `path/to/file.py:function` (`path/to/file.py` alone means its
+    function `reward`)."""
+    weights: list[float] | None = None
+    """w_k per function; None: all 1.0."""
     kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    # A reward that returns a dict of components is summed as Σ_c w_c v_c; weights are keyed
-    # "<label>/<component>" and default to 1.0.
+    """Keyword arguments per function, keyed by its label (the registered name or the function's
+    name), e.g. {length_penalty: {max_len: 256}}."""
     component_weights: dict[str, float] = Field(default_factory=dict)
-    # Where calls run: "local" in the controller process (timeouts only for pure-Python code on
-    # the main thread), "process" in a pool of worker processes (hard per-call timeouts; a hung
-    # or crashed worker is killed and replaced), "ray" in Ray actors (same semantics).
+    """A reward that returns a dict of components is summed as Σ_c w_c v_c; weights are keyed
+    "<label>/<component>" and default to 1.0."""
     backend: Literal["local", "process", "ray"] = "local"
-    timeout_s: float = Field(10.0, gt=0)  # per call; a call past it gets fallback_score
-    num_workers: int = Field(2, ge=1)  # worker processes or Ray actors
-    fallback_score: float = 0.0  # the score of a call that timed out, raised or returned NaN/inf
-    # A step stops with an error when more than this fraction of its calls failed.
+    """Where calls run: "local" in the controller process (timeouts only for pure-Python code on
+    the main thread), "process" in a pool of worker processes (hard per-call timeouts; a hung
+    or crashed worker is killed and replaced), "ray" in Ray actors (same semantics)."""
+    timeout_s: float = Field(10.0, gt=0)
+    """Per call; a call past it gets fallback_score."""
+    num_workers: int = Field(2, ge=1)
+    """Worker processes or Ray actors."""
+    fallback_score: float = 0.0
+    """The score of a call that timed out, raised or returned NaN/inf."""
     max_failure_fraction: float = Field(0.1, ge=0, le=1)
-    worker_max_calls: int | None = Field(None, ge=1)  # recycle a worker after this many calls
-    ray_address: str | None = None  # None: an already-initialized Ray, else a local one
-    ray_num_cpus: float = Field(1.0, ge=0)  # CPUs each Ray actor reserves
+    """A step stops with an error when more than this fraction of its calls failed."""
+    worker_max_calls: int | None = Field(None, ge=1)
+    """Recycle a worker after this many calls; None: never."""
+    ray_address: str | None = None
+    """None: an already-initialized Ray, else a local one."""
+    ray_num_cpus: float = Field(1.0, ge=0)
+    """CPUs each Ray actor reserves."""
 
     @model_validator(mode="after")
     def _check_weights(self) -> RewardsConfig:
@@ -353,25 +453,34 @@ class RewardsConfig(_Section):
 class DataConfig(_Section):
     """Prompts. The built-in task generates them deterministically from `seed`."""
 
-    # "reverse_digits": generated; "gsm8k": GSM8K word problems (bundled test split and a train
-    # subset, or `path`); "jsonl" / "parquet": your file at `path`, columns mapped by `columns`;
-    # "synthetic": random token-id prompts of `prompt_tokens` ids, no stop token, reward
-    # `synthetic_even` (the benchmark job of bench/grpo_step.py; see controller/synthetic.py).
     task: Literal["reverse_digits", "gsm8k", "jsonl", "parquet", "synthetic"] = "reverse_digits"
-    prompts_per_step: int = Field(16, ge=1)  # prompts per batch; rows = prompts_per_step * G
+    """"reverse_digits": generated; "gsm8k": GSM8K word problems (bundled test split and a train
+    subset, or `path`); "jsonl" / "parquet": your file at `path`, columns mapped by `columns`;
+    "synthetic": random token-id prompts of `prompt_tokens` ids, no stop token, reward
+    `synthetic_even` (the benchmark job of bench/grpo_step.py; see controller/data/synthetic.py)."""
+    prompts_per_step: int = Field(16, ge=1)
+    """Prompts per batch; rows = prompts_per_step * G."""
     min_digits: int = Field(2, ge=1)
+    """reverse_digits task: fewest digits in a prompt's number."""
     max_digits: int = Field(4, ge=1)
-    prompt_tokens: int = Field(32, ge=1)  # synthetic task: prompt length in tokens
+    """reverse_digits task: most digits in a prompt's number."""
+    prompt_tokens: int = Field(32, ge=1)
+    """Synthetic task: prompt length in tokens."""
     seed: int = 0
-    path: str | None = None  # the data file (gsm8k: None = the bundled split)
-    split: Literal["train", "test"] = "train"  # gsm8k: which bundled split
-    # Row field -> file column, for "prompt" and "target" (e.g. {prompt: question}).
+    """Seed of the generated tasks' prompts and of the row shuffle."""
+    path: str | None = None
+    """The data file (gsm8k: None = the bundled split)."""
+    split: Literal["train", "test"] = "train"
+    """gsm8k: which bundled split."""
     columns: dict[str, str] = Field(default_factory=dict)
-    # Python format string over the row's fields, e.g. "Q: {question}\nA:"; None: the task's
-    # default (gsm8k) or the mapped "prompt" column as is.
+    """Row field -> file column, for "prompt" and "target" (e.g. {prompt: question})."""
     prompt_template: str | None = None
-    max_prompt_tokens: int = Field(1024, ge=1)  # longer prompts are reported as bad rows
-    shuffle: bool = True  # a fresh permutation of the rows each epoch (seeded)
+    """Python format string over the row's fields, e.g. "Q: {question}\\nA:"; None: the task's
+    default (gsm8k) or the mapped "prompt" column as is."""
+    max_prompt_tokens: int = Field(1024, ge=1)
+    """Longer prompts are reported as bad rows."""
+    shuffle: bool = True
+    """A fresh permutation of the rows each epoch (seeded)."""
 
     @model_validator(mode="after")
     def _check_digits(self) -> DataConfig:
@@ -398,24 +507,31 @@ class RunConfig(_Section):
     """The run as a whole."""
 
     name: str = Field("tandem", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """The run's name, shown in status reports and logs (letters, digits, `_`, `.`, `-`)."""
     steps: int = Field(400, ge=1)
-    seed: int = 0  # sampling RNG
-    output_dir: str | None = None  # metrics.jsonl and config.yaml go here when set
-    progress: bool = True  # show a progress bar on the console
-    tensorboard: bool = False  # also write TensorBoard events to <output_dir>/tensorboard
-    wandb_project: str | None = None  # also log to Weights & Biases (needs `pip install wandb`)
-    # Continue from the newest checkpoint in the checkpoint directory. Without it, a directory
-    # that already holds checkpoints is an error rather than silently overwritten.
+    """GRPO steps to run (one batch sampled, scored and trained on per step)."""
+    seed: int = 0
+    """Sampling RNG."""
+    output_dir: str | None = None
+    """metrics.jsonl and config.yaml go here when set."""
+    progress: bool = True
+    """Show a progress bar on the console."""
+    tensorboard: bool = False
+    """Also write TensorBoard events to <output_dir>/tensorboard."""
+    wandb_project: str | None = None
+    """Also log to Weights & Biases (needs `pip install wandb`)."""
     resume: bool = False
+    """Continue from the newest checkpoint in the checkpoint directory. Without it, a directory
+    that already holds checkpoints is an error rather than silently overwritten."""
 
-    # After the last step, write the policy here as a Hugging Face model directory (config,
-    # safetensors, and model.path's tokenizer files) for transformers or vLLM. Must not exist.
     export_hf_dir: str | None = None
-    # JAX's persistent compilation cache: compiled programs are kept here and reused when the
-    # same job starts again (first step ~14 s -> ~5 s on the bench's standard job). null leaves
-    # JAX's cache settings alone; on Pathways only an explicit (e.g. gs://) directory is used
-    # (see controller/compile_cache.py).
+    """After the last step, write the policy here as a Hugging Face model directory (config,
+    safetensors, and model.path's tokenizer files) for transformers or vLLM. Must not exist."""
     compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR
+    """JAX's persistent compilation cache: compiled programs are kept here and reused when the
+    same job starts again (first step ~14 s -> ~5 s on the bench's standard job). null leaves
+    JAX's cache settings alone; on Pathways only an explicit (e.g. gs://) directory is used
+    (see controller/startup.py)."""
 
     @model_validator(mode="after")
     def _check_export_dir(self) -> RunConfig:
@@ -432,61 +548,72 @@ class RunConfig(_Section):
 class ScheduleConfig(_Section):
     """When the sampler and trainer halves of a step run (see controller/loop.py)."""
 
-    # sync: sample -> score -> update -> reshard, one after another, on disjoint meshes.
-    # async: the sampler samples and scores batch N+1 while the trainer updates on batch N.
-    # colocated: trainer and sampler share one mesh of all devices (small jobs, one slice);
-    #   the sampler uses the trainer's layout, so the weight hand-over copies nothing.
     kind: Literal["sync", "async", "colocated"] = "sync"
-    # k: how many policy versions the sampler's weights may lag the trainer's (async only).
-    # 0 = always the latest weights (same results as sync, for the same seed).
+    """sync: sample -> score -> update -> reshard, one after another, on disjoint meshes.
+    async: the sampler samples and scores batch N+1 while the trainer updates on batch N.
+    colocated: trainer and sampler share one mesh of all devices (small jobs, one slice);
+    the sampler uses the trainer's layout, so the weight hand-over copies nothing."""
     max_staleness: int = Field(1, ge=0)
-    # C: cap of the truncated importance weight min(π_θ/μ, C) applied to stale batches.
+    """k: how many policy versions the sampler's weights may lag the trainer's (async only).
+    0 = always the latest weights (same results as sync, for the same seed)."""
     is_cap: float = Field(2.0, ge=1.0)
+    """C: cap of the truncated importance weight min(π_θ/μ, C) applied to stale batches."""
 
 
 class CheckpointConfig(_Section):
     """Orbax checkpoints of the trainer state, data position and RNG (see trainer/checkpoint.py)."""
 
-    dir: str | None = None  # None: <run.output_dir>/checkpoints when output_dir is set, else off
-    every_steps: int = Field(50, ge=0)  # 0: only on request, on stop and at the end
+    dir: str | None = None
+    """None: <run.output_dir>/checkpoints when output_dir is set, else off."""
+    every_steps: int = Field(50, ge=0)
+    """Save every this many steps; 0: only on request, on stop and at the end."""
     keep_last: int = Field(3, ge=1)
-    async_save: bool = True  # write files in the background while training goes on
+    """How many of the newest checkpoints to keep; older ones are deleted."""
+    async_save: bool = True
+    """Write files in the background while training goes on."""
 
 
 class ReshardConfig(_Section):
     """Weight sync after each update: trainer params (trainer layout) -> sampler layout."""
 
-    # Dtype the sampler's weights are sent and held in. None: the model's dtype (model.dtype).
-    # "bfloat16": cast fp32 master weights on the trainer devices before the move (half the
-    # bytes on the wire; the sampler then runs with bf16 weights).
     dtype: Literal["float32", "bfloat16"] | None = None
-    # Move at most about this many bytes at once (whole leaves), so the transfer's temporaries
-    # (cast copies, staged relayouts) stay bounded. None: the whole tree at once.
+    """Dtype the sampler's weights are sent and held in. None: the model's dtype (model.dtype).
+    "bfloat16": cast fp32 master weights on the trainer devices before the move (half the
+    bytes on the wire; the sampler then runs with bf16 weights)."""
     chunk_bytes: int | None = Field(None, ge=1)
-    # Donate the transfer's temporaries to the move (TPU/GPU/Pathways). Ignored on CPU, where
-    # donated buffers that are touched again crash JAX's CPU client.
+    """Move at most about this many bytes at once (whole leaves), so the transfer's temporaries
+    (cast copies, staged relayouts) stay bounded. None: the whole tree at once."""
     donate: bool = False
-    # "auto": Pathways reshard when available, host_copy on CPU, device_put elsewhere.
+    """Donate the transfer's temporaries to the move (TPU/GPU/Pathways). Ignored on CPU, where
+    donated buffers that are touched again crash JAX's CPU client."""
     method: Literal["auto", "pathways", "device_put", "host_copy"] = "auto"
+    """"auto": Pathways reshard when available, host_copy on CPU, device_put elsewhere."""
 
 
 class StatusConfig(_Section):
-    """The gRPC status service (controller/status.proto) that runs inside the controller."""
+    """The gRPC status service (controller/status/status.proto) that runs inside the controller."""
 
-    enabled: bool = True  # serve from Job construction to Job.close()
-    host: str = Field("127.0.0.1", min_length=1)  # bind address; loopback unless a token is set
-    port: int = Field(0, ge=0, le=65535)  # 0: pick a free port (printed by `tandem run`)
-    # Bearer token every RPC must carry (`authorization: Bearer <token>`); None: read the
-    # environment variable `token_env`. Required to bind a non-loopback address.
-    # Masked ("**********") in --print-config and the saved config.yaml; prefer the env var.
+    enabled: bool = True
+    """Serve from Job construction to Job.close()."""
+    host: str = Field("127.0.0.1", min_length=1)
+    """Bind address; loopback unless a token is set."""
+    port: int = Field(0, ge=0, le=65535)
+    """0: pick a free port (printed by `tandem run`)."""
     token: SecretStr | None = Field(None, min_length=1)
+    """Bearer token every RPC must carry (`authorization: Bearer <token>`); None: read the
+    environment variable `token_env`. Required to bind a non-loopback address.
+    Masked ("**********") in --print-config and the saved config.yaml; prefer the env var."""
     token_env: str = Field("TANDEM_STATUS_TOKEN", min_length=1)
-    tls_cert: str | None = None  # PEM certificate chain; with tls_key, serve TLS
-    tls_key: str | None = None  # PEM private key
-    # The server's own thread pool (not the loop's). Each open WatchMetrics stream holds one
-    # worker; 4 stay free for unary calls, so up to max_workers - 4 watchers at once.
+    """The environment variable the token is read from when `token` is None."""
+    tls_cert: str | None = None
+    """PEM certificate chain; with tls_key, serve TLS."""
+    tls_key: str | None = None
+    """PEM private key."""
     max_workers: int = Field(32, ge=5)
-    history: int = Field(10_000, ge=1)  # steps kept for GetMetrics windows and watch replay
+    """The server's own thread pool (not the loop's). Each open WatchMetrics stream holds one
+    worker; 4 stay free for unary calls, so up to max_workers - 4 watchers at once."""
+    history: int = Field(10_000, ge=1)
+    """Steps kept for GetMetrics windows and watch replay."""
 
     @model_validator(mode="after")
     def _check_tls(self) -> StatusConfig:
@@ -504,17 +631,29 @@ class JobConfig(_Section):
     """Everything a Tandem job needs; the only validator."""
 
     model: ModelConfig = ModelConfig()
+    """The policy model."""
     topology: TopologyConfig = TopologyConfig()
+    """Devices and their split into trainer and sampler sub-meshes."""
     sampling: SamplingConfig = SamplingConfig()
+    """Generation on the sampler mesh."""
     algorithm: AlgorithmConfig = AlgorithmConfig()
+    """Advantages, loss, KL and the update."""
     optimizer: OptimizerConfig = OptimizerConfig()
+    """AdamW and its learning-rate schedule."""
     rewards: RewardsConfig = RewardsConfig()
+    """Reward functions and where they run."""
     data: DataConfig = DataConfig()
+    """Prompts."""
     run: RunConfig = RunConfig()
+    """The run as a whole."""
     checkpoint: CheckpointConfig = CheckpointConfig()
+    """Orbax checkpoints."""
     schedule: ScheduleConfig = ScheduleConfig()
+    """When the sampler and trainer halves of a step run."""
     reshard: ReshardConfig = ReshardConfig()
+    """Weight sync from the trainer layout to the sampler layout."""
     status: StatusConfig = StatusConfig()
+    """The gRPC status service."""
 
     @model_validator(mode="after")
     def _check_lengths(self) -> JobConfig:

@@ -11,17 +11,12 @@ not divide is replicated instead (and the choice is visible in `describe_shardin
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from controller.config import ConfigError, TopologyConfig
-
-
-class TopologyError(ConfigError):
-    """A device split that cannot be built on the devices at hand."""
+from controller.config import TopologyConfig, TopologyError
 
 
 def configure_devices(cfg: TopologyConfig) -> None:
@@ -124,40 +119,6 @@ class Meshes:
         return f"{one(self.trainer)} | {one(self.sampler)}"
 
 
-def resolve_shape(name: str, shape: Mapping[str, int], n: int) -> tuple[int, ...]:
-    sizes = dict(shape)
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    if -1 in sizes.values():
-        if n % fixed:
-            raise TopologyError(
-                f"topology.{name}_mesh={dict(shape)}: the fixed axes (product {fixed}) do not "
-                f"divide the {n} {name} device(s) (fix: make the product divide {n})"
-            )
-        sizes = {k: (n // fixed if v == -1 else v) for k, v in sizes.items()}
-    elif fixed != n:
-        raise TopologyError(
-            f"topology.{name}_mesh={dict(shape)} has {fixed} devices but the {name} side has {n} "
-            f"(fix: make the sizes multiply to {n}, or use -1 for one axis)"
-        )
-    return tuple(sizes.values())
-
-
-def split_counts(cfg: TopologyConfig, total: int) -> tuple[int, int]:
-    """(trainer, sampler) device counts, both >= 1, that add up to `total`."""
-    if cfg.trainer_devices is not None:
-        n_train = cfg.trainer_devices
-        field = f"topology.trainer_devices={n_train}"
-    else:
-        n_train = round(total * cfg.trainer_fraction)
-        field = f"topology.trainer_fraction={cfg.trainer_fraction}"
-    if not 1 <= n_train <= total - 1:
-        raise TopologyError(
-            f"{field} gives {n_train} trainer device(s) out of {total}; both the trainer and the "
-            f"sampler need at least one (fix: topology.trainer_devices={max(1, total // 2)})"
-        )
-    return n_train, total - n_train
-
-
 def build_meshes(cfg: TopologyConfig, devices: Sequence[Any] | None = None, *,
                  colocated: bool = False) -> Meshes:
     """Splits `devices` (default: all of JAX's) into disjoint trainer and sampler meshes.
@@ -176,14 +137,14 @@ def build_meshes(cfg: TopologyConfig, devices: Sequence[Any] | None = None, *,
             f"(fix: topology.backend=cpu-sim topology.simulated_devices=8)"
         )
     if colocated:
-        shape = resolve_shape("trainer", cfg.trainer_mesh, len(devices))
+        shape = cfg.mesh_shape("trainer", len(devices))
         mesh = Mesh(np.array(devices).reshape(shape), tuple(cfg.trainer_mesh))
         rules = dict(cfg.trainer_rules)
         return Meshes(trainer=SubMesh("trainer", mesh, rules),
                       sampler=SubMesh("sampler", mesh, rules))
-    n_train, n_samp = split_counts(cfg, len(devices))
-    t_shape = resolve_shape("trainer", cfg.trainer_mesh, n_train)
-    s_shape = resolve_shape("sampler", cfg.sampler_mesh, n_samp)
+    n_train, n_samp = cfg.split_counts(len(devices))
+    t_shape = cfg.mesh_shape("trainer", n_train)
+    s_shape = cfg.mesh_shape("sampler", n_samp)
     t_dev = np.array(devices[:n_train]).reshape(t_shape)
     s_dev = np.array(devices[n_train:]).reshape(s_shape)
     return Meshes(

@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from controller.config import ConfigError, JobConfig
-from controller.topology import TopologyError, resolve_shape, split_counts
+from controller.config import ConfigError, JobConfig, TopologyError
 
 # The IFRT proxy address a pod made by `xpk workload create-pathways` listens on (its sidecar);
 # the controller's JAX_BACKEND_TARGET.
@@ -157,9 +156,9 @@ class DevicePlan:
 def plan_devices(cfg: JobConfig, tpu: TpuType, num_slices: int) -> DevicePlan:
     """Checks the config's trainer/sampler split against `num_slices` slices of `tpu`.
 
-    The same functions that split the real devices at run time (`controller.topology`) run
-    here on the device count the controller will see, so a split that cannot be built fails
-    now, with both numbers, instead of after the cluster has been allocated.
+    The same functions that split the real devices at run time (`TopologyConfig.split_counts`,
+    `mesh_shape`) run here on the device count the controller will see, so a split that cannot
+    be built fails now, with both numbers, instead of after the cluster has been allocated.
     """
     if cfg.topology.backend != "native":
         raise SubmitError(
@@ -170,9 +169,9 @@ def plan_devices(cfg: JobConfig, tpu: TpuType, num_slices: int) -> DevicePlan:
     total = tpu.devices * num_slices
     where = f"on {tpu.describe(num_slices)}"
     try:
-        n_train, n_samp = split_counts(cfg.topology, total)
-        t_shape = resolve_shape("trainer", cfg.topology.trainer_mesh, n_train)
-        s_shape = resolve_shape("sampler", cfg.topology.sampler_mesh, n_samp)
+        n_train, n_samp = cfg.topology.split_counts(total)
+        t_shape = cfg.topology.mesh_shape("trainer", n_train)
+        s_shape = cfg.topology.mesh_shape("sampler", n_samp)
     except TopologyError as e:
         raise SubmitError(f"{e} [{where}]") from None
     warnings = []

@@ -16,7 +16,7 @@ import argparse
 import contextlib
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from controller.config import ConfigError, JobConfig, load_config
 
@@ -51,14 +51,14 @@ class PlannedJob:
     cast_bytes_per_chip: int  # the trainer-side cast copy in flight (0 without a cast)
 
 
-def _abstract_submesh(name: str, devices: list[Any], mesh_cfg: dict[str, int],
-                      rules: dict[str, str | None]) -> Any:
+def _abstract_submesh(cfg: JobConfig, name: Literal["trainer", "sampler"], devices: list[Any],
+                      mesh_cfg: dict[str, int], rules: dict[str, str | None]) -> Any:
     import numpy as np
 
-    from controller.topology import SubMesh, resolve_shape
+    from controller.topology import SubMesh
     from reshard.plan import AbstractMesh
 
-    shape = resolve_shape(name, mesh_cfg, len(devices))
+    shape = cfg.topology.mesh_shape(name, len(devices))
     grid = np.empty(len(devices), object)
     grid[:] = devices
     return SubMesh(name, AbstractMesh(grid.reshape(shape), tuple(mesh_cfg)), dict(rules))
@@ -95,15 +95,14 @@ def build_plan(cfg: JobConfig, topology: str, num_slices: int = 1) -> PlannedJob
     """Plans the job's weight sync on `num_slices` x `topology`, from abstract shapes only."""
     import jax
 
-    from controller.topology import split_counts
     from reshard.plan import AbstractSharding, estimate_on, parse_topology, plan_reshard
 
     topo = parse_topology(topology, num_slices)
     devices = topo.devices()
-    n_train, _ = split_counts(cfg.topology, len(devices))
-    trainer = _abstract_submesh("trainer", devices[:n_train], cfg.topology.trainer_mesh,
+    n_train, _ = cfg.topology.split_counts(len(devices))
+    trainer = _abstract_submesh(cfg, "trainer", devices[:n_train], cfg.topology.trainer_mesh,
                                 cfg.topology.trainer_rules)
-    sampler = _abstract_submesh("sampler", devices[n_train:], cfg.topology.sampler_mesh,
+    sampler = _abstract_submesh(cfg, "sampler", devices[n_train:], cfg.topology.sampler_mesh,
                                 cfg.topology.sampler_rules)
     shapes, logical_axes = abstract_params(cfg)  # abstract: no weights
 
