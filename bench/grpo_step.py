@@ -7,7 +7,7 @@
     python bench/grpo_step.py --only tandem --placement disaggregated --placement disaggregated-2+2
                                               # what the 8-device split costs on few cores
 
-The standard job (issue 12): a Qwen2-layout decoder (d=256, 4 layers, 4 query / 2 KV heads,
+The standard job: a Qwen2-layout decoder (d=256, 4 layers, 4 query / 2 KV heads,
 SwiGLU 688, vocab 1024, tied embeddings, q/k/v biases, fp32, random init: 3,166,464 params);
 8 prompts x G=8 completions per step, prompts of 32 random token ids, exactly 64 new tokens
 (no stop token can be sampled), temperature 1, β = 0.04 with a reference model, ε = 0.2, one

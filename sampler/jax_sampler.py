@@ -203,10 +203,9 @@ class JaxSampler:
         cache_sh = self._cache_sharding(b, p + n_new - 1)
         stop_ids = jnp.asarray(self.stop_ids, jnp.int32)
 
-        # One split per token (the key stream the foundation's sampler used, so a seeded run
-        # reproduces): token t is drawn with the second half, the first carries on. When the
-        # noise of all T steps is small, it is drawn up front from those same keys in one
-        # vectorised pass (not T small single-threaded ones in the loop): the same tokens.
+        # One split per token: token t is drawn with the second half, the first carries on.
+        # When the noise of all T steps is small, it is drawn up front from those same keys in
+        # one vectorised pass (not T small single-threaded ones in the loop): the same tokens.
         vocab = mdef.spec.vocab_size
         gumbel_TxBxV = None
         if cfg.temperature > 0 and n_new * b * vocab * 4 <= GUMBEL_BUDGET_BYTES:

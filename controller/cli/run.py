@@ -17,7 +17,8 @@ examples:
   tandem run topology.trainer_devices=6        # 6 trainer + 2 sampler devices
 
 Any field of the config can be overridden as section.field=value (values are YAML).
-Sections: model, topology, sampling, algorithm, optimizer, rewards, data, run.
+Sections: model, topology, sampling, algorithm, optimizer, rewards, data, run, schedule,
+checkpoint, reshard, status. Every field: docs/configuration.md.
 """
 
 

@@ -1,4 +1,4 @@
-"""The speed work of issue 12 changes how a step is computed, never what: the same seeded job
+"""The fast paths change how a step is computed, never what: the same seeded job
 run the unoptimised way (every row prefills and forwards its own copy of the prompt; FSDP
 trainer, tensor-parallel sampler) and the way bench/grpo_step.py runs it (one prompt pass per
 group; data parallel on both sides) gives the same loss and reward curves."""

