@@ -111,9 +111,7 @@ class Job:
                                   * cfg.algorithm.num_minibatches)
         self.trainer = Trainer(self.model_def, params, build_optimizer(cfg.optimizer, schedule),
                                self.meshes.trainer, cfg.algorithm, cfg.sampling.temperature,
-                               lr_schedule=schedule, is_cap=cfg.schedule.is_cap,
-                               prompt_group=(cfg.sampling.group_size if cfg.sampling.share_prompt
-                                             else 1))
+                               lr_schedule=schedule, is_cap=cfg.schedule.is_cap)
         hf_dir, to_hf = None, None
         if cfg.model.path and cfg.sampling.backend == "vllm":
             # vLLM serves the HF directory and takes each new policy by HF tensor name.

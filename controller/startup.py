@@ -19,7 +19,7 @@
    built: a job restarted with the same config (after a preemption, a crash, a reward-function
    edit) skips those seconds. Any change that changes the program (model shape, batch, mesh,
    dtype) is a different key, so a stale entry is never used. On CPU, a trainer program whose
-   temporaries exceed `trainer.step.CPU_HEAP_LIMIT_BYTES` is compiled with them split into
+   temporaries exceed `trainer.cpu_heap.CPU_HEAP_LIMIT_BYTES` is compiled with them split into
    several heaps, and XLA cannot serialise such a program: it is compiled afresh each time.
    JAX's cache settings are process-wide. A directory the user already gave JAX
    (`JAX_COMPILATION_CACHE_DIR` or `jax.config`) is left alone; `run.compile_cache_dir: null`

@@ -581,9 +581,3 @@ def save_hf_model(path: str | Path, spec: ModelSpec, params: Params, *,
         raise
     return path
 
-
-def load_hf_tokenizer(path: str | Path):
-    """The tokenizer of a HF directory (see `controller.hf_tokenizer.HFTokenizer`)."""
-    from controller.hf_tokenizer import HFTokenizer
-
-    return HFTokenizer(path)

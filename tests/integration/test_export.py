@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from controller.api import Job  # noqa: E402
-from controller.cli.main import main  # noqa: E402
+from controller.cli import main  # noqa: E402
 from controller.config import load_config  # noqa: E402
 from trainer.model import apply_model, causal_mask, positions_from_mask  # noqa: E402
 

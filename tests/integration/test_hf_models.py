@@ -31,7 +31,7 @@ from controller.config import (  # noqa: E402
     load_config,
 )
 from controller.data.batch import encode_prompts  # noqa: E402
-from controller.data.hf_tokenizer import TokenizerFilesError  # noqa: E402
+from controller.data.hf_tokenizer import TokenizerFilesError, load_hf_tokenizer  # noqa: E402
 from controller.topology import simulation_env  # noqa: E402
 from reshard.transfer import Resharder  # noqa: E402
 from sampler.jax_sampler import JaxSampler  # noqa: E402
@@ -40,7 +40,6 @@ from trainer.hf import (  # noqa: E402
     load_hf_model,
     load_hf_params,
     load_hf_spec,
-    load_hf_tokenizer,
     save_hf_model,
     spec_from_hf_config,
 )

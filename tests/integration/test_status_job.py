@@ -179,7 +179,7 @@ def test_job_refuses_open_bind_without_token():
 def test_cli_watch_view_ends_with_the_job(capsys, monkeypatch):
     """`tandem status --watch` (not a terminal: a log, then the final table) replays the last
     --window steps, follows the run, and reports how the job ended."""
-    from controller.cli.main import main
+    from controller.cli import main
 
     monkeypatch.setenv("COLUMNS", "120")
     job = Job(load_config(overrides=[*TINY, "run.steps=3"]))

@@ -112,7 +112,7 @@ ORDER_SCRIPT = textwrap.dedent("""
     # Anything that starts a backend goes through xla_bridge.backends().
     xla_bridge.backends = spy("xla_bridge.backends", xla_bridge.backends)
 
-    from controller.cli.main import main
+    from controller.cli import main
     try:
         main(["run", "topology.backend=native", "run.progress=false"])
     except Reached:

@@ -172,7 +172,7 @@ def test_abstract_params_repeat_one_layer_exactly():
 
 
 def test_tandem_plan_prints_split_bytes_and_estimate(capsys):
-    from controller.cli.main import main
+    from controller.cli import main
 
     tiny = ["model.hidden_size=64", "model.num_layers=2", "model.vocab_size=128",
             "model.mlp_dim=128"]

@@ -301,7 +301,7 @@ def test_cli_against_a_bare_server(capsys, monkeypatch):
     """`tandem status`: table, --json, a bad token, and --watch --json replay + follow."""
     import json
 
-    from controller.cli.main import main
+    from controller.cli import main
 
     monkeypatch.setenv("COLUMNS", "120")
     monkeypatch.delenv("TANDEM_STATUS_TOKEN", raising=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controller.cli.main import main
+from controller.cli import main
 from controller.config import JobConfig, load_config
 from deploy import image as I
 from deploy import xpk as X

@@ -9,8 +9,9 @@ import optax
 import pytest
 
 from controller.config import AlgorithmConfig, ModelConfig
+from trainer.logprobs import sequence_logprobs, sequence_logprobs_and_entropy
 from trainer.loss import grpo_loss
-from trainer.trainer import TrainBatch, Trainer, sequence_logprobs
+from trainer.trainer import TrainBatch, Trainer
 
 B, P, T = 8, 3, 4
 
@@ -171,10 +172,11 @@ def test_reference_offload_lives_on_the_host_and_changes_nothing(small_model, me
 
 
 def _grouped(batch, g):
-    """The batch with every G consecutive rows sharing the first row's prompt (GRPO's layout)."""
+    """The batch with every G consecutive rows sharing the first row's prompt (GRPO's layout),
+    and saying so (group=G)."""
     first = lambda x: np.repeat(np.asarray(x)[::g], g, 0)  # noqa: E731
     return dataclasses.replace(batch, prompt_tokens_BxP=first(batch.prompt_tokens_BxP),
-                               prompt_mask_BxP=first(batch.prompt_mask_BxP))
+                               prompt_mask_BxP=first(batch.prompt_mask_BxP), group=g)
 
 
 @pytest.mark.parametrize("g", [2, 4])
@@ -187,7 +189,6 @@ def test_shared_prompt_forward_equals_the_per_row_forward(small_model, batch, g)
 
     def run(group):
         def f(p):
-            from trainer.trainer import sequence_logprobs_and_entropy
             return sequence_logprobs_and_entropy(
                 mdef, p, b.prompt_tokens_BxP, b.prompt_mask_BxP, b.completion_tokens_BxT,
                 b.completion_mask_BxT, 0.7, group)
@@ -205,23 +206,25 @@ def test_shared_prompt_forward_equals_the_per_row_forward(small_model, batch, g)
         np.testing.assert_allclose(x, y, atol=1e-5)
 
 
-def test_update_shares_prompts_only_when_the_rows_really_share_them(small_model, meshes, batch):
+def test_update_shares_prompts_only_when_the_batch_says_so(small_model, meshes, batch):
     mdef, params = small_model
     cfg = AlgorithmConfig(beta=0.0, loss_aggregation=AGG)
     trainer = Trainer(mdef, _host(params), optax.sgd(0.1), meshes.trainer, cfg, temperature=1.0,
-                      prompt_group=4, share_min_width=0)
+                      share_min_width=0)
     assert trainer._group(_grouped(batch, 4)) == 4
-    assert trainer._group(batch) == 1  # different prompts within a group: per-row forward
+    assert trainer._group(batch) == 1  # group=1, no claim that rows share a prompt: per-row
     two_mb = Trainer(mdef, _host(params), optax.sgd(0.1), meshes.trainer,
                      AlgorithmConfig(beta=0.0, num_minibatches=4), temperature=1.0,
-                     prompt_group=4, share_min_width=0)
+                     share_min_width=0)
     assert two_mb._group(_grouped(batch, 4)) == 1  # a 2-row minibatch cannot hold a group
     narrow = Trainer(mdef, _host(params), optax.sgd(0.1), meshes.trainer, cfg, temperature=1.0,
-                     prompt_group=4, share_min_width=P + 1)
+                     share_min_width=P + 1)
     assert narrow._group(_grouped(batch, 4)) == 1  # prompts too short to be worth sharing
+    with pytest.raises(ValueError, match="TrainBatch.group=3 with 8 rows"):
+        trainer._group(dataclasses.replace(batch, group=3))  # not whole groups: a bad claim
     # And the grouped update lands where the per-row update does.
     per_row = _trainer(small_model, meshes, 0.1, loss_aggregation=AGG)
-    per_row.update(_grouped(batch, 4))
+    per_row.update(dataclasses.replace(_grouped(batch, 4), group=1))
     trainer.update(_grouped(batch, 4))
     for x, y in zip(jax.tree.leaves(_host(trainer.params)), jax.tree.leaves(_host(per_row.params)),
                     strict=True):
@@ -229,12 +232,12 @@ def test_update_shares_prompts_only_when_the_rows_really_share_them(small_model,
 
 
 def test_heap_cap_changes_no_value_of_the_update(small_model, meshes, batch, monkeypatch):
-    # The CPU heap cap (trainer.CPU_HEAP_LIMIT_BYTES) only moves buffers: the same update
-    # compiled without it must land on bit-identical params and metrics.
+    # The CPU heap cap (trainer/cpu_heap.py) only moves buffers: the same update compiled
+    # without it must land on bit-identical params and metrics.
     from jax.sharding import AbstractMesh
 
     from controller.topology import SubMesh
-    from trainer.trainer import CPU_HEAP_LIMIT_BYTES, cpu_heap_options
+    from trainer.cpu_heap import CPU_HEAP_LIMIT_BYTES, cpu_heap_options
 
     assert cpu_heap_options(meshes.trainer) == {
         "xla_multiheap_size_constraint_per_heap": CPU_HEAP_LIMIT_BYTES}
@@ -306,7 +309,7 @@ def test_layered_update_equals_the_monolithic_update(small_model, gemma_like_mod
     g = 4 if variant == "grouped" else 1
     b = _grouped(batch, 4) if variant == "grouped" else batch
     algo = {"beta": 0.5, "entropy_coef": 0.01, "loss_aggregation": AGG}
-    share = {"prompt_group": g, "share_min_width": 0}
+    share = {"share_min_width": 0}
     layered = _trainer(model, meshes, 0.1, trainer_kw={**share, "layered": True}, **algo)
     mono = _trainer(model, meshes, 0.1, trainer_kw={**share, "layered": False}, **algo)
     assert layered.uses_layered_update() and not mono.uses_layered_update()

@@ -1,4 +1,6 @@
-"""The GRPO family against hand-worked numbers: estimators, losses, KL, aggregation, schedules."""
+"""The GRPO loss family (trainer/loss.py) against hand-worked numbers: KL estimators,
+aggregation modes, clipped surrogates (symmetric, asymmetric, dual, sequence-level), the KL and
+entropy terms, masking, and gradients against finite differences."""
 
 import math
 
@@ -7,86 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from controller.advantages import (
-    ADVANTAGE_ESTIMATORS,
-    compute_advantages,
-    dr_grpo_advantages,
-    grpo_advantages,
-    rloo_advantages,
-    soft_overlong_penalty,
-    uniform_groups,
-)
-from controller.config import ConfigError, OptimizerConfig, load_config
+from controller.config import AlgorithmConfig
 from trainer.loss import (
     AGGREGATIONS,
     KL_ESTIMATORS,
+    LOG_RATIOS,
     aggregate,
     aggregation_weights,
     clipped_surrogate,
     grpo_loss,
+    kl_k3,
 )
-from trainer.optim import build_schedule
 
 LN2 = math.log(2.0)
-
-# ---------------------------------------------------------------------------------------------
-# Advantage estimators
-
-
-def test_grpo_batch_normalization_hand_worked():
-    # Group means [0.5, 3]; batch std (ddof=1) of [1, 0, 3, 3]: mean 1.75, squared deviations
-    # 0.5625 + 3.0625 + 1.5625 + 1.5625 = 6.75, / 3 = 2.25, std 1.5.
-    # A = [0.5, -0.5, 0, 0] / (1.5 + 1e-4).
-    adv = grpo_advantages(np.array([[1.0, 0.0], [3.0, 3.0]]), eps=1e-4, normalization="batch")
-    a = 0.5 / (1.5 + 1e-4)
-    np.testing.assert_allclose(adv, [[a, -a], [0.0, 0.0]], rtol=1e-6)
-
-
-def test_dr_grpo_advantages_hand_worked():
-    # mean 0.5, no std: A = r - 0.5.
-    adv = dr_grpo_advantages(np.array([[1.0, 0.0, 0.0, 1.0]]))
-    np.testing.assert_allclose(adv, [[0.5, -0.5, -0.5, 0.5]], rtol=1e-6)
-
-
-def test_rloo_advantages_hand_worked():
-    # r = [1, 0, 0]: baselines are the means of the other two: [0, 0.5, 0.5]
-    # -> A = [1, -0.5, -0.5]  (= 3/2 · (r - 1/3)).
-    adv = rloo_advantages(np.array([[1.0, 0.0, 0.0], [2.0, 4.0, 6.0]]))
-    # second group: baselines [5, 4, 3] -> A = [-3, 0, 3]
-    np.testing.assert_allclose(adv, [[1.0, -0.5, -0.5], [-3.0, 0.0, 3.0]], rtol=1e-6)
-
-
-@pytest.mark.parametrize("name", sorted(ADVANTAGE_ESTIMATORS))
-def test_uniform_groups_get_exactly_zero_advantage(name):
-    # mean(0.1, 0.1, 0.1) rounds to 0.10000000000000002 in float64; A must still be exactly 0.
-    r = np.array([[0.1, 0.1, 0.1], [0.0, 1.0, 0.2]])
-    adv = compute_advantages(r, name)
-    assert np.all(adv[0] == 0.0) and np.all(adv[1] != 0.0)
-    np.testing.assert_array_equal(uniform_groups(r), [True, False])
-
-
-def test_unknown_estimator_and_batch_std_without_std():
-    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
-        compute_advantages(np.ones((1, 2)), "ppo")
-    with pytest.raises(ConfigError, match="advantage_normalization='batch' only applies"):
-        load_config(overrides=["algorithm.advantage_estimator=dr_grpo",
-                               "algorithm.advantage_normalization=batch"])
-
-
-def test_soft_overlong_penalty_hand_worked():
-    # L_max = 6, L_cache = 2: free up to 4 tokens; 5 -> (4 - 5)/2 = -0.5; 6 -> -1; 7 -> -1.
-    pen = soft_overlong_penalty(np.array([3, 4, 5, 6, 7]), max_len=6, buffer_len=2)
-    np.testing.assert_allclose(pen, [0.0, 0.0, -0.5, -1.0, -1.0])
-    np.testing.assert_allclose(
-        soft_overlong_penalty(np.array([5]), max_len=6, buffer_len=2, factor=0.5), [-0.25])
-
-
-def test_config_cross_checks_for_the_update_shape():
-    with pytest.raises(ConfigError, match=r"overlong_buffer_len=6 must be shorter"):
-        load_config(overrides=["algorithm.overlong_buffer_len=6"])
-    with pytest.raises(ConfigError, match=r"= 3 does not divide the batch of 128 rows"):
-        load_config(overrides=["algorithm.num_minibatches=3"])
-
 
 # ---------------------------------------------------------------------------------------------
 # KL estimators and aggregation
@@ -99,6 +34,8 @@ def test_kl_estimators_hand_worked():
     np.testing.assert_allclose(KL_ESTIMATORS["k1"](lp, ref), [-LN2, 0.0], atol=1e-6)
     np.testing.assert_allclose(KL_ESTIMATORS["k2"](lp, ref), [LN2**2 / 2, 0.0], atol=1e-6)
     np.testing.assert_allclose(KL_ESTIMATORS["k3"](lp, ref), [1 - LN2, 0.0], atol=1e-6)
+    # The same k3 called directly: d = ln 2 -> e^d - d - 1 = 2 - 0.693147 - 1 = 0.306853.
+    np.testing.assert_allclose(kl_k3(lp, ref), [2 - LN2 - 1, 0.0], atol=1e-6)
 
 
 PER_TOKEN = jnp.array([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0], [99.0, 99.0, 99.0]])
@@ -118,19 +55,36 @@ def test_aggregation_modes_hand_worked(mode, norm_length, want):
     assert float(jnp.sum(jnp.where(MASK == 0, jnp.abs(w), 0.0))) == 0.0
 
 
-def test_every_config_choice_has_a_registry_entry():
-    from controller.config import AlgorithmConfig
-    from trainer.loss import LOG_RATIOS
+def test_token_mean_and_sequence_mean_hand_worked():
+    per_token = jnp.array([[-1.0, -1.0], [1.0, 99.0]])
+    mask = jnp.array([[1, 1], [1, 0]])  # the 99 is padding and must not count
+    # token-mean: (-1 - 1 + 1) / 3 = -1/3; seq-mean-token-mean: mean(-1, 1) = 0.
+    assert float(aggregate(per_token, mask, "token-mean")) == pytest.approx(-1 / 3)
+    assert float(aggregate(per_token, mask, "seq-mean-token-mean")) == pytest.approx(0.0)
 
+
+def test_every_loss_choice_has_a_registry_entry():
+    # (advantage_estimator: tests/unit/controller/test_advantages.py)
     fields = AlgorithmConfig.model_fields
     for field, registry in (("loss_aggregation", AGGREGATIONS), ("kl_estimator", KL_ESTIMATORS),
-                            ("advantage_estimator", ADVANTAGE_ESTIMATORS),
                             ("importance_sampling_level", LOG_RATIOS)):
         assert set(fields[field].annotation.__args__) == set(registry), field
 
 
 # ---------------------------------------------------------------------------------------------
 # Policy losses
+
+
+def test_grpo_loss_clipping_hand_worked():
+    # Row 0: A = +1, ratio 1.5 -> min(1.5, clip 1.2) = 1.2 -> pg = -1.2.
+    # Row 1: A = -1, ratio 0.5 -> min(-0.5, -0.8) = -0.8 -> pg = +0.8.
+    # token-mean over 2 tokens: (-1.2 + 0.8) / 2 = -0.2; one of two tokens clipped... both are.
+    old = jnp.zeros((2, 1))
+    logps = jnp.log(jnp.array([[1.5], [0.5]]))
+    loss, aux = grpo_loss(logps, old, None, jnp.array([1.0, -1.0]), jnp.ones((2, 1)),
+                          epsilon=0.2, beta=0.0)
+    assert float(loss) == pytest.approx(-0.2, abs=1e-6)
+    assert float(aux["loss/clip_frac"]) == pytest.approx(1.0)
 
 
 def test_asymmetric_clip_hand_worked():
@@ -212,6 +166,21 @@ def test_kl_and_entropy_terms_hand_worked():
     assert float(loss) == pytest.approx(-1.0 + 0.5 * k2 / 3 - 0.2, abs=1e-5)
     assert float(aux["kl/mean"]) == pytest.approx(k2 / 3, abs=1e-6)
     assert float(aux["policy/entropy"]) == pytest.approx(2.0, abs=1e-6)
+    assert float(aux["loss/policy"]) == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_grpo_loss_with_kl_and_masking_hand_worked():
+    # ratio 1, A = [2, -1]: pg = [-2, +1] on real tokens; KL: token (0,0) has d = ln 2
+    # (0.306853), others 0. β = 0.5, token-mean over 3 real tokens:
+    # (-2 + 0.5 * 0.306853 - 2 + 1) / 3 = -0.948858.
+    logps = jnp.zeros((2, 2))
+    ref = jnp.array([[math.log(2.0), 0.0], [0.0, 5.0]])  # the 5.0 sits on padding
+    mask = jnp.array([[1, 1], [1, 0]])
+    loss, aux = grpo_loss(logps, logps, ref, jnp.array([2.0, -1.0]), mask, epsilon=0.2,
+                          beta=0.5)
+    k = 2 - math.log(2) - 1
+    assert float(loss) == pytest.approx((-2 + 0.5 * k - 2 + 1) / 3, abs=1e-6)
+    assert float(aux["kl/mean"]) == pytest.approx(k / 3, abs=1e-6)
     assert float(aux["loss/policy"]) == pytest.approx(-1.0, abs=1e-6)
 
 
@@ -300,29 +269,3 @@ def test_grpo_mu1_no_kl_is_the_plain_policy_gradient():
     # In value the surrogate is -Σ m A / Σ m (ratio 1): -(3·1.5 - 2·0.5 - 4·1.0) / 9 = 1/18.
     assert float(grpo(lp)) == pytest.approx(1 / 18, abs=1e-6)
     np.testing.assert_allclose(jax.grad(grpo)(lp), jax.grad(reinforce)(lp), atol=1e-7)
-
-
-# ---------------------------------------------------------------------------------------------
-# Learning-rate schedules
-
-
-def test_warmup_cosine_schedule_hand_worked():
-    # W = 2, D = 10, r = 0.1, η = 1: s=0 -> 0, s=1 -> 0.5, s=2 -> 1;
-    # s=6: 0.1 + 0.9 · ½(1 + cos(π · 4/8)) = 0.55; s=10 -> 0.1; after D stays 0.1.
-    cfg = OptimizerConfig(learning_rate=1.0, warmup_steps=2, lr_schedule="cosine",
-                          min_lr_ratio=0.1, decay_steps=10)
-    sched = build_schedule(cfg)
-    got = [float(sched(s)) for s in (0, 1, 2, 6, 10, 20)]
-    np.testing.assert_allclose(got, [0.0, 0.5, 1.0, 0.55, 0.1, 0.1], atol=1e-6)
-    # The decay horizon defaults to the run's optimizer steps.
-    sched = build_schedule(OptimizerConfig(learning_rate=1.0, lr_schedule="cosine"), 4)
-    np.testing.assert_allclose([float(sched(s)) for s in (0, 2, 4)], [1.0, 0.5, 0.0],
-                               atol=1e-6)
-
-
-def test_constant_schedule_and_cosine_needs_a_horizon():
-    cfg = OptimizerConfig(learning_rate=0.5, warmup_steps=4)
-    np.testing.assert_allclose([float(build_schedule(cfg)(s)) for s in (0, 2, 4, 100)],
-                               [0.0, 0.25, 0.5, 0.5], atol=1e-7)
-    with pytest.raises(ValueError, match="decay_steps"):
-        build_schedule(OptimizerConfig(lr_schedule="cosine"))
