@@ -122,7 +122,7 @@ def test_flops_formula_matches_a_hand_count(bench):
 
 
 def test_default_placements_run_the_standard_split(bench):
-    """The table's default rows are the issue's 8-device job (4 + 4, or one colocated mesh of
+    """The table's default rows are the standard 8-device job (4 + 4, or one colocated mesh of
     8); the 2 + 2 row that shows what that split costs on few cores runs only when asked."""
     for name in bench.DEFAULT_PLACEMENTS:
         over = load_config(overrides=bench.TANDEM_PLACEMENTS[name]).topology
