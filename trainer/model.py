@@ -219,8 +219,9 @@ def rope(x_BxLxNxDh: jax.Array, positions_BxL: jax.Array, theta: float,
     from masks). cos/sin are read from a [num_positions, Dh/2] table: XLA:CPU fuses
     elementwise cos/sin into every consumer, so computed per position they would be evaluated
     again for each layer's q and k, and again in the backward, as scalar libm calls inside
-    otherwise vectorised loops (~5% of a step's CPU time on bench/grpo_step.py's job). A position outside the table reads NaN: a caller that breaks the contract gets NaN
-    logits, never a silently wrong rotation.
+    otherwise vectorised loops (~5% of a step's CPU time on bench/grpo_step.py's job). A
+    position outside the table reads NaN: a caller that breaks the contract gets NaN logits,
+    never a silently wrong rotation.
     """
     inv_freq = jnp.asarray(rope_inv_freq(x_BxLxNxDh.shape[-1], theta, scaling))
     angles_NxF = jnp.arange(num_positions, dtype=jnp.float32)[:, None] * inv_freq[None, :]

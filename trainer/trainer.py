@@ -74,9 +74,6 @@ class Trainer:
         self.mdef = mdef
         self.submesh = submesh
         self.algo = algo
-        self.temperature = temperature
-        self.lr_schedule = lr_schedule  # for the optim/lr metric only
-        self.is_cap = is_cap  # C of the truncated IS weight for stale (async) batches
         self.share_min_width = share_min_width  # see SHARE_MIN_WIDTH and `_group`
         self.shardings = param_shardings(mdef, submesh)
         params = jax.device_put(params, self.shardings)
@@ -96,10 +93,11 @@ class Trainer:
         if self._compiler_options:
             ignore_cache_write_warnings()
         # The programs: the one-program update and the sequence KL, and the layered update's.
-        self._update_step = UpdateStep(mdef, self.shardings, optimizer, submesh, algo, temperature,
-                                lr_schedule=lr_schedule, is_cap=is_cap,
-                                state_shardings=jax.tree.map(lambda x: x.sharding, self.state),
-                                compiler_options=self._compiler_options)
+        self._update_step = UpdateStep(
+            mdef, self.shardings, optimizer, submesh, algo, temperature,
+            lr_schedule=lr_schedule, is_cap=is_cap,
+            state_shardings=jax.tree.map(lambda x: x.sharding, self.state),
+            compiler_options=self._compiler_options)
         self._layered_update = LayeredUpdate(self._update_step)
         # None: layered for models of LAYERED_MIN_PARAMS or more (see there).
         self.layered = (param_count(params) >= LAYERED_MIN_PARAMS) if layered is None \
