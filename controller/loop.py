@@ -40,6 +40,9 @@ from sampler.base import Sampler, left_pad
 from sampler.jax_sampler import bucket_width
 from trainer.trainer import TrainBatch, Trainer
 
+# How often a thread blocked on the other one checks that the wait can still end.
+WAIT_POLL_S = 0.5
+
 
 @dataclass
 class Samples:
@@ -380,6 +383,7 @@ class AsyncLoop(Loop):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_step = 1
+        self._awaited_version: int | None = None  # set while the producer waits for weights
         self.dropped = 0
 
     def _ensure_started(self, first_step: int) -> None:
@@ -394,9 +398,11 @@ class AsyncLoop(Loop):
         try:
             while not self._stop.is_set():
                 with self._cond:  # wait until the sampler's weights are recent enough
+                    self._awaited_version = n - 1 - self.max_staleness
                     while (self.sampler_version < n - 1 - self.max_staleness
                            and not self._stop.is_set()):
                         self._cond.wait(timeout=0.1)
+                    self._awaited_version = None
                 if self._stop.is_set():
                     return
                 rollout = self.produce(n)
@@ -423,7 +429,7 @@ class AsyncLoop(Loop):
         self._ensure_started(step)
         while True:
             with self.timeline.span("wait", "trainer", step):
-                item = self._queue.get()  # HOST SYNC: wait for a scored batch
+                item = self._next_rollout()  # HOST SYNC: wait for a scored batch
             if isinstance(item, BaseException):
                 raise item
             if self.policy_version - item.policy_version <= self.max_staleness:
@@ -434,6 +440,28 @@ class AsyncLoop(Loop):
         m["async/dropped_batches"] = float(self.dropped)
         m["time/step_s"] = time.perf_counter() - t0
         return m
+
+    def _next_rollout(self) -> Rollout | BaseException:
+        """The producer's next item. Never waits forever: a producer thread that died without
+        reporting, or one that waits for weights only this (waiting) thread could push, is an
+        error rather than a hang."""
+        while True:
+            try:
+                return self._queue.get(timeout=WAIT_POLL_S)
+            except queue.Empty:
+                pass
+            if self._thread is None or not self._thread.is_alive():
+                raise RuntimeError("the sampler thread stopped without a batch or an error")
+            with self._cond:
+                awaited = self._awaited_version
+            # Only this thread pushes weights, and it is waiting here: if the producer waits
+            # for a version the sampler does not hold, neither side can ever move.
+            if awaited is not None and self.sampler_version < awaited and self._queue.empty():
+                raise RuntimeError(
+                    f"the async loop is stuck: the sampler thread waits for weights of version "
+                    f">= {awaited}, the sampler holds version {self.sampler_version} and the "
+                    f"trainer (version {self.policy_version}) waits for a batch; the weight "
+                    f"push after an update did not reach the sampler")
 
     def close(self) -> None:
         self._stop.set()

@@ -58,6 +58,24 @@ def test_cli_rejects_bad_config_before_jax():
     assert "did you mean sampling.temperature" in out.stderr
 
 
+@pytest.mark.parametrize("command", [
+    ["run", "sampling.tempature=1"], ["run", "sampling.temperature=-1"],
+    ["plan", "--topology", "v5p-64", "sampling.group_size=1"],
+    ["submit", "--cluster", "c", "--tpu-type", "v5p-8", "--docker-image", "i",
+     "sampling.group_size=1"],
+])
+def test_a_config_error_is_printed_before_jax_is_imported(command):
+    # The whole CLI in one process, as `tandem` runs it: after the error, neither JAX nor
+    # orbax (seconds of import, and device start-up) may have been loaded.
+    script = ("import sys\nfrom controller.cli import main\nrc = main(sys.argv[1:])\n"
+              "heavy = sorted(m for m in ('jax', 'jaxlib', 'orbax', 'flax', 'optax')"
+              " if m in sys.modules)\nprint('RC', rc, 'HEAVY', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", script, *command], capture_output=True,
+                         text=True, timeout=60)
+    assert "error:" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert "RC 2 HEAVY []" in out.stdout, (out.stdout, out.stderr)
+
+
 def test_cli_help():
     out = subprocess.run([sys.executable, "-m", "controller.cli", "run", "--help"],
                          capture_output=True, text=True, timeout=60)

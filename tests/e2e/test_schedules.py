@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,40 @@ def test_async_staleness_is_bounded_and_reported(tmp_path):
         assert {"name", "ts", "dur", "pid", "tid"} <= set(e) and e["dur"] >= 0
     names = {e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
     assert names == {"sampler", "host", "trainer"}
+
+
+def test_async_trains_on_batches_sampled_by_older_weights(monkeypatch):
+    # A slow update gives the producer time to sample the next batch before the trainer
+    # pushes new weights, so with k = 1 every batch after the first is exactly one version
+    # stale, and its truncated IS weights differ from 1.
+    cfg = load_config(overrides=[*SMALL, "run.steps=5", "schedule.kind=async",
+                                 "schedule.max_staleness=1"])
+    with Job(cfg) as job:
+        update = job.trainer.update
+
+        def slow_update(*args, **kwargs):
+            time.sleep(0.5)
+            return update(*args, **kwargs)
+
+        monkeypatch.setattr(job.trainer, "update", slow_update)
+        history = job.run()
+    assert [m["policy/staleness"] for m in history] == [0, 1, 1, 1, 1]
+    assert history[0]["policy/is_weight_mean"] == 1.0  # on-policy: w = 1 exactly
+    assert all(m["policy/is_weight_mean"] != 1.0 for m in history[1:])
+
+
+def test_async_weight_push_that_never_arrives_is_an_error_not_a_hang():
+    cfg = load_config(overrides=[*SMALL, "run.steps=6", "schedule.kind=async",
+                                 "schedule.max_staleness=1"])
+    with Job(cfg) as job:
+        stats = job.loop.push_weights()
+        # Pushes that report success but never load the weights: the producer ends up
+        # waiting for a version that only the (waiting) trainer could deliver.
+        job.loop.push_weights = lambda step=0: stats
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="the async loop is stuck"):
+            job.run()
+        assert time.monotonic() - t0 < 60
 
 
 def test_timeline_summary_fractions_are_consistent():
