@@ -6,6 +6,7 @@ for them are the table `rewards.lookup.BUILTINS`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -13,7 +14,7 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any
 
-from rewards.sandbox import run_python
+from rewards.sandbox import STRICT_FIX, SandboxUnavailableError, run_python
 
 
 def reverse_digits(prompt: str, completion: str, row: Mapping[str, Any]) -> float:
@@ -210,7 +211,7 @@ def extract_code(completion: str) -> str:
 
 
 def code_reward(prompt: str, completion: str, row: Mapping[str, Any], *,
-                timeout_s: float = 5.0, memory_mb: int = 512) -> float:
+                timeout_s: float = 5.0, memory_mb: int = 512, strict: bool = False) -> float:
     """The fraction of the row's tests the completion's code passes, each run in the sandbox.
 
     Tests come from `row["tests"]`, a list of Python statements (usually asserts) run after the
@@ -218,20 +219,29 @@ def code_reward(prompt: str, completion: str, row: Mapping[str, Any], *,
     of `{"input": stdin, "output": expected stdout}` (pass = stripped stdout matches). Code that
     loops forever, forks, opens sockets or writes outside its directory fails that test; see
     `rewards.sandbox`. A row with no tests is an error (reported, never a silent 0).
+
+    Options come from `rewards.kwargs.code`: `timeout_s` and `memory_mb` per test, and `strict`:
+    true refuses to run any code (every call fails with `SandboxUnavailableError`) where the OS
+    does not enforce the sandbox's filesystem rules (Landlock or a mount namespace) and process
+    rules (seccomp, or RLIMIT_NPROC for non-root), instead of leaving them to the audit hook.
     """
     code = extract_code(completion)
     tests = row.get("tests")
     cases = row.get("test_cases")
-    if tests:
-        passed = sum(run_python(f"{code}\n\n{t}\n", timeout_s=timeout_s,
-                                memory_mb=memory_mb).ok for t in tests)
-        return passed / len(tests)
-    if cases:
-        passed = 0
-        for case in cases:
-            res = run_python(code, stdin=str(case["input"]), timeout_s=timeout_s,
-                             memory_mb=memory_mb)
-            passed += res.ok and res.stdout.strip() == str(case["output"]).strip()
-        return passed / len(cases)
+    run = functools.partial(run_python, timeout_s=timeout_s, memory_mb=memory_mb, strict=strict)
+    try:
+        if tests:
+            return sum(run(f"{code}\n\n{t}\n").ok for t in tests) / len(tests)
+        if cases:
+            passed = 0
+            for case in cases:
+                res = run(code, stdin=str(case["input"]))
+                passed += res.ok and res.stdout.strip() == str(case["output"]).strip()
+            return passed / len(cases)
+    except SandboxUnavailableError as e:
+        raise SandboxUnavailableError(
+            f"rewards.kwargs.code.strict=true: {e.reason} (fix: {STRICT_FIX}; or set "
+            f"rewards.kwargs.code.strict=false to run with the layers there are)",
+            e.reason) from None
     raise KeyError("code reward: the row has no 'tests' (list of asserts) or 'test_cases' "
                    "(list of {input, output})")
