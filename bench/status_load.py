@@ -1,27 +1,37 @@
 """Does a busy status service slow training? 50 pollers + 10 watchers vs no clients.
 
-    python bench/status_load.py                      # the default job, 4 ABBA rounds
-    python bench/status_load.py --rounds 2 --block 10 run.steps=1000 model.hidden_size=128
+    python bench/status_load.py                      # the default job, 8 ABBA rounds
+    python bench/status_load.py --rounds 4 --block 10 run.steps=1000 model.hidden_size=128
 
 One job runs its steps in blocks. In a *baseline* block no client is connected; in a *loaded*
 block a separate client process (as real monitoring clients would be: another process, another
 machine) opens 50 channels that each poll GetMetrics every `--poll-interval` seconds (default
-1 s) and 10 channels that each follow WatchMetrics. Blocks alternate A B B A ... so that drift
-in the machine's load hits both conditions alike. Each step is timed around `job.step()` (so the
+1 s, the pollers' phases spread evenly over the interval, as independent dashboards would be)
+and 10 channels that each follow WatchMetrics. Blocks alternate A B B A ... so that drift in the
+machine's load hits both conditions alike. Each step is timed around `job.step()` (so the
 snapshot publishing is inside the measurement), and the controller process's CPU time per step
 is reported beside it (on a shared machine the client process competes for the same cores, so
-wall time also shows the clients' own cost).
+wall time also shows the clients' own cost). On Linux the CPU of the status server's own
+threads (gRPC's I/O threads, its poller and its handlers) is reported too: what the clients
+cost the controller, without what they cost the machine.
 
-It prints a table and the ratio of the median step time loaded / baseline (target <= 1.05), and
-checks that every watcher of every loaded block saw every step of its block exactly once, in
-order. Exit status 1 if a watcher missed, duplicated or reordered a step, or if the ratio is
-above `--max-ratio`.
+The verdict compares the ratio of the median step time loaded / baseline with `--max-ratio`
+(default 1.05) through a bootstrap confidence interval: the unit resampled is a *round*, two
+adjacent blocks (one of each condition), and the steps within each drawn block are resampled
+too, so the interval covers both the drift between rounds and the noise between steps. PASS if
+the whole interval is <= the target, FAIL if it is all above, INCONCLUSIVE if it straddles the
+target (rerun on a quieter machine, or with more --rounds). It also checks that every watcher
+of every loaded block saw every step of its block exactly once, in order.
+
+Exit status: 0 PASS, 1 FAIL or a watcher missed, duplicated or reordered a step,
+3 INCONCLUSIVE.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,6 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's packages, not an installed copy
+
+EXIT_INCONCLUSIVE = 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +76,7 @@ def client_block(channel, pb, pb_grpc, pollers: int, watchers: int, interval: fl
 
     stop = threading.Event()
     ready = threading.Barrier(pollers + watchers + 1)
-    polls = [0] * pollers
+    polls = [0] * pollers  # answered between "ready" and "stop" (the connecting call is not)
     errors: list[str] = []
     seen: list[list[int]] = [[] for _ in range(watchers)]
     chans = [channel() for _ in range(pollers + watchers)]
@@ -72,10 +84,13 @@ def client_block(channel, pb, pb_grpc, pollers: int, watchers: int, interval: fl
     def poll(i: int) -> None:
         stub = pb_grpc.TandemStatusStub(chans[i])
         try:
-            stub.GetMetrics(pb.GetMetricsRequest(window=10), timeout=30)
-            polls[i] += 1
+            stub.GetMetrics(pb.GetMetricsRequest(window=10), timeout=30)  # connects
         finally:
             ready.wait()
+        # Independent clients are not in step: poller i polls at phase i/pollers of the
+        # interval, so the server sees a steady pollers/interval calls per second.
+        if stop.wait(interval * i / pollers):
+            return
         while not stop.is_set():
             try:
                 stub.GetMetrics(pb.GetMetricsRequest(window=10), timeout=30)
@@ -114,7 +129,7 @@ def client_block(channel, pb, pb_grpc, pollers: int, watchers: int, interval: fl
 
 
 # ---------------------------------------------------------------------------------------------
-# The controller process
+# Statistics
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -122,10 +137,89 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+def bootstrap_ratio(rounds: list[tuple[list[float], list[float]]], stat: str, resamples: int,
+                    confidence: float, seed: int) -> tuple[float, float]:
+    """A percentile interval for stat(loaded) / stat(baseline), stat "median" or "mean".
+
+    `rounds` holds (baseline steps, loaded steps) of adjacent blocks. Each resample draws
+    len(rounds) rounds with replacement, then each drawn block's steps with replacement (a
+    two-stage bootstrap: drift between rounds and noise between steps both enter).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    base = np.array([b for b, _ in rounds])  # rounds x steps per block
+    load = np.array([x for _, x in rounds])
+    n_rounds, n_steps = base.shape
+    pick = rng.integers(0, n_rounds, size=(resamples, n_rounds))[:, :, None]
+    reduce = np.median if stat == "median" else np.mean
+    drawn = []
+    for blocks in (base, load):
+        steps = rng.integers(0, n_steps, size=(resamples, n_rounds, n_steps))
+        drawn.append(reduce(blocks[pick, steps].reshape(resamples, -1), axis=1))
+    ratios = drawn[1] / drawn[0]
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(ratios, [tail, 1 - tail])
+    return float(lo), float(hi)
+
+
+def verdict(lo: float, hi: float, target: float) -> str:
+    if hi <= target:
+        return "PASS"
+    if lo > target:
+        return "FAIL"
+    return "INCONCLUSIVE"
+
+
+# ---------------------------------------------------------------------------------------------
+# The status server's threads (Linux): their CPU is what the clients cost the controller.
+
+
+def _is_server_thread(python_name: str | None, comm: str) -> bool:
+    if python_name is not None:  # the server's handler pool, and grpc's completion-queue poller
+        return python_name.startswith("tandem-status") or python_name.endswith("(_serve)")
+    return comm.startswith(("event_engine", "grpc_", "lifeguard"))  # gRPC core's own threads
+
+
+def process_cpu(pid: int) -> float | None:
+    """CPU seconds used so far by process `pid` (all its threads); None off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_thread_cpu() -> float | None:
+    """CPU seconds used so far by the status server's threads; None off Linux."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    total = 0.0
+    for tid in os.listdir(tasks):
+        try:
+            comm = (tasks / tid / "comm").read_text().strip()
+            if not _is_server_thread(names.get(int(tid)), comm):
+                continue
+            try:  # nanoseconds on CPU
+                total += int((tasks / tid / "schedstat").read_text().split()[0]) / 1e9
+            except (OSError, ValueError, IndexError):  # no schedstats: clock ticks
+                fields = (tasks / tid / "stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:  # the thread ended meanwhile
+            continue
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# The controller process
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*", help="section.field=value config overrides")
-    ap.add_argument("--rounds", type=int, default=4, help="ABBA rounds (2 blocks each)")
+    ap.add_argument("--rounds", type=int, default=8, help="ABBA rounds (2 blocks each)")
     ap.add_argument("--block", type=int, default=15, help="steps per block")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     ap.add_argument("--pollers", type=int, default=50)
@@ -133,10 +227,15 @@ def main() -> int:
     # 1 s: a dashboard or `watch -n1` refreshing every client once a second (50 RPC/s in all).
     ap.add_argument("--poll-interval", type=float, default=1.0, help="seconds between polls")
     ap.add_argument("--max-ratio", type=float, default=1.05)
+    ap.add_argument("--confidence", type=float, default=0.95, help="of the interval")
+    ap.add_argument("--resamples", type=int, default=4000, help="bootstrap resamples")
+    ap.add_argument("--seed", type=int, default=0, help="of the bootstrap")
     ap.add_argument("--client", help=argparse.SUPPRESS)  # internal: run as the client process
     ns = ap.parse_args()
     if ns.client:
         return client_main(ns.client, ns.pollers, ns.watchers, ns.poll_interval)
+    if ns.rounds < 2:
+        ap.error(f"--rounds={ns.rounds}: the interval needs at least 2 rounds (e.g. 8)")
 
     from controller.api import Job
     from controller.config import load_config
@@ -145,7 +244,9 @@ def main() -> int:
     cfg = load_config(overrides=["run.progress=false", f"run.steps={steps}", *ns.overrides,
                                  "status.enabled=true", "status.port=0"])
     job = Job(cfg)
+    servicer = job.status_server.servicer
     print(f"job: {job.meshes.describe()} | status {job.status_address}")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for _ in range(ns.warmup):
         job.step()
     client = subprocess.Popen(
@@ -163,10 +264,12 @@ def main() -> int:
             raise RuntimeError("the client process died")
         return json.loads(line)
 
-    times: dict[str, list[float]] = {"baseline": [], "loaded": []}
-    # The controller process's CPU time (all its threads: loop, XLA, gRPC server) per step:
-    # what the server costs the controller, whatever else the machine is running.
-    cpu: dict[str, float] = {"baseline": 0.0, "loaded": 0.0}
+    # Per block: (condition, step times, controller CPU per step). The controller process's
+    # CPU (all its threads: loop, XLA, gRPC server) is what the server costs the controller,
+    # plus what contention for the cores costs the job's own threads.
+    blocks: list[tuple[str, list[float], list[float]]] = []
+    server_cpu = {"baseline": 0.0, "loaded": 0.0}  # the status server's threads
+    client_cpu = {"baseline": 0.0, "loaded": 0.0}  # the client process
     polls, stream_msgs, bad = 0, 0, []
     loaded_wall = 0.0
     order = ["baseline", "loaded", "loaded", "baseline"] * ((ns.rounds + 1) // 2)
@@ -175,16 +278,31 @@ def main() -> int:
         if cond == "loaded":
             send({"op": "start", "first": first, "last": last})
             assert recv()["op"] == "ready"
-        t_block, c_block = time.perf_counter(), time.process_time()
+            # The client has opened its streams; wait until the server runs them too, so that
+            # no connection set-up falls inside the timed block.
+            deadline = time.monotonic() + 60
+            while servicer.open_watchers < ns.watchers and time.monotonic() < deadline:
+                time.sleep(0.01)
+        times, cpus = [], []
+        t_block, s_block, c_block = time.perf_counter(), server_thread_cpu(), process_cpu(
+            client.pid)
         for _ in range(ns.block):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             job.step()
-            times[cond].append(time.perf_counter() - t0)
-        cpu[cond] += time.process_time() - c_block
+            times.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+        if s_block is not None:
+            server_cpu[cond] += server_thread_cpu() - s_block
+        if c_block is not None:
+            client_cpu[cond] += process_cpu(client.pid) - c_block
+        blocks.append((cond, times, cpus))
         if cond == "loaded":
             loaded_wall += time.perf_counter() - t_block
             send({"op": "stop"})
             done = recv()
+            deadline = time.monotonic() + 60  # and the streams' ends too, before the next block
+            while servicer.open_watchers and time.monotonic() < deadline:
+                time.sleep(0.01)
             polls += done["polls"]
             want = list(range(first, last + 1))
             for i, s in enumerate(done["seen"]):
@@ -195,16 +313,32 @@ def main() -> int:
     send({"op": "quit"})
     client.wait(60)
     job.close()
+    load_after = os.getloadavg()
+
+    def steps_of(cond: str, i: int) -> list[float]:
+        return [x for c, *cols in blocks if c == cond for x in cols[i]]
+
+    base, load = steps_of("baseline", 0), steps_of("loaded", 0)
+    cpu = {"baseline": steps_of("baseline", 1), "loaded": steps_of("loaded", 1)}
 
     def row(name: str, cond: str) -> str:
-        xs = times[cond]
+        xs = steps_of(cond, 0)
         return (f"| {name:<26} | {len(xs):>5} | {statistics.mean(xs) * 1e3:>9.2f} | "
                 f"{statistics.median(xs) * 1e3:>9.2f} | {pct(xs, 0.9) * 1e3:>9.2f} | "
-                f"{cpu[cond] / len(xs) * 1e3:>13.2f} |")
+                f"{statistics.mean(cpu[cond]) * 1e3:>13.2f} |")
 
-    base, load = times["baseline"], times["loaded"]
+    # Rounds: blocks (0, 1), (2, 3), ... each hold one block of each condition (A B | B A).
+    def rounds_of(i: int) -> list[tuple[list[float], list[float]]]:
+        pairs = zip(blocks[0::2], blocks[1::2], strict=True)
+        return [(a[1 + i], b[1 + i]) if a[0] == "baseline" else (b[1 + i], a[1 + i])
+                for a, b in pairs]
+
     ratio = statistics.median(load) / statistics.median(base)
     ratio_mean = statistics.mean(load) / statistics.mean(base)
+    lo, hi = bootstrap_ratio(rounds_of(0), "median", ns.resamples, ns.confidence, ns.seed)
+    cpu_ratio = statistics.mean(cpu["loaded"]) / statistics.mean(cpu["baseline"])
+    cpu_lo, cpu_hi = bootstrap_ratio(rounds_of(1), "mean", ns.resamples, ns.confidence,
+                                     ns.seed)
     print()
     print("| condition                  | steps | mean (ms) | median ms |  p90 (ms) | "
           "CPU ms / step |")
@@ -213,19 +347,31 @@ def main() -> int:
     print(row("no clients", "baseline"))
     print(row(f"{ns.pollers} pollers + {ns.watchers} watchers", "loaded"))
     print()
-    print(f"GetMetrics answered: {polls} ({polls / loaded_wall:.0f}/s while loaded, each "
+    print(f"GetMetrics answered while loaded: {polls} ({polls / loaded_wall:.0f}/s, each "
           f"poller every {ns.poll_interval}s) | stream messages: {stream_msgs} "
           f"(= {ns.watchers} watchers x {len(load)} loaded steps: "
           f"{stream_msgs == ns.watchers * len(load)})")
     print(f"every watcher saw every step of its block once, in order: {not bad}")
     for b in bad[:10]:
         print(f"  {b}")
-    verdict = "PASS" if ratio <= ns.max_ratio and not bad else "FAIL"
-    cpu_ratio = (cpu["loaded"] / len(load)) / (cpu["baseline"] / len(base))
-    print(f"controller CPU per step loaded / baseline: {cpu_ratio:.3f}")
-    print(f"step time loaded / baseline: median {ratio:.3f}, mean {ratio_mean:.3f} "
-          f"(target <= {ns.max_ratio}) -> {verdict}")
-    return 0 if verdict == "PASS" else 1
+    if server_thread_cpu() is not None:
+        served = polls + stream_msgs
+        per_call = (server_cpu["loaded"] - server_cpu["baseline"]) / max(served, 1)
+        srv, srv_base = server_cpu["loaded"] / len(load), server_cpu["baseline"] / len(base)
+        print(f"CPU per loaded step: status server threads {srv * 1e3:.2f} ms ({srv_base * 1e3:.2f}"
+              f" ms baseline; {per_call * 1e6:.0f} us per call or stream message), client "
+              f"process {client_cpu['loaded'] / len(load) * 1e3:.2f} ms")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in load_after)}")
+    level = f"{ns.confidence:.0%} CI"
+    print(f"controller CPU per step loaded / baseline: {cpu_ratio:.3f} "
+          f"[{level} {cpu_lo:.3f}, {cpu_hi:.3f}]")
+    result = verdict(lo, hi, ns.max_ratio)
+    print(f"step time loaded / baseline: median {ratio:.3f} [{level} {lo:.3f}, {hi:.3f}], "
+          f"mean {ratio_mean:.3f} (target <= {ns.max_ratio}) -> {result}")
+    if bad:
+        print("FAIL: a watcher missed, duplicated or reordered a step")
+        return 1
+    return {"PASS": 0, "FAIL": 1}.get(result, EXIT_INCONCLUSIVE)
 
 
 if __name__ == "__main__":

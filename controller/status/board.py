@@ -5,6 +5,9 @@ that keeps the loop fast:
 
 - `set_phase` and `publish_step` build a new frozen `StatusSnapshot` and swap one reference.
   They never wait for a reader: the only lock they take guards an append and a notify.
+- The loop's cost per step does not depend on how many readers there are. The records are one
+  shared ring (a bounded deque) that every watcher reads; `publish_step` wakes at most one
+  waiting reader, and each woken reader wakes the next (`wait_records`).
 - Readers get immutable objects (`StatusSnapshot`, `StepRecord`), so they can format replies
   at leisure while the loop moves on.
 - Requests from outside (stop, checkpoint) are `threading.Event`s the loop polls between steps.
@@ -79,18 +82,26 @@ class WatcherBehind(RuntimeError):
 
 
 def window_stats(records: list[StepRecord]) -> dict[str, MetricStats]:
-    """Per-key mean / std / min / max over `records`, NaNs excluded (count says how many)."""
+    """Per-key mean / std / min / max over `records`, NaNs excluded (count says how many).
+
+    mean = fsum(x) / n and std = sqrt(fsum((x - mean)^2) / n), both correctly rounded sums.
+    """
     cols: dict[str, list[float]] = {}
     for r in records:
         for k, v in r.values.items():
-            if not math.isnan(v):
-                cols.setdefault(k, []).append(v)
+            if v == v:  # not NaN (the one value unequal to itself); cheaper than math.isnan
+                col = cols.get(k)
+                if col is None:
+                    cols[k] = [v]
+                else:
+                    col.append(v)
+    fsum, sqrt = math.fsum, math.sqrt
     out = {}
     for k, xs in cols.items():
         n = len(xs)
-        mu = math.fsum(xs) / n
-        var = math.fsum((x - mu) ** 2 for x in xs) / n
-        out[k] = MetricStats(mu, math.sqrt(var), min(xs), max(xs), n)
+        mu = fsum(xs) / n
+        out[k] = MetricStats(mu, sqrt(fsum([(x - mu) ** 2 for x in xs]) / n), min(xs), max(xs),
+                             n)
     return out
 
 
@@ -116,7 +127,10 @@ class StatusBoard:
         self._records: deque[StepRecord] = deque(maxlen=self.history)
         self._total = 0  # records ever published; the next record's seq
         self._cond = threading.Condition()
+        self._waiting = 0  # readers blocked in wait_records now
         self._closed = False
+        # Readers woken by publish_step: at most one per step, however many wait (tests check).
+        self.publisher_wakeups = 0
         # Orders the loop's "begin a step" against stop/checkpoint requests, so the step a
         # request names in its reply is the step it really takes effect after.
         self._request_lock = threading.Lock()
@@ -207,7 +221,11 @@ class StatusBoard:
         with self._cond:  # held for an append and a notify; readers copy outside it
             self._records.append(record)
             self._total += 1
-            self._cond.notify_all()
+            # Wake one reader, not all: it wakes the next on its own thread (wait_records), so
+            # this costs the loop the same for 1 watcher or 100.
+            if self._waiting:
+                self._cond.notify(1)
+                self.publisher_wakeups += 1
         old = self._snapshot
         self._snapshot = StatusSnapshot(Phase.IDLE, int(step), int(policy_version),
                                         old.last_error, now, now)
@@ -238,9 +256,14 @@ class StatusBoard:
 
     def window(self, n: int) -> list[StepRecord]:
         """The last `n` published records (fewer before `n` steps have completed)."""
+        return self.window_at(n)[1]
+
+    def window_at(self, n: int) -> tuple[int, list[StepRecord]]:
+        """(published, the last `n` records), read together: the window ends at `published`."""
         with self._cond:
             n = min(n, len(self._records))
-            return [self._records[i] for i in range(len(self._records) - n, len(self._records))]
+            return self._total, [self._records[i]
+                                 for i in range(len(self._records) - n, len(self._records))]
 
     @property
     def published(self) -> int:
@@ -264,11 +287,24 @@ class StatusBoard:
         """
         deadline = time.monotonic() + timeout
         with self._cond:
+            waited = False
             while self._total <= next_seq and not self._closed and not cancelled():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return []
-                self._cond.wait(left)
+                self._waiting += 1
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._waiting -= 1
+                waited = True
+            if waited and self._total > next_seq and self._waiting:
+                # publish_step woke one reader; each reader woken to new records wakes the next.
+                # Waiters queue in order, so this record's readers come before any that already
+                # wait for the next record (where the chain stops). Woken one at a time, they do
+                # not all contend for this lock and the GIL at once, and the loop's thread wakes
+                # one reader however many wait.
+                self._cond.notify(1)
             oldest = self._total - len(self._records)
             if next_seq < oldest:
                 raise WatcherBehind(

@@ -36,6 +36,8 @@ from controller.status.board import StatusBoard, StepRecord, WatcherBehind, wind
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TandemStatus"].full_name  # tandem.v1.TandemStatus
 DEFAULT_WINDOW = 10
+STEP_CACHE = 1024  # StepMetrics kept for watchers (a replay beyond it rebuilds older ones)
+METRICS_CACHE = 64  # MetricsReply entries before those of older steps are dropped
 # Unary RPCs need free workers; each open WatchMetrics stream holds one for its lifetime.
 RESERVED_UNARY_WORKERS = 4
 
@@ -86,6 +88,19 @@ def step_message(r: StepRecord) -> pb.StepMetrics:
     return pb.StepMetrics(step=r.step, time_unix=r.time_unix, values=dict(r.values))
 
 
+def metrics_reply(records: list[StepRecord]) -> pb.MetricsReply:
+    """The GetMetrics reply for a window of records (the latest last)."""
+    reply = pb.MetricsReply(window=len(records))
+    if records:
+        reply.latest.CopyFrom(step_message(records[-1]))
+        reply.first_step = records[0].step
+        windowed = reply.windowed
+        for k, st in window_stats(records).items():
+            m = windowed[k]  # set in place: half the cost of CopyFrom(MetricStats(...))
+            m.mean, m.std, m.min, m.max, m.count = st.mean, st.std, st.min, st.max, st.count
+    return reply
+
+
 def topology_message(meshes: Any, trainer_shardings: Any, sampler_shardings: Any,
                      shapes: Any, backend: str) -> pb.TopologyReply:
     """Devices, the two sub-meshes (controller.topology.SubMesh) and per-parameter specs.
@@ -128,7 +143,16 @@ def _printable(text: str) -> str:
 
 
 class StatusServicer(pb_grpc.TandemStatusServicer):
-    """Answers from the board; never calls into the loop."""
+    """Answers from the board; never calls into the loop.
+
+    What a client costs the controller: each step's `StepMetrics` and each (step, window)'s
+    `MetricsReply` are built once, on the first request that needs them (not on the loop's
+    thread), and the same message object is handed to every client that asks (serialising it
+    again per client costs ~1-3 us). What is left per client is gRPC's own work for each call
+    or streamed message, across its I/O threads, its poller thread and a handler thread: on a
+    2-core VM ~0.15 ms of CPU per streamed message and 0.3-1 ms per unary call (the less often
+    calls come, the more of it is waking idle threads; see bench/status_load.py).
+    """
 
     def __init__(self, board: StatusBoard, max_watchers: int):
         self.board = board
@@ -136,17 +160,28 @@ class StatusServicer(pb_grpc.TandemStatusServicer):
         self.max_watchers = max_watchers
         self._watchers = 0
         self._lock = threading.Lock()
-        # (records published, window) -> reply; many pollers of one step share one reply.
+        # (records published, window) -> reply; all pollers of one step share one reply.
         self._metrics_cache: dict[tuple[int, int], pb.MetricsReply] = {}
-        self._step_cache: dict[int, pb.StepMetrics] = {}  # seq -> message, for watchers
+        self._metrics_lock = threading.Lock()  # one builder per reply; hits take no lock
+        # seq -> message, for watchers: the live steps of every stream share one message.
+        self._step_cache: dict[int, pb.StepMetrics] = {}
+        self._step_lock = threading.Lock()
+        # Messages built so far; tests check they count steps, not clients.
+        self.metrics_replies_built = 0
+        self.step_messages_built = 0
 
     def _step_msg(self, r: StepRecord) -> pb.StepMetrics:
         msg = self._step_cache.get(r.seq)
-        if msg is None:
-            msg = step_message(r)
-            if len(self._step_cache) > 256:
-                self._step_cache.clear()
-            self._step_cache[r.seq] = msg
+        if msg is not None:
+            return msg
+        with self._step_lock:
+            msg = self._step_cache.get(r.seq)  # another watcher may have built it meanwhile
+            if msg is None:
+                msg = step_message(r)
+                self.step_messages_built += 1
+                if len(self._step_cache) >= STEP_CACHE:
+                    del self._step_cache[next(iter(self._step_cache))]  # the oldest insert
+                self._step_cache[r.seq] = msg
         return msg
 
     def GetStatus(self, request, context):
@@ -166,20 +201,23 @@ class StatusServicer(pb_grpc.TandemStatusServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"window={window}: must be >= 0 (fix: e.g. window=10; 0 means 10)")
         window = min(window, self.board.history)
-        key = (self.board.published, window)
-        reply = self._metrics_cache.get(key)
-        if reply is None:
-            records = self.board.window(window)
-            reply = pb.MetricsReply(window=len(records))
-            if records:
-                reply.latest.CopyFrom(self._step_msg(records[-1]))
-                reply.first_step = records[0].step
-                for k, st in window_stats(records).items():
-                    reply.windowed[k].CopyFrom(pb.MetricStats(
-                        mean=st.mean, std=st.std, min=st.min, max=st.max, count=st.count))
-            if len(self._metrics_cache) > 64:
-                self._metrics_cache.clear()
-            self._metrics_cache[key] = reply
+        reply = self._metrics_cache.get((self.board.published, window))
+        if reply is not None:
+            return reply
+        with self._metrics_lock:
+            # The window and its key are read together, so a step published meanwhile gives a
+            # newer reply under its own key, never a newer reply under an older key.
+            published, records = self.board.window_at(window)
+            reply = self._metrics_cache.get((published, window))
+            if reply is None:
+                reply = metrics_reply(records)
+                self.metrics_replies_built += 1
+                if len(self._metrics_cache) >= METRICS_CACHE:  # drop older steps' replies
+                    for key in [k for k in self._metrics_cache if k[0] < published]:
+                        del self._metrics_cache[key]
+                    if len(self._metrics_cache) >= METRICS_CACHE:  # many windows of one step
+                        self._metrics_cache.clear()
+                self._metrics_cache[(published, window)] = reply
         return reply
 
     def WatchMetrics(self, request, context):
@@ -356,7 +394,13 @@ def start_status_server(cfg: StatusConfig, board: StatusBoard,
         futures.ThreadPoolExecutor(max_workers=cfg.max_workers,
                                    thread_name_prefix="tandem-status"),
         interceptors=interceptors,
-        options=[("grpc.so_reuseport", 0)],  # two jobs must not silently share a port
+        options=[
+            ("grpc.so_reuseport", 0),  # two jobs must not silently share a port
+            # BDP probing sizes the window for data this server *receives*; requests here are a
+            # few bytes, and the probe's PING round trips cost gRPC's I/O threads ~30% of their
+            # time under 50 pollers + 10 watchers (bench/status_load.py).
+            ("grpc.http2.bdp_probe", 0),
+        ],
     )
     servicer = StatusServicer(board, max_watchers)
     pb_grpc.add_TandemStatusServicer_to_server(servicer, server)

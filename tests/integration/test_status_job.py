@@ -211,3 +211,41 @@ def test_cli_watch_view_ends_with_the_job(capsys, monkeypatch):
         "1", "2", "3"]  # step 1 replayed, 2 and 3 live
     assert "| stopped | step 3/3 |" in out and "step 3 | last 3 steps from step 1" in out
     assert out.rstrip().endswith("the job's stream has ended: the job stopped after step 3")
+
+
+def test_watchers_of_a_running_job_share_each_step():
+    """Several watchers of a real job get byte-identical streams. Each step's message is built
+    once, and the thread that runs the steps wakes at most one watcher per step."""
+    job = Job(load_config(overrides=[*TINY, "run.steps=4", "status.port=0"]))
+    n_watchers = 4
+    chans = [grpc.insecure_channel(job.status_address) for _ in range(n_watchers)]
+    got: list[list[bytes]] = [[] for _ in range(n_watchers)]
+
+    def watch(i):
+        stream = chans[i].unary_stream(
+            f"/{SERVICE_NAME}/WatchMetrics",
+            request_serializer=pb.WatchMetricsRequest.SerializeToString,
+            response_deserializer=None)  # the bytes as they came over the wire
+        got[i].extend(stream(pb.WatchMetricsRequest()))
+
+    threads = [threading.Thread(target=watch, args=(i,)) for i in range(n_watchers)]
+    try:
+        for t in threads:
+            t.start()
+        while job.status_server.servicer.open_watchers < n_watchers:
+            threading.Event().wait(0.01)
+        servicer = job.status_server.servicer
+        job.run()
+        assert job.board.publisher_wakeups <= job.steps_done == 4
+    finally:
+        job.close()  # stops the server: the streams drain and end
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
+    for c in chans:
+        c.close()
+    assert all(g == got[0] for g in got)
+    steps = [pb.StepMetrics.FromString(m) for m in got[0]]
+    assert [m.step for m in steps] == [1, 2, 3, 4]
+    assert [m.values["reward/mean"] for m in steps] == [m["reward/mean"] for m in job.metrics]
+    assert servicer.step_messages_built == 4

@@ -1,7 +1,12 @@
 """The status board, the gRPC server without a job (auth, watch semantics), and stub drift."""
 
+import collections
+import importlib.util
 import math
+import random
 import threading
+import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -348,3 +353,181 @@ def test_port_in_use_is_a_clear_error():
             start_status_server(StatusConfig(port=first.port), make_board())
     finally:
         first.stop(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# What clients cost the controller: counted, not timed
+
+
+class CountingCondition(threading.Condition):
+    """A Condition that counts, per notifying thread, how many waiting threads it woke."""
+
+    def __init__(self):
+        super().__init__()
+        self.woken: collections.Counter[int] = collections.Counter()
+
+    def notify(self, n=1):  # notify_all() calls notify(len(waiters))
+        self.woken[threading.get_ident()] += min(n, len(self._waiters))  # CPython's waiters
+        super().notify(n)
+
+
+def _wait_until(cond, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("readers", [1, 8])
+def test_publishing_wakes_one_reader_however_many_wait(readers):
+    """The loop's thread wakes one waiting reader per step, for 1 reader or 8; the readers
+    wake each other, and every one of them still gets every record once, in order."""
+    board = make_board()
+    board._cond = cond = CountingCondition()
+    n_steps = 10
+    got: list[list[int]] = [[] for _ in range(readers)]
+
+    def read(i):
+        seq = 0
+        while seq < n_steps:
+            for r in board.wait_records(seq, timeout=30):
+                got[i].append(r.step)
+                seq = r.seq + 1
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(readers)]
+    for t in threads:
+        t.start()
+    for s in range(1, n_steps + 1):
+        # Every reader has had step s - 1 and waits for step s.
+        _wait_until(lambda s=s: all(len(g) == s - 1 for g in got)
+                    and len(cond._waiters) == readers)
+        _publish(board, s)
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
+    assert got == [list(range(1, n_steps + 1))] * readers
+    loop = threading.get_ident()
+    assert cond.woken[loop] == board.publisher_wakeups == n_steps  # one per step, however many
+    relayed = sum(n for ident, n in cond.woken.items() if ident != loop)
+    # Each of the other readers was woken by a reader (plus at most one wake-up per step that
+    # reaches a reader who already waits for the next step).
+    assert (readers - 1) * n_steps <= relayed <= readers * n_steps
+
+
+def _raw_unary(channel, method, request_type):
+    """A call that returns the reply's bytes as they came over the wire."""
+    return channel.unary_unary(f"/{SERVICE_NAME}/{method}",
+                               request_serializer=request_type.SerializeToString,
+                               response_deserializer=None)
+
+
+def test_pollers_get_one_reply_per_step_built_once():
+    """8 clients polling at once get byte-identical replies, built once per step."""
+    board = make_board()
+    _publish(board, 1, r=0.5)
+    _publish(board, 2, r=1.5)
+    server = start_status_server(StatusConfig(), board)
+    chans = [grpc.insecure_channel(server.address) for _ in range(8)]
+    calls = [_raw_unary(c, "GetMetrics", pb.GetMetricsRequest) for c in chans]
+
+    def poll_all() -> list[bytes]:
+        replies = [b""] * len(calls)
+        start = threading.Barrier(len(calls))
+
+        def poll(i):
+            start.wait()
+            replies[i] = calls[i](pb.GetMetricsRequest(window=2), timeout=30)
+
+        threads = [threading.Thread(target=poll, args=(i,)) for i in range(len(calls))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        return replies
+
+    try:
+        first = poll_all()
+        assert len(set(first)) == 1 and server.servicer.metrics_replies_built == 1
+        reply = pb.MetricsReply.FromString(first[0])
+        assert (reply.latest.step, reply.window, reply.first_step) == (2, 2, 1)
+        assert reply.windowed["r"].mean == 1.0 and reply.windowed["r"].count == 2
+        _publish(board, 3, r=2.5)
+        second = poll_all()
+        assert len(set(second)) == 1 and second[0] != first[0]
+        assert server.servicer.metrics_replies_built == 2  # one more step, one more reply
+        assert pb.MetricsReply.FromString(second[0]).windowed["r"].mean == 2.0
+    finally:
+        for c in chans:
+            c.close()
+        server.stop(0)
+
+
+def test_watchers_share_one_message_per_step():
+    """6 watchers get byte-identical streams; each step's message is built once, and the
+    publishing thread wakes at most one of them per step."""
+    board = make_board()
+    board._cond = cond = CountingCondition()
+    server = start_status_server(StatusConfig(), board)
+    n_watchers, n_steps = 6, 12
+    chans = [grpc.insecure_channel(server.address) for _ in range(n_watchers)]
+    got: list[list[bytes]] = [[] for _ in range(n_watchers)]
+
+    def watch(i):
+        stream = chans[i].unary_stream(
+            f"/{SERVICE_NAME}/WatchMetrics",
+            request_serializer=pb.WatchMetricsRequest.SerializeToString,
+            response_deserializer=None)
+        got[i].extend(stream(pb.WatchMetricsRequest()))
+
+    threads = [threading.Thread(target=watch, args=(i,)) for i in range(n_watchers)]
+    for t in threads:
+        t.start()
+    _wait_until(lambda: server.servicer.open_watchers == n_watchers)
+    for s in range(1, n_steps + 1):
+        _publish(board, s, r=s / 4)
+    server.stop(grace=5)  # closes the board: the streams drain, then end
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
+    for c in chans:
+        c.close()
+    assert all(g == got[0] for g in got)
+    assert [pb.StepMetrics.FromString(m).step for m in got[0]] == list(range(1, n_steps + 1))
+    assert server.servicer.step_messages_built == n_steps
+    assert cond.woken[threading.get_ident()] <= n_steps
+
+
+# ---------------------------------------------------------------------------------------------
+# bench/status_load.py's verdict
+
+
+@pytest.fixture(scope="module")
+def status_load():
+    path = Path(__file__).resolve().parents[3] / "bench" / "status_load.py"
+    spec = importlib.util.spec_from_file_location("status_load", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_status_load_verdict_from_the_interval(status_load):
+    assert status_load.verdict(0.98, 1.04, 1.05) == "PASS"
+    assert status_load.verdict(1.06, 1.09, 1.05) == "FAIL"
+    assert status_load.verdict(1.01, 1.07, 1.05) == "INCONCLUSIVE"
+    rng = random.Random(0)
+
+    def rounds(slowdown, drift):
+        out = []
+        for r in range(8):  # each round's pair of blocks shares the machine's drift
+            level = 1 + drift * r
+            out.append(([level * rng.gauss(1, 0.02) for _ in range(15)],
+                        [level * slowdown * rng.gauss(1, 0.02) for _ in range(15)]))
+        return out
+
+    # The interval holds the true ratio, drift between rounds cancels, and it is reproducible.
+    for slowdown in (1.0, 1.2):
+        lo, hi = status_load.bootstrap_ratio(rounds(slowdown, 0.05), "median", 2000, 0.95, 0)
+        assert lo < slowdown < hi and hi - lo < 0.05, (slowdown, lo, hi)
+    data = rounds(1.1, 0.0)
+    assert (status_load.bootstrap_ratio(data, "mean", 500, 0.9, 3)
+            == status_load.bootstrap_ratio(data, "mean", 500, 0.9, 3))
