@@ -20,6 +20,7 @@ graceful stops (RequestStop, SIGTERM, `job.request_stop()`) after the current st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from controller.config import ConfigError, JobConfig
+from controller.config import ConfigError, JobConfig, absolute_path
 from controller.metrics import MetricsLog
 from controller.startup import cache_dir_for, configure_compile_cache, initialize_pathways
 from controller.status.board import Phase, StatusBoard
@@ -54,10 +55,14 @@ class Job:
             from controller.status.server import start_status_server
 
             self.status_server = start_status_server(cfg.status, self.board)
+        # What a failed step left behind (see `_keep_progress`); None while no step failed.
+        self.failure: StepFailure | None = None
         try:
             self._build(cfg)
         except BaseException as e:
             self.board.set_phase(Phase.FAILED, error=f"{type(e).__name__}: {e}")
+            if "rewards" in vars(self):  # reward workers may already be running
+                self.rewards.close()
             self._stop_server()
             raise
 
@@ -65,15 +70,34 @@ class Job:
         # No-op unless JAX_PLATFORMS=proxy; must precede anything that touches jax.devices().
         self.pathways = initialize_pathways(cfg.topology.backend)
         configure_devices(cfg.topology)  # before anything touches jax.devices()
+        cache_dir = cache_dir_for(cfg.run.compile_cache_dir, on_pathways=self.pathways is not None)
         self.compile_cache_dir = configure_compile_cache(
-            cache_dir_for(cfg.run.compile_cache_dir, on_pathways=self.pathways is not None))
+            absolute_path(cache_dir) if cache_dir else None)  # JAX keeps it for the process
 
         from controller.data import build_dataset, build_tokenizer
+        from rewards.registry import RewardSet
+
+        # INPUTS: what the user's files and names give (the HF config, the tokenizer, the
+        # prompts, the reward functions) is read before any mesh, parameter or program, so a
+        # bad one fails in seconds. Nothing here draws random numbers.
+        hf_spec = None
+        if cfg.model.path:
+            from trainer.hf import load_hf_spec
+
+            hf_spec = load_hf_spec(cfg.model.path, cfg.model.dtype)
+        self.tokenizer = build_tokenizer(cfg)
+        self.dataset = build_dataset(cfg, self.tokenizer)
+        if hf_spec is not None and self.tokenizer.vocab_size > hf_spec.vocab_size:
+            raise ConfigError(
+                f"model.path={cfg.model.path!r}: the tokenizer has {self.tokenizer.vocab_size} "
+                f"ids but the model only {hf_spec.vocab_size} embeddings (fix: use the "
+                f"tokenizer that belongs to this checkpoint)")
+        self.rewards = RewardSet.from_config(cfg.rewards)  # may start worker processes
+
         from controller.loop import build_loop
         from controller.timeline import Timeline
         from controller.topology import build_meshes
         from reshard.transfer import Resharder
-        from rewards.registry import RewardSet
         from sampler.factory import build_sampler
         from trainer.model import (
             ModelSpec,
@@ -86,18 +110,11 @@ class Job:
         from trainer.trainer import Trainer
 
         self.meshes = build_meshes(cfg.topology, colocated=cfg.schedule.kind == "colocated")
-        self.tokenizer = build_tokenizer(cfg)
-        self.rewards = RewardSet.from_config(cfg.rewards)  # may start worker processes
-        if cfg.model.path:
+        if hf_spec is not None:
             # A Hugging Face checkpoint, read straight into the trainer's sharding.
-            from trainer.hf import load_hf_params, load_hf_spec
+            from trainer.hf import load_hf_params
 
-            spec = load_hf_spec(cfg.model.path, cfg.model.dtype)
-            if self.tokenizer.vocab_size > spec.vocab_size:
-                raise ValueError(
-                    f"model.path={cfg.model.path!r}: the tokenizer has {self.tokenizer.vocab_size} "
-                    f"ids but the model only {spec.vocab_size} embeddings (fix: use the tokenizer "
-                    f"that belongs to this checkpoint)")
+            spec = hf_spec
             self.model_def = define_model(spec)
             params = load_hf_params(cfg.model.path, self.model_def,
                                     shardings=param_shardings(self.model_def, self.meshes.trainer))
@@ -123,7 +140,6 @@ class Job:
                                      stop_ids=tuple(self.tokenizer.stop_ids),
                                      param_dtype=cfg.reshard.dtype,
                                      hf_model_dir=hf_dir, to_hf=to_hf)
-        self.dataset = build_dataset(cfg, self.tokenizer)
         self.timeline = Timeline()
         resharder = Resharder(dtype=cfg.reshard.dtype, chunk_bytes=cfg.reshard.chunk_bytes,
                               donate=cfg.reshard.donate, method=cfg.reshard.method)
@@ -199,6 +215,13 @@ class Job:
             return None
         from trainer.checkpoint import Checkpointer, abstract_like
 
+        field = "checkpoint.dir" if cfg.checkpoint.dir else "run.output_dir"
+        value = cfg.checkpoint.dir or cfg.run.output_dir
+        if cfg.run.resume and "://" not in directory and not Path(directory).is_dir():
+            raise ConfigError(
+                f"run.resume=true but {field}={value!r} holds no checkpoint to resume "
+                f"({directory} does not exist) (fix: drop run.resume=true to start a new run "
+                f"there, or set {field} to the run to continue)")
         ckpt = Checkpointer(directory, keep_last=cfg.checkpoint.keep_last,
                             async_save=cfg.checkpoint.async_save)
         metrics_file = Path(cfg.run.output_dir or directory) / "metrics.jsonl"
@@ -209,11 +232,16 @@ class Job:
                     f"overwritten (fix: run.resume=true to continue it, or a new "
                     f"run.output_dir)")
             return ckpt
+        had = ckpt.steps()
         found = ckpt.restore_latest(abstract_like(self.trainer.state))
         if found is None:
-            log.warning("run.resume=true but %s has no usable checkpoint: starting fresh",
-                        directory)
-            return ckpt
+            ckpt.close()
+            why = (f"none of its checkpoints {had} restores (each was moved to "
+                   f"{directory}/corrupt-<step>)" if had else f"{directory} has none")
+            raise ConfigError(
+                f"run.resume=true but {field}={value!r} holds no checkpoint to resume ({why}) "
+                f"(fix: drop run.resume=true to start a new run there, or set {field} to the "
+                f"run to continue)")
         _, state, meta = found
         self.trainer.restore_state(state)
         self.dataset.position = int(meta["data_position"])
@@ -245,6 +273,41 @@ class Job:
         self.checkpointer.save(self.steps_done, self.trainer.state, self._checkpoint_meta(),
                                wait=wait)
         return True
+
+    def _keep_progress(self, state_before: Any) -> StepFailure:
+        """After step steps_done + 1 failed: saves the checkpoint of the last completed step
+        (when checkpointing is on and the trainer state is still that step's), and says what
+        was kept. Never raises: the step's own error is the one to report."""
+        import jax
+
+        failed = self.steps_done + 1
+        directory = self.config.checkpoint_dir
+        if self.checkpointer is None:
+            return StepFailure(failed, None, None, "checkpointing is off (set run.output_dir "
+                               "or checkpoint.dir to keep a run's progress)")
+        if self.steps_done == 0 or self.steps_done == self.resumed_from:
+            kept = self.checkpointer.steps()[-1:]
+            return StepFailure(failed, kept[0] if kept else None, directory,
+                               "no step completed in this run, so there is nothing new to save")
+        # The state is still the last completed step's unless the failure came after the
+        # update had begun (then it may be half-updated, or its buffers donated).
+        intact = (self.trainer.state is state_before
+                  and self.loop.policy_version == self.steps_done
+                  and not any(isinstance(x, jax.Array) and x.is_deleted()
+                              for x in jax.tree.leaves(state_before)))
+        if not intact:
+            kept = self.checkpointer.steps()[-1:]
+            return StepFailure(failed, kept[0] if kept else None, directory,
+                               "the failure came during the update, so the trainer state is "
+                               "not the last completed step's and was not saved")
+        try:
+            self.save_checkpoint(wait=True)
+        except Exception as e:  # e.g. a full disk: report it beside the step's own error
+            kept = [s for s in self.checkpointer.steps() if s != self.steps_done][-1:]
+            return StepFailure(failed, kept[0] if kept else None, directory,
+                               f"saving step {self.steps_done} failed "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        return StepFailure(failed, self.steps_done, directory, None)
 
     def request_checkpoint(self) -> tuple[bool, int, str]:
         """Asks for a checkpoint after the current step (safe from any thread)."""
@@ -294,11 +357,14 @@ class Job:
         if checkpoint_first:
             self._checkpoint(raise_errors=False)
             self.board.set_phase(Phase.SAMPLING)
+        state_before = self.trainer.state
         try:
             m = self.loop.step(self.steps_done + 1)
         except BaseException as e:
             self.board.set_phase(Phase.FAILED, error=f"step {self.steps_done + 1}: "
                                  f"{type(e).__name__}: {e}")
+            if isinstance(e, Exception):  # not a second Ctrl-C: keep what was done
+                self.failure = self._keep_progress(state_before)
             raise
         if m.get("time/step_s", 0) > 0 and "completion/tokens" in m:
             m["throughput/tokens_per_s"] = m["completion/tokens"] / m["time/step_s"]
@@ -375,6 +441,18 @@ class Job:
         if exc is not None and not self.board.snapshot.phase.terminal:
             self.board.set_phase(Phase.FAILED, error=f"{exc_type.__name__}: {exc}")
         self.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFailure:
+    """What a failed step left behind: the step that failed, the newest checkpoint on disk
+    (`saved_step` in `directory`, None if there is none) and, if the last completed step could
+    not be saved, why not."""
+
+    step: int
+    saved_step: int | None
+    directory: str | None
+    not_saved: str | None
 
 
 @contextlib.contextmanager

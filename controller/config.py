@@ -14,6 +14,7 @@ count, and only then imports JAX.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -42,6 +43,22 @@ class ConfigError(ValueError):
 
 class TopologyError(ConfigError):
     """A device split that cannot be built on the devices at hand."""
+
+
+def expand_path(value: str | None) -> str | None:
+    """A path field's value with a leading `~` expanded, as a shell would; a URL (anything
+    with "://", e.g. gs://bucket/run) is returned unchanged."""
+    if value is None or "://" in value:
+        return value
+    return str(Path(value).expanduser())
+
+
+def absolute_path(value: str | Path) -> str:
+    """`value` with `~` expanded and made absolute against the current directory (orbax and
+    some metadata readers need absolute paths); a URL (anything with "://") is unchanged."""
+    if "://" in str(value):
+        return str(value)
+    return str(Path(value).expanduser().absolute())
 
 
 class _Section(BaseModel):
@@ -88,7 +105,7 @@ class ModelConfig(_Section):
     @field_validator("path")
     @classmethod
     def _expand_path(cls, v: str | None) -> str | None:
-        return None if v is None else str(Path(v).expanduser())
+        return expand_path(v)
 
     @model_validator(mode="after")
     def _check_path(self) -> ModelConfig:
@@ -482,6 +499,11 @@ class DataConfig(_Section):
     shuffle: bool = True
     """A fresh permutation of the rows each epoch (seeded)."""
 
+    @field_validator("path")
+    @classmethod
+    def _expand_path(cls, v: str | None) -> str | None:
+        return expand_path(v)
+
     @model_validator(mode="after")
     def _check_digits(self) -> DataConfig:
         if self.min_digits > self.max_digits:
@@ -533,6 +555,13 @@ class RunConfig(_Section):
     JAX's cache settings alone; on Pathways only an explicit (e.g. gs://) directory is used
     (see controller/startup.py)."""
 
+    @field_validator("output_dir", "export_hf_dir")
+    @classmethod
+    def _expand_paths(cls, v: str | None) -> str | None:
+        # Not compile_cache_dir: its default keeps "~" (controller/startup.py expands it), so
+        # the default job's config and digest do not depend on the home directory.
+        return expand_path(v)
+
     @model_validator(mode="after")
     def _check_export_dir(self) -> RunConfig:
         # Checked before the run: finding out after hours of training would be too late.
@@ -571,6 +600,11 @@ class CheckpointConfig(_Section):
     """How many of the newest checkpoints to keep; older ones are deleted."""
     async_save: bool = True
     """Write files in the background while training goes on."""
+
+    @field_validator("dir")
+    @classmethod
+    def _expand_path(cls, v: str | None) -> str | None:
+        return expand_path(v)
 
 
 class ReshardConfig(_Section):
@@ -614,6 +648,11 @@ class StatusConfig(_Section):
     worker; 4 stay free for unary calls, so up to max_workers - 4 watchers at once."""
     history: int = Field(10_000, ge=1)
     """Steps kept for GetMetrics windows and watch replay."""
+
+    @field_validator("tls_cert", "tls_key")
+    @classmethod
+    def _expand_paths(cls, v: str | None) -> str | None:
+        return expand_path(v)
 
     @model_validator(mode="after")
     def _check_tls(self) -> StatusConfig:
@@ -727,7 +766,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value), the value parsed as YAML (so 3, 0.5, true, [a, b])."""
     if "=" not in text:
         raise ConfigError(
-            f"override {text!r} has no '=' (fix: write key.sub=value, e.g. run.steps=20)"
+            f"override {text!r} has no '=' (fix: write key.sub=value, e.g. run.steps=20; a "
+            f"config file must exist and end in .yaml)"
         )
     key, raw = text.split("=", 1)
     path = [p for p in key.strip().split(".") if p]
@@ -736,22 +776,37 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from e
+        raise ConfigError(
+            f"override {text!r}: the value is not valid YAML ({_yaml_problem(e)}) (fix: quote "
+            f"it, e.g. '{key}=\"...\"')") from None
     return path, value
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: where, and what."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Returns a copy of `data` with each `key.sub=value` override applied."""
-    out = json.loads(json.dumps(data))  # deep copy of plain data
+    out = copy.deepcopy(data)  # YAML may hold dates or sets, which a JSON round trip cannot
     for text in overrides:
         path, value = parse_override(text)
         node = out
         for i, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
+            child = node.get(part)
+            if child is None:  # absent, or an empty `section:` in the YAML file
+                child = node[part] = {}
             if not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                default = _example(_default_at(path[: i + 1]))
+                fix = (f"drop {where}={child!r} and set its fields" if _model_at(path[: i + 1])
+                       else f"set {where} itself, e.g. {where}={default}")
                 raise ConfigError(
-                    f"override {text!r}: {'.'.join(path[: i + 1])} is a value, not a section"
-                )
+                    f"override {text!r}: {where} is {child!r}, a value, so it has no field "
+                    f"{path[i + 1]!r} (fix: {fix})")
             node = child
         node[path[-1]] = value
     return out
@@ -759,23 +814,40 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Builds a JobConfig from an optional YAML file and `key.sub=value` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist (fix: check the path)")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(
-                f"config file {str(p)!r} must hold a mapping of sections, got "
-                f"{type(loaded).__name__}"
-            )
-        data = loaded or {}
+    data = read_config_file(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     return validate_config(data)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's sections, as plain data (not yet validated)."""
+    p = Path(path).expanduser()
+    name = repr(str(path)) + (f" ({p})" if str(p) != str(path) else "")
+    if p.is_dir():
+        raise ConfigError(f"config file {name} is a directory (fix: pass a YAML file, e.g. "
+                          f"examples/gsm8k.yaml)")
+    if not p.is_file():
+        raise ConfigError(f"config file {name} does not exist (fix: check the path; a "
+                          f"relative path is read from the current directory, {Path.cwd()})")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {name} cannot be read ({type(e).__name__}: {e}) "
+                          f"(fix: pass a readable UTF-8 YAML file)") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {name} is not valid YAML: {_yaml_problem(e)} (fix: "
+                          f"correct that line; quote values that hold ': ' or '#')") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"config file {name} holds a {type(loaded).__name__}, not a mapping of sections "
+            f"(fix: put sections at the top level, e.g. 'run:' and under it '  steps: 20')")
+    # An empty section (`sampling:` with nothing under it) means its defaults.
+    return {k: {} if v is None and isinstance(k, str) and _model_at((k,)) else v
+            for k, v in loaded.items()}
 
 
 def validate_config(data: dict[str, Any]) -> JobConfig:
@@ -786,7 +858,8 @@ def validate_config(data: dict[str, Any]) -> JobConfig:
         raise ConfigError(format_validation_error(e)) from None
 
 
-def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+def _model_at(path: tuple[Any, ...] | list[Any]) -> type[BaseModel] | None:
+    """The section model at `path` (JobConfig for ()), or None when `path` is not a section."""
     model: type[BaseModel] | None = JobConfig
     for part in path:
         if model is None or not isinstance(part, str) or part not in model.model_fields:
@@ -796,12 +869,47 @@ def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _default_at(path: tuple[Any, ...]) -> Any:
+def _default_at(path: tuple[Any, ...] | list[Any]) -> Any:
     parent = _model_at(path[:-1])
     if parent is None or not path or path[-1] not in parent.model_fields:
         return None
     field = parent.model_fields[path[-1]]
     return field.get_default(call_default_factory=True)
+
+
+def _field_of(loc: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The longest prefix of `loc` that names a config field (a list item or dict entry's
+    error is fixed at its field), or None."""
+    for n in range(len(loc), 0, -1):
+        parent = _model_at(loc[: n - 1])
+        if parent is not None and isinstance(loc[n - 1], str) and loc[n - 1] in parent.model_fields:
+            return loc[:n]
+    return None
+
+
+def _example(value: Any) -> str:
+    """A default as it is written on the command line (YAML flow style, via JSON)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _show(value: Any, n: int = 120) -> str:
+    """A value as the message shows it: repr, `null` for None, clipped to `n` characters."""
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _section_problem(key: str, section: type[BaseModel], value: Any) -> str:
+    fields = list(section.model_fields)
+    defaults = {f: section.model_fields[f].get_default(call_default_factory=True) for f in fields}
+    numbers = [f for f, d in defaults.items() if type(d) in (int, float)]
+    name = numbers[0] if numbers else fields[0]
+    example = _example(defaults[name])
+    return (f"  {key}={_show(value)}: {key} is a section, not a value (fix: set its "
+            f"fields, e.g. {key}.{name}={example} on the command line, or '{key}:' with "
+            f"'  {name}: {example}' under it in YAML; its fields: {', '.join(fields)})")
 
 
 def format_validation_error(err: ValidationError) -> str:
@@ -814,16 +922,28 @@ def format_validation_error(err: ValidationError) -> str:
             parent = _model_at(loc[:-1])
             known = sorted(parent.model_fields) if parent else []
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            hint = f"did you mean {'.'.join(map(str, (*loc[:-1], close[0])))}?" if close else ""
+            hint = f"did you mean {'.'.join(map(str, (*loc[:-1], close[0])))}? " if close else ""
             lines.append(
-                f"  {key}: unknown key (fix: {hint} known keys here: {', '.join(known)})"
+                f"  {key}: unknown key (fix: {hint}known keys here: {', '.join(known)})"
             )
             continue
         if e["type"] == "value_error":
             # Our own validators already name field, value and fix.
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
             continue
-        default = _default_at(loc)
-        fix = f"e.g. {key}={json.dumps(default)}" if default is not None else "see the docs"
-        lines.append(f"  {key}={value!r}: {e['msg']} (fix: {fix})")
+        section = _model_at(loc) if loc else None
+        if section is not None:  # a value where a section belongs: `sampling=5`
+            lines.append(_section_problem(key, section, value))
+            continue
+        field = _field_of(loc)
+        if type(value) not in (str, int, float, bool, list, dict, type(None)):
+            # YAML reads 2024-01-01 as a date, and so on: a string must be quoted.
+            fix = f"YAML read it as a {type(value).__name__}; quote it, e.g. {key}='\"{value}\"'"
+        elif field is None:
+            fix = "see docs/configuration.md"
+        else:
+            name, default = ".".join(map(str, field)), _default_at(field)
+            fix = (f"e.g. {name}={_example(default)}" if default is not None else
+                   f"{name}=null for the default, or a value that satisfies this")
+        lines.append(f"  {key}={_show(value)}: {e['msg']} (fix: {fix})")
     return "\n".join(lines)

@@ -13,11 +13,13 @@ backend; workers know the built-ins and anything importable or on disk.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
 import inspect
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -71,10 +73,64 @@ def normalize_spec(spec: str) -> str:
     return f"{Path(split[0]).expanduser().resolve()}:{split[1]}"
 
 
-def _load_file(path: str) -> Any:
-    p = Path(path)
+def _check_file(path: str, spec: str) -> Path:
+    p = Path(path).expanduser()
     if not p.is_file():
-        raise RewardError(f"rewards.functions: file {path!r} does not exist (fix: check the path)")
+        what = "is a directory" if p.is_dir() else "does not exist"
+        raise RewardError(
+            f"rewards.functions: {spec!r}: the file {path!r} {what} (fix: check the path; a "
+            f"relative path is read from the current directory, {Path.cwd()})")
+    return p
+
+
+def _unknown(spec: str) -> RewardError:
+    close = difflib.get_close_matches(spec, registered_rewards(), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return RewardError(
+        f"rewards.functions: unknown reward {spec!r} (fix: {hint}one of "
+        f"{registered_rewards()}, 'package.module:function' or 'path/to/file.py:function')")
+
+
+def check_spec(spec: str) -> None:
+    """The checks of `get_reward` that import no user code: a name that is not registered, a
+    reward file that does not exist, a module that cannot be found. Cheap, so the CLI runs
+    them before JAX starts. Raises RewardError."""
+    if spec in _names:
+        return
+    split = _split_file_spec(spec)
+    if split is not None:
+        _check_file(split[0], spec)
+        return
+    if ":" not in spec:
+        raise _unknown(spec)
+    module_name, _, attr = spec.partition(":")
+    parts = module_name.split(".")
+    if not attr.isidentifier() or not all(p.isidentifier() for p in parts):
+        raise RewardError(
+            f"rewards.functions: {spec!r} is not 'package.module:function' (fix: e.g. "
+            f"'my_rewards:score', or 'path/to/file.py:score' for a file)")
+    # Only the top-level package is looked up: finding a submodule would run its parents.
+    if importlib.util.find_spec(parts[0]) is None:
+        raise RewardError(_import_message(spec, module_name, f"no module named {parts[0]!r}"))
+
+
+def _import_message(spec: str, module_name: str, why: str) -> str:
+    fix = "install it or add its directory to PYTHONPATH, or name the file instead: "
+    file = Path(*module_name.split(".")).with_suffix(".py")
+    fix += (f"'{file}:{spec.partition(':')[2]}'" if file.is_file()
+            else "'path/to/file.py:function'")
+    return f"rewards.functions: {spec!r}: cannot import {module_name!r} ({why}) (fix: {fix})"
+
+
+def _where_in(path: Path, e: BaseException) -> str:
+    """` (line N)` of the deepest frame of `e`'s traceback in `path`, if there is one."""
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+             if Path(f.filename) == path]
+    return f" (line {lines[-1]})" if lines else ""
+
+
+def _load_file(path: str) -> Any:
+    p = _check_file(path, path)
     # One module per file path, reused: loading twice would re-run the file's top level.
     name = "tandem_reward_" + hashlib.sha1(str(p).encode()).hexdigest()[:12]
     if name in sys.modules:
@@ -88,7 +144,9 @@ def _load_file(path: str) -> Any:
     except BaseException as e:
         del sys.modules[name]
         raise RewardError(
-            f"rewards.functions: loading {path!r} failed: {type(e).__name__}: {e}") from e
+            f"rewards.functions: loading {path!r} failed{_where_in(p, e)}: "
+            f"{type(e).__name__}: {e} (fix: repair the file; `python {path}` shows the "
+            f"traceback)") from e
     return module
 
 
@@ -106,16 +164,23 @@ def get_reward(spec: str) -> RewardFn:
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
-            raise RewardError(f"rewards.functions: cannot import {module_name!r} ({e})") from e
+            raise RewardError(_import_message(spec, module_name, str(e))) from e
+        except Exception as e:  # the module's own code failed: the user's to repair
+            raise RewardError(
+                f"rewards.functions: {spec!r}: importing {module_name!r} failed: "
+                f"{type(e).__name__}: {e} (fix: repair the module; `python -c 'import "
+                f"{module_name}'` shows the traceback)") from e
         where = module_name
     else:
-        raise RewardError(
-            f"rewards.functions: unknown reward {spec!r} (fix: one of {registered_rewards()}, "
-            f"'module:function' or 'path/to/file.py:function')"
-        )
+        raise _unknown(spec)
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise RewardError(f"rewards.functions: {where!r} has no function {attr!r}")
+        what = (f"{where!r} has no function {attr!r}" if fn is None else
+                f"{attr!r} in {where!r} is a {type(fn).__name__}, not a function")
+        functions = sorted(k for k, v in vars(module).items()
+                           if inspect.isfunction(v) and not k.startswith("_"))[:8]
+        raise RewardError(f"rewards.functions: {spec!r}: {what} (fix: name one of its "
+                          f"functions: {functions})")
     return fn
 
 
@@ -148,7 +213,11 @@ def bind_reward(spec: str, kwargs: Mapping[str, Any] | None = None, *,
     """
     fn = get_reward(spec)
     if warmup and callable(getattr(fn, "warmup", None)):
-        fn.warmup()
+        try:
+            fn.warmup()
+        except Exception as e:  # the user's set-up code: report it as theirs
+            raise RewardError(f"rewards.functions: {spec!r}: its warmup() failed: "
+                              f"{type(e).__name__}: {e} (fix: repair the reward's warmup)") from e
     return BoundReward(fn, dict(kwargs or {}), accepts_ids(fn))
 
 

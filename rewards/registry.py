@@ -33,6 +33,8 @@ never import it back:
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -228,7 +230,7 @@ class RewardSet:
             f"rewards.max_failure_fraction={self.max_failure_fraction}.\n"
             f"Example: reward {self.specs[call.fn_index].label!r} ({out.kind}) on prompt "
             f"{_clip(call.prompt)!r}, completion {_clip(call.completion)!r}:\n"
-            f"{out.detail.rstrip()}\n"
+            f"{_user_frames(out.detail).rstrip()}\n"
             f"(fix: repair the reward, raise rewards.timeout_s, or raise "
             f"rewards.max_failure_fraction to tolerate failures at "
             f"rewards.fallback_score={self.fallback_score})"
@@ -242,6 +244,26 @@ class RewardSet:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _user_frames(detail: str) -> str:
+    """A reward's traceback without the frames of this package (the call wrapper), so what
+    is shown is the user's own code."""
+    lines, out, skipping = detail.splitlines(), [], False
+    for line in lines:
+        m = re.match(r'  File "(.+?)", line \d+', line)
+        if m:
+            skipping = os.path.abspath(m.group(1)).startswith(_PACKAGE_DIR + os.sep)
+        elif not line.startswith("    "):
+            skipping = False
+        if not skipping:
+            out.append(line)
+    if not any(x.startswith('  File "') for x in out):  # nothing of the user's: no header
+        out = [x for x in out if x != "Traceback (most recent call last):"]
+    return "\n".join(out)
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -15,18 +15,64 @@ config's init seed or model path), which the saved config records.
 from __future__ import annotations
 
 import logging
-import shutil
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint where one was required."""
+
+
+def short_reason(e: BaseException, limit: int = 240) -> str:
+    """Why a read failed, in one line: the exception's type and message without the JSON
+    TensorStore spec its messages carry (dozens of lines), and of a TensorStore error chain
+    ("OUT_OF_RANGE: Error opening ...: ...: <cause>") only the code and the last two links."""
+    text = re.sub(r"\s*\[tensorstore_spec(\[\d+\])?='.*?'\]", "", str(e), flags=re.S).strip()
+    line = text.splitlines()[0] if text else ""
+    parts = line.split(": ")
+    if re.fullmatch(r"[A-Z][A-Z_]+", parts[0]) and len(parts) > 3:
+        line = f"{parts[0]}: ...: {': '.join(parts[-2:])}"
+    if len(line) > limit:
+        line = line[: limit - 3] + "..."
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+_muted = False
+
+
+def mute_closed_loop_noise() -> None:
+    """When a read fails, TensorStore reads still in flight complete into orbax's closed
+    asyncio loop, and each prints a "RuntimeError: Event loop is closed" traceback as an
+    unraisable exception; asyncio logs the failed reads no one awaited, each with its JSON
+    TensorStore spec. That is dozens of tracebacks beside the one-line warning that already
+    says what failed. Installs, once per process, an unraisable hook and an asyncio log filter
+    that drop exactly those and pass everything else on."""
+    global _muted
+    if _muted:
+        return
+    _muted = True
+    previous = sys.unraisablehook
+
+    def hook(u: Any) -> None:
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            return
+        previous(u)
+
+    def unawaited_read(record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Future exception was never retrieved")
+                    and "tensorstore_spec" in text)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(unawaited_read)
 
 
 def abstract_like(tree: Any) -> Any:
@@ -39,7 +85,9 @@ class Checkpointer:
     """Saves and restores (train state, metadata) pairs under `directory/<step>/`."""
 
     def __init__(self, directory: str | Path, *, keep_last: int = 3, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        # Absolute, as orbax's metadata needs; a URL (gs://...) stays a URL.
+        self.directory: Any = (epath.Path(str(directory)) if "://" in str(directory)
+                               else Path(directory).expanduser().absolute())
         self.directory.mkdir(parents=True, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep_last,
@@ -74,24 +122,39 @@ class Checkpointer:
         """The newest checkpoint that restores cleanly, or None if there is none.
 
         A complete-looking checkpoint that fails to restore is moved aside (to
-        `<dir>/corrupt-<step>`) so retention and later resumes do not trip on it again.
+        `<dir>/corrupt-<step>`) so retention and later resumes do not trip on it again; the
+        warning says which, why in one line, and which checkpoint is used instead.
         """
+        mute_closed_loop_noise()  # before the first read: the noise can come during it
+        skipped: list[tuple[int, str, Any]] = []
+        found = None
         for step in reversed(self.steps()):
             try:
                 state, meta = self.restore(step, abstract_state)
             except Exception as e:  # any failure to read means this one is unusable
-                log.warning("checkpoint %s/%d is unreadable (%s: %s); trying the previous one",
-                            self.directory, step, type(e).__name__, e)
-                self._set_aside(step)
+                skipped.append((step, short_reason(e), self._set_aside(step)))
                 continue
-            return step, state, meta
-        return None
+            found = step, state, meta
+            break
+        for step, why, moved_to in skipped:
+            instead = (f"using the checkpoint of step {found[0]} ({self.directory / str(found[0])})"
+                       f" instead" if found else "no earlier checkpoint restores")
+            log.warning("checkpoint %s is unreadable (%s); moved to %s; %s",
+                        self.directory / str(step), why, moved_to, instead)
+        return found
 
-    def _set_aside(self, step: int) -> None:
-        src = self.directory / str(step)
+    def _set_aside(self, step: int) -> Any:
+        """Moves `<dir>/<step>` to `<dir>/corrupt-<step>` (or `-2`, `-3`, ... when an earlier
+        resume already set that step aside); returns where it went."""
+        src, dst = self.directory / str(step), self.directory / f"corrupt-{step}"
+        n = 1
+        while dst.exists():
+            n += 1
+            dst = self.directory / f"corrupt-{step}-{n}"
         if src.exists():
-            shutil.move(str(src), str(self.directory / f"corrupt-{step}"))
+            src.rename(dst)
         self._manager.reload()
+        return dst
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

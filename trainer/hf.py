@@ -179,7 +179,8 @@ def spec_from_hf_config(cfg: dict[str, Any], dtype: Any = "float32",
             f"Tandem loads text-only checkpoints (fix: use a text-only Gemma 3 such as "
             f"gemma-3-1b, or save its language model with Gemma3ForCausalLM first)")
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise HFCheckpointError(f"{where}: model_type={mt!r} is not supported (supported: "
+        raise HFCheckpointError(f"{where}: model_type={mt!r} is not supported (fix: use a "
+                                f"model of a supported family: "
                                 f"{', '.join(SUPPORTED_MODEL_TYPES)})")
     gemma = mt.startswith("gemma")
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or (
@@ -235,7 +236,21 @@ def spec_from_hf_config(cfg: dict[str, Any], dtype: Any = "float32",
 
 def load_hf_spec(path: str | Path, dtype: Any = "float32") -> ModelSpec:
     """config.json of a local HF directory -> ModelSpec with params in `dtype`."""
-    return spec_from_hf_config(read_hf_config(path), dtype, str(Path(path) / "config.json"))
+    cfg, where = read_hf_config(path), str(Path(path) / "config.json")
+    if not isinstance(cfg, dict):
+        raise HFCheckpointError(f"{where} holds a {type(cfg).__name__}, not a JSON object (fix: "
+                                f"download the model again)")
+    try:
+        return spec_from_hf_config(cfg, dtype, where)
+    except HFCheckpointError:
+        raise
+    except KeyError as e:
+        raise HFCheckpointError(f"{where} has no {e.args[0]!r}, which a {cfg.get('model_type')} "
+                                f"config needs (fix: download the model's config.json again)"
+                                ) from None
+    except (TypeError, ValueError) as e:
+        raise HFCheckpointError(f"{where} has a value of the wrong type ({e}) (fix: download "
+                                f"the model's config.json again)") from None
 
 
 def hf_config_from_spec(spec: ModelSpec, base: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from controller.cli.export import add_export_parser
@@ -42,7 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help()
         return 0
-    return ns.func(ns)
+    try:
+        return ns.func(ns)
+    except KeyboardInterrupt:  # a second Ctrl-C: the first one already asked for a clean stop
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `tandem run --print-config | head`: the reader is gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -30,11 +30,18 @@ class ExportError(RuntimeError):
 class _Unreadable(ExportError):
     """One step's files are incomplete or corrupt: an earlier step may still export."""
 
+    def __init__(self, what: str, fix: str):
+        super().__init__(f"{what} (fix: {fix})")
+        self.what = what  # one line without the fix: the warning when an earlier step is used
+
 
 @contextlib.contextmanager
 def _quiet_orbax() -> Iterator[None]:
     """Reading `<step>/state` on its own makes orbax warn that the step-level metadata file is
     not in it (it is one level up); that is expected here, so absl warnings are muted."""
+    from trainer.checkpoint import mute_closed_loop_noise
+
+    mute_closed_loop_noise()  # a failed read's leftovers, printed as tracebacks otherwise
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.ERROR)
@@ -50,11 +57,20 @@ def _is_step_dir(p: Path) -> bool:
 
 
 def find_step_dirs(checkpoint: str | Path, step: int | None = None) -> list[Path]:
-    """Candidate step directories, newest first, for a run dir, checkpoint dir or step dir."""
-    path = Path(checkpoint)
+    """Candidate step directories, newest first, for a run dir, checkpoint dir or step dir.
+
+    The paths are absolute (orbax's metadata reader needs them so); a relative `checkpoint`
+    is taken from the current directory.
+    """
+    path = Path(checkpoint).expanduser().absolute()
     if not path.exists():
-        raise ExportError(f"checkpoint {str(path)!r} does not exist (fix: pass a run's "
-                          f"run.output_dir, its checkpoints/ directory, or one step directory)")
+        raise ExportError(f"checkpoint {str(checkpoint)!r} does not exist (fix: pass a run's "
+                          f"run.output_dir, its checkpoints/ directory, or one step directory; "
+                          f"a relative path is read from the current directory, {Path.cwd()})")
+    if not path.is_dir():
+        raise ExportError(f"checkpoint {str(checkpoint)!r} is a file, not a checkpoint "
+                          f"directory (fix: pass a run's run.output_dir, its checkpoints/ "
+                          f"directory, or one step directory)")
     if _is_step_dir(path):
         if step is not None and int(path.name) != step:
             raise ExportError(f"{path} is the checkpoint of step {path.name}, not --step {step} "
@@ -83,8 +99,8 @@ def _read_meta(step_dir: Path) -> dict[str, Any]:
         meta = json.loads(file.read_text())
     except (OSError, ValueError) as e:
         raise _Unreadable(f"{file} is unreadable ({type(e).__name__}: {e}); this step's "
-                          f"checkpoint is incomplete or corrupt (fix: pass --step with an "
-                          f"earlier step)") from e
+                          f"checkpoint is incomplete or corrupt",
+                          "pass --step with an earlier step") from e
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise ExportError(f"{file} records no run config; {step_dir} was not written by a Tandem "
                           f"job (fix: pass a checkpoint a `tandem run` saved)")
@@ -109,18 +125,20 @@ def _check_shapes(step_dir: Path, mdef: Any) -> None:
     import jax
     import orbax.checkpoint as ocp
 
+    from trainer.checkpoint import short_reason
+
     try:
         with _quiet_orbax():
             stored = ocp.PyTreeCheckpointer().metadata(step_dir / "state")
     except Exception as e:  # unreadable metadata: a corrupt checkpoint
-        stored, why = None, f"{type(e).__name__}: {e}"
+        stored, why = None, short_reason(e)
     else:
         why = "no params in its metadata"
     tree = getattr(stored, "item_metadata", stored)
     tree = getattr(tree, "tree", tree)
     if not isinstance(tree, dict) or "params" not in tree:
-        raise _Unreadable(f"{step_dir / 'state'} is incomplete or corrupt ({why}) (fix: pass "
-                          f"--step with an earlier checkpoint)")
+        raise _Unreadable(f"{step_dir / 'state'} is incomplete or corrupt ({why})",
+                          "pass --step with an earlier checkpoint")
     def leaves(t: Any) -> dict[str, tuple[tuple[int, ...], str]]:  # orbax keys are strings
         return {"/".join(str(getattr(k, "key", k)) for k in path): (tuple(v.shape), str(v.dtype))
                 for path, v in jax.tree_util.tree_leaves_with_path(t)}
@@ -164,19 +182,33 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, step: int 
     Without `step`, the newest checkpoint that restores is used (a corrupt one is skipped with
     a warning, as a resume does).
     """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(f"{out} exists and is not empty; nothing is overwritten (fix: choose a "
-                          f"new output directory, or pass --overwrite)")
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"out_dir {out_dir} is a file; nothing is overwritten (fix: "
+                          f"choose a new output directory)")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"out_dir {out_dir} exists and is not empty; nothing is "
+                          f"overwritten (fix: choose a new output directory, or pass "
+                          f"--overwrite)")
+    if model_path is not None:
+        model_path = str(Path(model_path).expanduser())
     candidates = find_step_dirs(checkpoint, step)
-    for i, step_dir in enumerate(candidates):
+    skipped: list[str] = []
+    for step_dir in candidates:
         try:
-            return _export_step(step_dir, out, model_path, overwrite)
+            result = _export_step(step_dir, out, model_path, overwrite)
         except _Unreadable as e:
-            if step is not None or i + 1 == len(candidates):
+            if step is not None:
                 raise
-            log.warning("%s; trying the previous checkpoint", e)
-    raise AssertionError("unreachable: find_step_dirs returns at least one")
+            skipped.append(e.what)
+            continue
+        for what in skipped:
+            log.warning("%s; exporting the checkpoint of step %d (%s) instead", what, result[1],
+                        step_dir)
+        return result
+    raise ExportError(f"no checkpoint in {candidates[0].parent} restores: {'; '.join(skipped)} "
+                      f"(fix: export from a copy of the run made before it was damaged, or "
+                      f"re-run it)")
 
 
 def _export_step(step_dir: Path, out: Path, model_path: str | None, overwrite: bool
@@ -210,22 +242,26 @@ def _export_step(step_dir: Path, out: Path, model_path: str | None, overwrite: b
     try:
         params = restore_params(step_dir, mdef)
     except Exception as e:  # any failure to read means this one is unusable
-        raise _Unreadable(f"{step_dir / 'state'} does not restore ({type(e).__name__}: {e}) "
-                          f"(fix: pass --step with an earlier checkpoint)") from e
+        from trainer.checkpoint import short_reason
+
+        raise _Unreadable(f"{step_dir / 'state'} is incomplete or corrupt: it does not restore "
+                          f"({short_reason(e)})", "pass --step with an earlier checkpoint") from e
     path = save_hf_model(out, mdef.spec, params, source_dir=cfg.model.path, overwrite=overwrite)
     return path, int(step_dir.name)
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
-    from controller.cli.args import fail
-    from controller.config import ConfigError
-    from trainer.hf import HFCheckpointError
+    from controller.cli.args import fail, input_errors
 
     try:
         path, step = export_checkpoint(ns.checkpoint, ns.out_dir, step=ns.step,
                                        model_path=ns.model_path, overwrite=ns.overwrite)
-    except (ExportError, ConfigError, HFCheckpointError) as e:
+    except ExportError as e:  # before JAX when the path is wrong
         return fail(e)
+    except Exception as e:  # the recorded config, model directory or tokenizer files
+        if isinstance(e, input_errors()):
+            return fail(e)
+        raise
     print(f"exported the checkpoint of step {step} to {path} (load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(path)!r}) or vLLM)")
     return 0

@@ -212,7 +212,7 @@ def format_plan(p: PlannedJob, *, max_rows: int = 40) -> str:
 
 
 def cmd_plan(ns: argparse.Namespace) -> int:
-    from controller.cli.args import fail, split_args
+    from controller.cli.args import fail, input_errors, split_args
 
     config_path, overrides = split_args(ns.args)
     try:
@@ -228,7 +228,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 
     try:
         planned = build_plan(cfg, ns.topology, ns.num_slices)
-    except (PlanError, ConfigError) as e:
+    except (PlanError, *input_errors()) as e:  # a config error, or model.path's tokenizer
         return fail(e)
     print(format_plan(planned, max_rows=ns.max_rows))
     return 0

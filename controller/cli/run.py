@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
+import traceback
 from pathlib import Path
+from typing import Any
 
-from controller.cli.args import fail, split_args
+from controller.cli.args import describe, fail, input_errors, split_args
+from controller.cli.inputs import check_run_inputs
 from controller.config import ConfigError, JobConfig, load_config
 
 RUN_EPILOG = """\
@@ -26,6 +31,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     config_path, overrides = split_args(ns.args)
     try:
         cfg = load_config(config_path, overrides)  # validated before any JAX work
+        if not ns.print_config:
+            check_run_inputs(cfg)  # the files and names it points at, also before JAX
     except ConfigError as e:
         return fail(e)
     try:
@@ -49,8 +56,11 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
     console.print(f"[bold]tandem[/bold] run '{cfg.run.name}' (config {cfg.digest()})")
     try:
         job = Job(cfg)
-    except ConfigError as e:  # e.g. the split does not fit the devices, or status.host unsafe
-        return fail(e)
+    except Exception as e:  # a bad input found while building: rows, reward code, model files
+        if isinstance(e, input_errors()) or (isinstance(e, ImportError)
+                                             and "pip install" in str(e)):  # a missing extra
+            return fail(e)
+        raise  # anything else is a bug in Tandem: its traceback is the report
     console.print(f"devices: {job.meshes.describe()}")
     if job.compile_cache_dir:
         console.print(f"compile cache: {job.compile_cache_dir} (run.compile_cache_dir)",
@@ -78,21 +88,24 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
         TimeElapsedColumn(), console=console, disable=not cfg.run.progress,
     )
     every = max(1, cfg.run.steps // 10)
-    with job, progress:
-        bar = progress.add_task("run", total=cfg.run.steps, completed=job.steps_done,
-                                reward=0.0, dt=0.0)
+    try:
+        with job, progress:  # on an error, the job closes (and finishes its saves) first
+            bar = progress.add_task("run", total=cfg.run.steps, completed=job.steps_done,
+                                    reward=0.0, dt=0.0)
 
-        def on_step(m: dict[str, float]) -> None:
-            progress.update(bar, advance=1, reward=m["reward/mean"], dt=m["time/step_s"])
-            s = int(m["step"])
-            if s == 1 or s % every == 0:
-                progress.console.print(
-                    f"step {s:>4}  reward {m['reward/mean']:.3f}  loss {m['loss/total']:+.4f}  "
-                    f"kl {m.get('kl/mean', 0.0):.4f}  len {m['completion/len_mean']:.1f}  "
-                    f"{m['time/step_s']:.2f}s")
+            def on_step(m: dict[str, float]) -> None:
+                progress.update(bar, advance=1, reward=m["reward/mean"], dt=m["time/step_s"])
+                s = int(m["step"])
+                if s == 1 or s % every == 0:
+                    progress.console.print(
+                        f"step {s:>4}  reward {m['reward/mean']:.3f}  loss "
+                        f"{m['loss/total']:+.4f}  kl {m.get('kl/mean', 0.0):.4f}  len "
+                        f"{m['completion/len_mean']:.1f}  {m['time/step_s']:.2f}s")
 
-        job.run(on_step=on_step)
-        s = job.summary()
+            job.run(on_step=on_step)
+            s = job.summary()
+    except Exception as e:
+        return _report_stop(job, cfg, e)
     if job.stop_requested:
         console.print(f"stopped at step {job.steps_done} on request; checkpoint saved in "
                       f"{cfg.checkpoint_dir or '(checkpointing off)'}")
@@ -116,8 +129,52 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
         console.print(f"metrics: {out / 'metrics.jsonl'} | trace: {out / 'trace.json'} "
                       f"(open in ui.perfetto.dev)")
     if cfg.run.export_hf_dir:
-        console.print(f"saved Hugging Face model: {job.save_hf_model(cfg.run.export_hf_dir)}")
+        try:
+            path = job.save_hf_model(cfg.run.export_hf_dir)
+        except Exception as e:
+            if not isinstance(e, (*input_errors(), OSError)):
+                raise
+            kept = (f"the trained policy is in the checkpoints in {cfg.checkpoint_dir} (fix: "
+                    f"tandem export {cfg.checkpoint_dir} NEW_DIR)" if cfg.checkpoint_dir else
+                    "set run.output_dir to keep checkpoints a policy can be exported from")
+            return fail(f"run.export_hf_dir={cfg.run.export_hf_dir!r}: saving the model failed: "
+                        f"{describe(e)}; {kept}", code=1)
+        console.print(f"saved Hugging Face model: {path}")
     return 0
+
+
+def _report_stop(job: Any, cfg: JobConfig, e: Exception) -> int:
+    """A run that had to stop: one `error:` line naming the step and the cause, then what
+    was kept. Exit status 1. A reward's own traceback (user code) is part of its cause; a
+    traceback inside Tandem goes to <run.output_dir>/error.log, not the terminal."""
+    from rewards.base import RewardFailureError
+
+    f = job.failure
+    where = (f"step {f.step} failed" if f is not None
+             else f"the run failed after step {job.steps_done}")
+    cause = str(e).strip() if isinstance(e, RewardFailureError) else describe(e)
+    print(f"error: {where}: {cause}", file=sys.stderr)
+    out = Path(cfg.run.output_dir) if cfg.run.output_dir else None
+    if not isinstance(e, RewardFailureError):
+        if out is not None and out.is_dir():
+            log = out / "error.log"
+            with open(log, "a") as file:  # appended: an earlier failure's record stays
+                file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {where}\n"
+                           + "".join(traceback.format_exception(e)))
+            print(f"  the full traceback: {log}", file=sys.stderr)
+        else:
+            print("  (set run.output_dir to keep the full traceback in <dir>/error.log)",
+                  file=sys.stderr)
+    done = job.steps_done
+    if out is not None and done:
+        steps = "step 1" if done == 1 else f"steps 1-{done}"
+        print(f"  kept: the metrics of {steps} in {out / 'metrics.jsonl'}", file=sys.stderr)
+    if f is not None and f.saved_step is not None:
+        print(f"  kept: the checkpoint of step {f.saved_step} in {f.directory} (fix the cause, "
+              f"then continue with run.resume=true)", file=sys.stderr)
+    if f is not None and f.not_saved:
+        print(f"  not saved: {f.not_saved}", file=sys.stderr)
+    return 1
 
 
 def add_run_parser(sub: argparse._SubParsersAction) -> None:

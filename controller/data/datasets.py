@@ -58,13 +58,34 @@ class LoadedRows:
         return len(self.rows) + len(self.bad)
 
     def report(self, limit: int = 5) -> str:
-        """`3 of 100 rows of f.jsonl are bad and skipped: line 4: ...; ...`."""
+        """`3 of 100 rows of f.jsonl are bad and skipped: line 4: ...; lines 7, 9: ...`
+        (rows with the same reason are listed together)."""
         if not self.bad:
             return f"{self.total} rows of {self.source}, none bad"
-        shown = "; ".join(f"line {b.line}: {b.reason}" for b in self.bad[:limit])
-        more = f"; ... {len(self.bad) - limit} more" if len(self.bad) > limit else ""
+        by_reason: dict[str, list[int]] = {}
+        for b in self.bad:
+            by_reason.setdefault(b.reason, []).append(b.line)
+        shown = []
+        for reason, lines in list(by_reason.items())[:limit]:
+            more = f" and {len(lines) - 3} more" if len(lines) > 3 else ""
+            which = ", ".join(map(str, lines[:3]))
+            shown.append(f"line{'s' if len(lines) > 1 else ''} {which}{more}: {reason}")
+        rest = len(by_reason) - limit
+        tail = f"; ... {rest} more kinds of bad row" if rest > 0 else ""
         return (f"{len(self.bad)} of {self.total} rows of {self.source} are bad and skipped: "
-                f"{shown}{more}")
+                f"{'; '.join(shown)}{tail}")
+
+    def fix(self) -> str:
+        """What to change when no row is usable, from the reasons the rows were bad."""
+        reasons = [b.reason for b in self.bad]
+        if not reasons:
+            return "the file has no rows: write one JSON object per line"
+        if all(r.startswith("not valid JSON") for r in reasons):
+            return "write one JSON object per line, e.g. {\"prompt\": \"...\", \"target\": \"...\"}"
+        if all("data.max_prompt_tokens" in r for r in reasons):
+            return "raise data.max_prompt_tokens, or shorten the prompts"
+        return ("map the file's columns, e.g. data.columns={prompt: question, target: answer}, "
+                "or set data.prompt_template over its fields")
 
 
 def gsm8k_path(split: str) -> Path:
@@ -78,8 +99,14 @@ def read_records(path: Path, fmt: str) -> Iterator[tuple[int, Any]]:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise DataError("data.task=parquet needs pyarrow (fix: pip install pyarrow)") from e
-        for i, rec in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield i, rec
+        try:
+            records = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow's own errors: not Parquet, truncated, ...
+            raise DataError(f"data.path={str(path)!r} is not a readable Parquet file "
+                            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}) (fix: "
+                            f"point it at a .parquet file, or use data.task=jsonl for JSON "
+                            f"lines)") from None
+        yield from enumerate(records, start=1)
         return
     with open(path, encoding="utf-8", errors="replace") as f:
         for i, line in enumerate(f, start=1):
@@ -105,9 +132,10 @@ def load_rows(path: str | Path, fmt: str = "jsonl", *, columns: Mapping[str, str
       gsm8k: the target is the number after `####` in the `answer` column.
       tokenizer, max_prompt_tokens: prompts longer than this many tokens are bad rows.
     """
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.is_file():
-        raise DataError(f"data.path={str(path)!r} does not exist (fix: check the path)")
+        raise DataError(f"data.path={str(path)!r} does not exist (fix: check the path; a relative "
+                        f"path is read from the current directory, {Path.cwd()})")
     columns = dict(columns or {})
     prompt_col = columns.get("prompt", "prompt")
     target_col = columns.get("target", "answer" if gsm8k else "target")
@@ -202,8 +230,10 @@ class TextDataset:
         self.rows = loaded.rows
         self.bad_rows = loaded.bad
         if not self.rows:
-            raise DataError(f"data: no usable rows. {loaded.report()} (fix: check data.columns "
-                            f"and data.prompt_template against the file's fields)")
+            where = (f"data.path={cfg.path!r}" if cfg.path else
+                     f"data.split={cfg.split} (the bundled GSM8K rows)")
+            raise DataError(f"{where} has no usable rows: {loaded.report()} (fix: "
+                            f"{loaded.fix()})")
         if self.bad_rows:
             warnings.warn(f"data: {loaded.report()}", stacklevel=2)
 
