@@ -132,6 +132,7 @@ class Loop:
         # the sampler and the trainer may run each prompt once per group: decided here, once,
         # and handed to both with the batch.
         self.prompt_group = cfg.sampling.group_size if cfg.sampling.share_prompt else 1
+        self.stop_ids = sorted({*tokenizer.stop_ids, *cfg.sampling.stop_tokens})
 
     def start(self, resumed_version: int = 0) -> Any:
         """Sets the version counters after a (re)start and pushes weights to the sampler."""
@@ -177,7 +178,9 @@ class Loop:
             scores, reward_metrics = self.rewards.score(
                 [r["prompt"] for r in rows], texts, rows, ids)
             scores_B = np.asarray(scores, np.float32)
-            truncated_B = ~np.isin(tokens, list(self.tokenizer.stop_ids)).any(axis=1)
+            # Truncated: no stop id within max_new_tokens, where the stop ids are the ones the
+            # sampler stops on (the tokenizer's and sampling.stop_tokens).
+            truncated_B = ~np.isin(tokens, self.stop_ids).any(axis=1)
             rewards_B = scores_B
             if algo.overlong_buffer_len is not None:
                 # DAPO soft overlong punishment: lengths in the last L_cache tokens pay linearly.

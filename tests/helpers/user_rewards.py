@@ -56,3 +56,16 @@ def sandbox_sleeps(prompt, completion, row):
 
     return float(run_python("import time\ntime.sleep(60)", timeout_s=60,
                             memory_mb=SANDBOX_MARKER_MB).ok)
+
+
+def hang_with_heartbeat(prompt, completion, row):
+    """Hangs on "hang", writing time.monotonic() every 10 ms to a new file in
+    row["heartbeat_dir"] until it is cut: its first and last lines show how long it ran."""
+    if completion != "hang":
+        return 1.0
+    path = os.path.join(row["heartbeat_dir"], f"{os.getpid()}-{time.monotonic_ns()}")
+    with open(path, "w") as f:
+        while True:
+            f.write(f"{time.monotonic()}\n")
+            f.flush()
+            time.sleep(0.01)

@@ -13,6 +13,7 @@ import pytest
 
 from controller.api import Job
 from controller.config import load_config
+from controller.data.tasks import digits_tokenizer
 from rewards.registry import register_reward
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
@@ -56,22 +57,38 @@ def test_dr_grpo_no_std_no_reference():
     assert all(abs(m["advantages/mean"]) < 1e-6 for m in h)
 
 
-def test_dapo_dynamic_sampling_drops_uniform_groups():
+@pytest.fixture(scope="module")
+def dapo_one_token_completions() -> tuple[Job, list[dict[str, float]]]:
+    """DAPO with every token id a stop token: each completion is its first token, which stops
+    it, so none is truncated (and the odd prompts' one-character completions still differ)."""
+    vocab = digits_tokenizer().vocab_size
+    return run("dapo", "rewards.functions=[test_half_uniform]",
+               f"sampling.stop_tokens={list(range(vocab))}")
+
+
+def test_dapo_dynamic_sampling_drops_uniform_groups(dapo_one_token_completions):
     # Every even-index prompt's group is uniform; each round of 2 prompts has one, so a batch
     # of 2 informative groups needs at least 2 rounds.
-    job, h = run("dapo", "rewards.functions=[test_half_uniform]", "data.max_digits=3")
+    job, h = dapo_one_token_completions
     for m in h:
         assert m["dynamic_sampling/rounds"] >= 2
         assert m["dynamic_sampling/groups_filtered"] >= m["dynamic_sampling/rounds"]
         if m["dynamic_sampling/shortfall_groups"] == 0:
             assert m["advantages/zero_frac"] == 0.0  # no uniform group reached the update
-        assert 0.0 <= m["overlong/filtered_frac"] <= 1.0
-        assert m["reward/overlong_penalty_mean"] <= 0.0
+        assert m["completion/len_mean"] == 1.0
+        # |y| = 1 <= L_max - L_cache = 8 - 2: no soft overlong punishment.
+        assert m["reward/overlong_penalty_mean"] == 0.0
     # The data position moved by every round's prompts, not only the kept ones.
     assert job.dataset.position == sum(2 * m["dynamic_sampling/rounds"] for m in h)
 
 
-@pytest.mark.slow
+def test_dapo_overlong_filtering_drops_only_truncated_rows(dapo_one_token_completions):
+    _, h = dapo_one_token_completions
+    for m in h:
+        assert m["completion/stopped_frac"] == 1.0  # every completion ended on a stop token
+        assert m["overlong/filtered_frac"] == 0.0  # so no trained row is truncated
+
+
 def test_dapo_retries_run_out_and_the_batch_is_topped_up():
     # Greedy decoding makes every group's G completions identical: all groups are uniform.
     _, h = run("dapo", "sampling.temperature=0", "algorithm.dynamic_sampling_max_retries=1")

@@ -60,8 +60,10 @@ def test_a_reward_that_sleeps_forever_is_cut_at_its_timeout(pool_set):
     t0 = time.monotonic()
     totals, m = _score(pool_set, ["ok", "hang", "ok", "hang"])
     elapsed = time.monotonic() - t0
-    # Two hung calls, at most one per worker at a time: about one timeout, never unbounded.
-    assert elapsed < 4 * TIMEOUT_S + 10, elapsed
+    # The 28 calls go out 4 per chunk, and both hung calls (sleep_forever on completions 1 and
+    # 3) are in the first: they run one after the other, two timeouts, while the other worker
+    # scores the rest. No replacement worker is waited for. (test_timeouts.py: every backend.)
+    assert 2 * TIMEOUT_S <= elapsed < 2 * TIMEOUT_S + 2, elapsed
     assert m["rewards/failures_timeout"] == 2.0 and m["rewards/failures"] == 2.0
     # "ok": 1+1+0.5+1 + 1 + 2 + (0.5·4 + 1) = 9.5; "hang": sleep_forever scores the
     # fallback -1 (not 1): -1+1+0.5+1 + 0 + 4 + (0.5·8 + 1) = 10.5.

@@ -4,25 +4,17 @@ import json
 
 import pytest
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 
-from helpers import USER_REWARDS as USER  # noqa: E402
+from helpers import USER_REWARDS as USER
 
-from controller.data.datasets import gsm8k_path  # noqa: E402
-from rewards.pool import ProcessPool  # noqa: E402
-from rewards.ray_backend import RayBackend  # noqa: E402
-from rewards.registry import RewardSet, build_specs  # noqa: E402
+from controller.data.datasets import gsm8k_path
+from rewards.pool import ProcessPool
+from rewards.ray_backend import RayBackend
+from rewards.registry import RewardSet, build_specs
 
 FUNCTIONS = ["gsm8k", "format", f"{USER}:parts", f"{USER}:sleep_forever", f"{USER}:dies"]
 TIMEOUT_S = 2.0
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """Ray is slow to start: once per module, small, no dashboard."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _batch():
