@@ -1,12 +1,16 @@
 """The trainer side of a step (`Loop.consume`, `Loop._train_batch`) with a stub trainer: the KL
-penalty in the reward and DAPO's overlong filtering, on hand-worked batches."""
+penalty in the reward and DAPO's overlong filtering, on hand-worked batches; and the helpers
+`produce` builds its batch and metrics with (`concat_samples`, `merge_reward_metrics`)."""
+
+import dataclasses
+import math
 
 import numpy as np
 import pytest
 
 from controller.advantages import compute_advantages
 from controller.config import load_config
-from controller.loop import Rollout, Samples, SyncLoop
+from controller.loop import Rollout, Samples, SyncLoop, concat_samples, merge_reward_metrics
 from reshard.transfer import TransferStats
 
 G = 3  # completions per prompt
@@ -184,3 +188,117 @@ def test_overlong_filtered_rows_keep_their_reward_in_the_group(tokenizer):
     want[[0, 4]] = False
     np.testing.assert_array_equal(batch.loss_mask_BxT, want)
     np.testing.assert_array_equal(batch.completion_mask_BxT, samples.mask_BxT)
+
+
+# -- the trainer batch, the step's metrics, and the helpers produce() uses -------------------
+
+
+def test_train_batch_pads_prompts_to_the_bucket_and_fixes_its_dtypes(tokenizer):
+    # 6 rows of width-2 prompts (token 5); completions as a host pipeline might hand them over:
+    # int64 tokens and prompt masks, float64 logprobs.
+    s = _samples(REWARDS, [False] * 6)
+    s = dataclasses.replace(s, prompt_tokens_BxP=s.prompt_tokens_BxP.astype(np.int64),
+                            prompt_mask_BxP=s.prompt_mask_BxP.astype(np.int64),
+                            tokens_BxT=s.tokens_BxT.astype(np.int64),
+                            logps_BxT=s.logps_BxT.astype(np.float64))
+    # prompt_bucket = 4: width 2 -> 4, two masked pad columns on the left.
+    train = _loop(tokenizer, StubTrainer(), "sampling.prompt_bucket=4")._train_batch(s)
+    pad = tokenizer.pad_id
+    np.testing.assert_array_equal(train.prompt_tokens_BxP, [[pad, pad, 5, 5]] * 6)
+    np.testing.assert_array_equal(train.prompt_mask_BxP, [[False, False, True, True]] * 6)
+    # prompt_bucket = 2: no padding, and still the trainer's dtypes.
+    train = _loop(tokenizer, StubTrainer(), "sampling.prompt_bucket=2")._train_batch(s)
+    np.testing.assert_array_equal(train.prompt_tokens_BxP, s.prompt_tokens_BxP)
+    np.testing.assert_array_equal(train.prompt_mask_BxP, s.prompt_mask_BxP)
+    np.testing.assert_array_equal(train.completion_tokens_BxT, s.tokens_BxT)
+    np.testing.assert_array_equal(train.completion_mask_BxT, s.mask_BxT)
+    np.testing.assert_array_equal(train.advantages_B, np.zeros(6))
+    np.testing.assert_allclose(train.sampler_logps_BxT, s.logps_BxT, rtol=1e-6)
+    assert [x.dtype for x in (train.prompt_tokens_BxP, train.prompt_mask_BxP,
+                              train.completion_tokens_BxT, train.completion_mask_BxT,
+                              train.advantages_B, train.sampler_logps_BxT)] == [
+        np.int32, bool, np.int32, bool, np.float32, np.float32]
+    # Rows come G at a time from one prompt (sampling.share_prompt, on by default).
+    assert train.group == G
+
+
+def test_consume_reports_the_step_and_advances_the_versions(tokenizer):
+    # dr_grpo on r = (0, 1, 2 | 1, 1, 1): A = (-1, 0, 1 | 0, 0, 0): mean 0,
+    # std sqrt(2/6) = 0.577350, zero_frac 4/6. β = 0: no KL is read even with kl_penalty=reward.
+    # The trainer is at version 3 and the batch came from version 2: staleness 1, off-policy;
+    # after the update the trainer is at version 4 and has consumed the batch's 42 rows.
+    trainer = StubTrainer(KL)
+    loop = _loop(tokenizer, trainer, "algorithm.beta=0", "algorithm.kl_penalty=reward",
+                 "algorithm.advantage_estimator=dr_grpo")
+    loop.policy_version = 3
+    rollout = Rollout(step=7, policy_version=2, data_position=42, metrics={"reward/mean": 0.5},
+                      batch=_samples([0.0, 1.0, 2.0, 1.0, 1.0, 1.0], [False] * 6))
+    metrics = loop.consume(rollout)
+    update, reshard = loop.timeline.spans
+    assert [(s.phase, s.mesh, s.step) for s in (update, reshard)] == [
+        ("update", "trainer", 7), ("reshard", "trainer", 7)]
+    # StubResharder moves 8 bytes in 1 ms: 8e-6 GB/s.
+    assert metrics == pytest.approx({
+        "step": 7.0, "reward/mean": 0.5, "advantages/mean": 0.0,
+        "advantages/std": math.sqrt(2 / 6), "advantages/zero_frac": 4 / 6, "loss/total": 0.0,
+        "time/update_s": update.end - update.start, "time/reshard_s": 1e-3,
+        "reshard/bytes": 8.0, "reshard/gbps": 8e-6, "policy/version": 4.0,
+        "policy/staleness": 1.0}, rel=1e-6, abs=1e-7)
+    assert trainer.kl_calls == []
+    (_, off_policy), = trainer.updates
+    assert off_policy is True
+    assert (loop.policy_version, loop.consumed_position) == (4, 42)
+
+
+def test_batch_normalization_reaches_the_advantages(tokenizer):
+    # grpo with advantage_normalization=batch on REWARDS (1, 0, 0 | 1, 1, 1): batch mean 2/3,
+    # squared deviations 1/9 + 4/9 + 4/9 + 3·1/9 = 12/9, / 5 -> std sqrt(4/15) = 0.516398;
+    # group-centred (2/3, -1/3, -1/3 | 0, 0, 0) / (0.516398 + 1e-4).
+    trainer = StubTrainer()
+    loop = _loop(tokenizer, trainer, "algorithm.beta=0", "algorithm.advantage_estimator=grpo",
+                 "algorithm.advantage_normalization=batch")
+    loop.consume(_rollout(_samples(REWARDS, [False] * 6)))
+    (batch, _), = trainer.updates
+    want = np.array([2 / 3, -1 / 3, -1 / 3, 0, 0, 0]) / (math.sqrt(4 / 15) + 1e-4)
+    np.testing.assert_allclose(batch.advantages_B, want, rtol=1e-5, atol=1e-7)
+
+
+def _part(prompts, prompt_mask, tokens, mask, first_row):
+    n = len(tokens)
+    f = np.float32
+    return Samples([{"row": first_row + i} for i in range(n)], np.array(prompts, np.int32),
+                   np.array(prompt_mask, bool), np.array(tokens, np.int32), np.array(mask, bool),
+                   -np.array(tokens, f), np.arange(n) % 2 == 1,
+                   (first_row + np.arange(n)).astype(f), (first_row + np.arange(n) + 10).astype(f))
+
+
+def test_concat_samples_left_pads_prompts_to_the_widest_part():
+    a = _part([[5], [6]], [[1], [1]], [[1, 2], [3, 4]], [[1, 1], [1, 0]], first_row=0)
+    b = _part([[7, 8, 9]], [[0, 1, 1]], [[5, 6]], [[1, 1]], first_row=2)
+    out = concat_samples([a, b], pad_id=99)
+    # a's prompts (width 1) get two masked pad columns on the left; b's (width 3) stay as they are.
+    np.testing.assert_array_equal(out.prompt_tokens_BxP, [[99, 99, 5], [99, 99, 6], [7, 8, 9]])
+    np.testing.assert_array_equal(out.prompt_mask_BxP, [[0, 0, 1], [0, 0, 1], [0, 1, 1]])
+    # Every other field: a's rows, then b's.
+    assert out.rows == [{"row": 0}, {"row": 1}, {"row": 2}]
+    np.testing.assert_array_equal(out.tokens_BxT, [[1, 2], [3, 4], [5, 6]])
+    np.testing.assert_array_equal(out.mask_BxT, [[1, 1], [1, 0], [1, 1]])
+    np.testing.assert_array_equal(out.logps_BxT, [[-1, -2], [-3, -4], [-5, -6]])
+    np.testing.assert_array_equal(out.truncated_B, [False, True, False])
+    np.testing.assert_array_equal(out.scores_B, [0, 1, 2])
+    np.testing.assert_array_equal(out.rewards_B, [10, 11, 12])
+
+
+def test_merge_reward_metrics_of_two_rounds():
+    # Failure counts add up, *_max keys take the max, the rest average over the rounds that
+    # report them (reward/format only in round 2: 0.2, not 0.1).
+    rounds = [
+        {"reward/acc": 1.0, "rewards/failures": 1.0, "rewards/failures_timeout": 1.0,
+         "rewards/failure_frac": 0.25, "rewards/call_s_max": 2.0},
+        {"reward/acc": 0.5, "rewards/failures": 2.0, "rewards/failure_frac": 0.5,
+         "rewards/call_s_max": 3.0, "reward/format": 0.2},
+    ]
+    assert merge_reward_metrics(rounds) == pytest.approx({
+        "reward/acc": 0.75, "rewards/failures": 3.0, "rewards/failures_timeout": 1.0,
+        "rewards/failure_frac": 0.375, "rewards/call_s_max": 3.0, "reward/format": 0.2})
+    assert merge_reward_metrics([]) == {}

@@ -118,3 +118,76 @@ def test_sampling_config_fields_validate():
         load_config(overrides=["sampling.stop_tokens=[-1]"])
     with pytest.raises(ConfigError, match=r"sampling.backend='tgi'"):
         load_config(overrides=["sampling.backend=tgi"])
+
+
+def test_top_k_mask_k_1_k_3_ties_and_dtype():
+    logits = jnp.array([[10.0, 30.0, 20.0, 0.0], [2.0, 1.0, 2.0, 0.0]])
+    # k = 1: the largest only; row 1 ties at 2.0, and both tied tokens are kept.
+    np.testing.assert_array_equal(top_k_mask(logits, 1), [[0, 1, 0, 0], [1, 0, 1, 0]])
+    # k = 2 and 3 on row 0: the k-th largest *value* (20, then 10) is the cutoff.
+    np.testing.assert_array_equal(top_k_mask(logits[:1], 2), [[0, 1, 1, 0]])
+    np.testing.assert_array_equal(top_k_mask(logits[:1], 3), [[1, 1, 1, 0]])
+    # Boolean masks, whether top-k is on or off.
+    assert top_k_mask(logits, 2).dtype == bool and top_k_mask(logits, 0).dtype == bool
+
+
+def test_top_p_1_keeps_every_token():
+    mask = top_p_mask(jnp.array([[0.0, -1.0, 5.0], [1.0, 1.0, -3.0]]), 1.0)
+    assert mask.shape == (2, 3) and mask.dtype == bool and bool(mask.all())
+
+
+def test_truncation_mask_top_k_1_and_per_row_renormalization():
+    # top-k = 1 keeps the most likely token only, whatever top-p is.
+    np.testing.assert_array_equal(truncation_mask(LOGITS_1xV, 1, 1.0)[0], [1, 0, 0, 0])
+    # Two rows, top-k = 3 then top-p = 0.83, each row renormalized over its own top 3:
+    #   row 0: p = [0.5, 0.3, 0.15, 0.05] -> [0.526, 0.316, 0.158], mass before [0, 0.526, 0.842]
+    #          -> 2 tokens (as in test_top_p_applies_to_the_top_k_renormalized_distribution);
+    #   row 1: p = [0.9, 0.05, 0.03, 0.02] -> [0.918, 0.051, 0.031], mass before [0, 0.918, ...]
+    #          -> 1 token.
+    logits = jnp.log(jnp.array([PROBS, [0.9, 0.05, 0.03, 0.02]], jnp.float32))
+    np.testing.assert_array_equal(truncation_mask(logits, 3, 0.83), [[1, 1, 0, 0], [1, 0, 0, 0]])
+
+
+def test_top_k_1_draws_the_argmax_and_reports_its_mass():
+    # τ = 1, top-k = 1: every draw is the argmax; Z = p(argmax); logprob = log p(argmax).
+    logits = jnp.asarray(np.random.default_rng(5).normal(size=(64, 16)), jnp.float32)
+    tok, lp, kept = sample_tokens(logits, jax.random.key(1), temperature=1.0, top_k=1)
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    want = logp.argmax(axis=-1)
+    np.testing.assert_array_equal(np.asarray(tok), want)
+    np.testing.assert_allclose(np.asarray(lp), logp[np.arange(64), want], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(kept), np.exp(logp[np.arange(64), want]), atol=1e-6)
+
+
+def test_gumbel_noise_given_beforehand_decides_the_draw():
+    # argmax(logits/τ + g): logits [0, 0, 3], g [1, 0, 0] -> [1, 0, 3] -> token 2.
+    tok, _, _ = sample_tokens(jnp.array([[0.0, 0.0, 3.0]]), jax.random.key(0), temperature=1.0,
+                              gumbel_BxV=jnp.array([[1.0, 0.0, 0.0]]))
+    assert int(tok[0]) == 2
+    # A token truncated away cannot be drawn, whatever its noise: top-k = 2 of [3, 2, 1, 0]
+    # keeps tokens 0 and 1; g = [0, 0, 0, 100] -> [3, 2, -inf, -inf] -> token 0.
+    tok, _, _ = sample_tokens(jnp.array([[3.0, 2.0, 1.0, 0.0]]), jax.random.key(0),
+                              temperature=1.0, top_k=2,
+                              gumbel_BxV=jnp.array([[0.0, 0.0, 0.0, 100.0]]))
+    assert int(tok[0]) == 0
+    # g = jax.random.gumbel(key) gives the very tokens `rng=key` would (and `rng` is unused).
+    logits = jnp.asarray(np.random.default_rng(6).normal(size=(64, 32)), jnp.float32)
+    key = jax.random.key(5)
+    g = jax.random.gumbel(key, (64, 32), jnp.float32)
+    for knobs in ({}, {"top_k": 8}):
+        given, _, _ = sample_tokens(logits, jax.random.key(99), temperature=0.7, gumbel_BxV=g,
+                                    **knobs)
+        drawn, _, _ = sample_tokens(logits, key, temperature=0.7, **knobs)
+        np.testing.assert_array_equal(np.asarray(given), np.asarray(drawn))
+
+
+def test_bfloat16_logits_are_scored_in_float32():
+    # A bf16 model's logits: log p_τ is computed in float32 from the bf16 values.
+    logits = jnp.asarray(np.random.default_rng(7).normal(size=(8, 64)) * 4.0, jnp.bfloat16)
+    want = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32) / 0.7, axis=-1))
+    tok, lp, kept = sample_tokens(logits, jax.random.key(2), temperature=0.7)
+    assert lp.dtype == jnp.float32 and kept.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(lp), want[np.arange(8), np.asarray(tok)], atol=1e-5)
+    # Greedy reports Z = 1 (nothing truncated).
+    _, _, kept = sample_tokens(logits, jax.random.key(2), temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(kept), np.ones(8, np.float32))

@@ -269,3 +269,117 @@ def test_grpo_mu1_no_kl_is_the_plain_policy_gradient():
     # In value the surrogate is -Σ m A / Σ m (ratio 1): -(3·1.5 - 2·0.5 - 4·1.0) / 9 = 1/18.
     assert float(grpo(lp)) == pytest.approx(1 / 18, abs=1e-6)
     np.testing.assert_allclose(jax.grad(grpo)(lp), jax.grad(reinforce)(lp), atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge cases, defaults and diagnostics
+
+
+def test_aggregation_with_one_real_token_or_row_in_a_wide_batch():
+    per_token = jnp.array([[3.0, 5.0, 7.0], [11.0, 13.0, 17.0]])  # B = 2, T = 3
+    # One real token (5): every mean is 5 (1 token, 1 row); the sum-norm is 5 / (B·T = 6).
+    one_token = jnp.array([[0, 1, 0], [0, 0, 0]])
+    # One real row (3, 5, 7): token-mean and seq-mean-token-mean 15/3 = 5; seq-mean-token-sum
+    # 15 / (S = 1 row) = 15; seq-mean-token-sum-norm 15 / (B·T = 6) = 2.5.
+    one_row = jnp.array([[1, 1, 1], [0, 0, 0]])
+    for mask, want in ((one_token, (5.0, 5.0, 5.0, 5 / 6)), (one_row, (5.0, 5.0, 15.0, 2.5))):
+        got = [float(aggregate(per_token, mask, mode)) for mode in (
+            "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_grpo_loss_with_a_single_real_token(level):
+    # One real token with ρ = 2 (row 1 is all padding), A = +1, ε = 1.5 (no clip):
+    # L = -2 (token-mean over 1 token); GSPO's s = exp(ln 2 / 1) = 2 as well.
+    # approx KL = ρ - 1 - ln ρ = 1 - ln 2 = 0.306853; ratio/mean = 2.
+    logps = jnp.array([[LN2, 9.0], [9.0, 9.0]])
+    mask = jnp.array([[1, 0], [0, 0]])
+    loss, aux = grpo_loss(logps, jnp.zeros((2, 2)), None, jnp.array([1.0, -1.0]), mask,
+                          epsilon=1.5, importance_sampling_level=level)
+    assert float(loss) == pytest.approx(-2.0, abs=1e-6)
+    assert float(aux["ratio/mean"]) == pytest.approx(2.0, abs=1e-6)
+    assert float(aux["ratio/max"]) == pytest.approx(2.0, abs=1e-6)
+    assert float(aux["policy/approx_kl"]) == pytest.approx(1 - LN2, abs=1e-6)
+
+
+def test_grpo_loss_defaults_and_a_separate_epsilon_low():
+    # Defaults: ε = 0.2, β = 0 (a reference passed in is not used: no KL term, no KL
+    # metrics), entropy_coef = 0 (the entropy is reported, not added).
+    # ρ 1.5, A +1 -> clipped at 1.2 -> L = -1.2.
+    one = jnp.ones((1, 1))
+    loss, aux = grpo_loss(jnp.log(1.5 * one), 0 * one, LN2 * one, jnp.array([1.0]), one,
+                          entropy_BxT=2.0 * one)
+    assert float(loss) == pytest.approx(-1.2, abs=1e-6)
+    assert "loss/kl" not in aux and "kl/mean" not in aux
+    assert float(aux["loss/entropy"]) == pytest.approx(2.0)
+    # ε_low = 0.1 with ε = 0.2: ρ 0.5, A -1 -> max(0.5, 0.9) = 0.9; ρ 1.5, A +1 -> ε_high
+    # falls back to ε: -1.2. token-mean (0.9 - 1.2) / 2 = -0.15.
+    loss, _ = grpo_loss(jnp.log(jnp.array([[0.5], [1.5]])), jnp.zeros((2, 1)), None,
+                        jnp.array([-1.0, 1.0]), jnp.ones((2, 1)), epsilon=0.2, epsilon_low=0.1)
+    assert float(loss) == pytest.approx(-0.15, abs=1e-6)
+
+
+def test_grpo_loss_given_weights_and_norm_length():
+    # ρ = 1, A = [2, -1]: L_pg = [[-2, -2], [1, pad]].
+    logps = jnp.zeros((2, 2))
+    mask = jnp.array([[1, 1], [1, 0]])
+    adv = jnp.array([2.0, -1.0])
+    # weights_BxT replaces the aggregation weights: 0.5·(-2) + 0.25·(-2) + 1·1 = -0.5.
+    w = jnp.array([[0.5, 0.25], [1.0, 0.0]])
+    loss, _ = grpo_loss(logps, logps, None, adv, mask, weights_BxT=w)
+    assert float(loss) == pytest.approx(-0.5, abs=1e-6)
+    # Dr.GRPO's constant L = 5: (-2 - 2 + 1) / (B·L = 10) = -0.3 (T = 2 would give -0.75).
+    loss, _ = grpo_loss(logps, logps, None, adv, mask, aggregation="seq-mean-token-sum-norm",
+                        norm_length=5)
+    assert float(loss) == pytest.approx(-0.3, abs=1e-6)
+
+
+def test_clipped_surrogate_at_and_around_each_boundary():
+    # ε_low = ε_high = 0.25 (clip range [0.75, 1.25], exact in binary), dual clip c = 3.
+    # Per token: L = max(-ρA, -clip(ρ)A), then min(L, -cA) where A < 0.
+    ratio_adv_want = [
+        # ρ     A     L      low high dual
+        (0.5, 0.0, 0.0, 0, 0, 0),      # A = 0 is neither sign: no indicator
+        (0.5, 0.5, -0.25, 0, 0, 0),    # A > 0, ρ low: unclipped (-0.25 > -0.375)
+        (1.0, -1.0, 1.0, 0, 0, 0),     # inside the range
+        (0.75, -1.0, 0.75, 0, 0, 0),   # exactly 1 - ε: not below it
+        (1.1, -1.0, 1.1, 0, 0, 0),     # inside, A < 0
+        (1.25, 1.0, -1.25, 0, 0, 0),   # exactly 1 + ε: not above it
+        (1.5, 0.0, 0.0, 0, 0, 0),      # A = 0
+        (3.0, -1.0, 3.0, 0, 0, 0),     # L = 3 = -cA exactly: the dual clip does not bind
+        (5.0, -2.0, 6.0, 0, 0, 1),     # L = 10 > -cA = 6: dual-clipped to 6
+        (0.5, -1.0, 0.75, 1, 0, 0),    # low clip: max(0.5, 0.75)
+        (1.5, 1.0, -1.25, 0, 1, 0),    # high clip: max(-1.5, -1.25)
+    ]
+    ratio, adv, want, low, high, dual = (jnp.array(c) for c in zip(*ratio_adv_want, strict=True))
+    pg, ind = clipped_surrogate(ratio, adv, clip_low=0.25, clip_high=0.25, dual_clip_c=3.0)
+    np.testing.assert_allclose(pg, want, atol=1e-6)
+    for k, v in (("low", low), ("high", high), ("dual", dual)):
+        assert ind[k].dtype == jnp.float32, k
+        np.testing.assert_array_equal(ind[k], v, err_msg=k)
+
+
+def test_unknown_loss_options_name_the_known_ones():
+    x = jnp.zeros((1, 1))
+    with pytest.raises(ValueError, match=r"unknown loss aggregation 'sum' \(known: \['seq-"):
+        aggregation_weights(x, "sum")
+    with pytest.raises(ValueError, match=r"level 'word' \(known: \['sequence', 'token'\]\)"):
+        grpo_loss(x, x, None, jnp.ones(1), x + 1, importance_sampling_level="word")
+    with pytest.raises(ValueError, match=r"kl_estimator 'k4' \(known: \['k1', 'k2', 'k3'\]\)"):
+        grpo_loss(x, x, x, jnp.ones(1), x + 1, beta=0.1, kl_estimator="k4")
+
+
+def test_kl_term_and_approx_kl_diagnostics_hand_worked():
+    # A = 0 (no policy term). log π_θ = [ln 2, 0], π_old = π_ref = 0:
+    # k1 = [ln 2, 0] -> kl/mean = ln 2 / 2 = 0.346574; loss/kl = β · 0.346574 = 0.173287 (β = 0.5),
+    # and that is the whole loss. approx KL(π_old ‖ π_θ) by k3 on log ρ = [ln 2, 0]:
+    # ((2 - 1 - ln 2) + 0) / 2 = 0.153426.
+    logps = jnp.array([[LN2, 0.0]])
+    zeros = jnp.zeros((1, 2))
+    loss, aux = grpo_loss(logps, zeros, zeros, jnp.array([0.0]), jnp.ones((1, 2)), beta=0.5,
+                          kl_estimator="k1")
+    assert float(aux["kl/mean"]) == pytest.approx(LN2 / 2, abs=1e-6)
+    assert float(aux["loss/kl"]) == pytest.approx(0.5 * LN2 / 2, abs=1e-6)
+    assert float(loss) == pytest.approx(0.5 * LN2 / 2, abs=1e-6)
+    assert float(aux["policy/approx_kl"]) == pytest.approx((1 - LN2) / 2, abs=1e-6)
