@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.config import DEFAULT_COMPILE_CACHE_DIR, ConfigError
+from controller.config import DEFAULT_COMPILE_CACHE_DIR, ConfigError, is_url
 from deploy.xpk import DEFAULT_BACKEND_TARGET
 
 DEFAULT_DIR = DEFAULT_COMPILE_CACHE_DIR  # run.compile_cache_dir's default
@@ -81,9 +81,10 @@ def configure_compile_cache(cache_dir: str | None) -> str | None:
     """Points JAX's persistent compilation cache at `cache_dir`; returns the directory JAX
     uses (None: no persistent cache).
 
-    Leaves JAX alone when `cache_dir` is None or when JAX already has a cache directory. A
-    local directory that cannot be created turns the cache off with a warning: a job never
-    fails for want of a cache.
+    Leaves JAX alone when `cache_dir` is None, and keeps a cache directory JAX already has.
+    Either way the cache is switched on (`pathwaysutils.initialize()` switches it off), and
+    what is returned is what JAX will use. A local directory that cannot be created turns the
+    cache off with a warning: a job never fails for want of a cache.
     """
     import jax
 
@@ -93,10 +94,16 @@ def configure_compile_cache(cache_dir: str | None) -> str | None:
             jax.monitoring.register_event_listener(_on_event)
             _listening = True
     current = jax.config.jax_compilation_cache_dir
-    if current or not cache_dir:
-        return current or None
-    path = cache_dir
-    if "://" not in cache_dir:  # a remote store (gs://...) is JAX's to create
+    if not cache_dir:  # JAX's settings are left as they are: say what they amount to
+        return current if current and jax.config.jax_enable_compilation_cache else None
+    # pathwaysutils.initialize() turns JAX's cache off (Pathways keeps its own cache of the
+    # workers' executables); a directory given here turns the controller's cache back on.
+    if current:
+        jax.config.update("jax_enable_compilation_cache", True)
+        return current
+    if is_url(cache_dir):
+        path = cache_dir  # a remote store (gs://...) is JAX's to create
+    else:
         p = Path(cache_dir).expanduser()
         try:
             p.mkdir(parents=True, exist_ok=True)
@@ -107,6 +114,7 @@ def configure_compile_cache(cache_dir: str | None) -> str | None:
             return None
         path = str(p)
     jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_enable_compilation_cache", True)
     if jax.config.jax_persistent_cache_min_compile_time_secs == _JAX_DEFAULT_MIN_COMPILE_S:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
     return path

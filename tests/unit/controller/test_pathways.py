@@ -135,3 +135,72 @@ def test_pathways_init_happens_before_anything_touches_devices():
     calls = json.loads(line.removeprefix("CALLS="))
     assert calls[0] == ["pathwaysutils.initialize", "proxy", "grpc://10.0.0.7:29000"], calls
     assert len(calls) >= 2 and calls[1][0] in ("jax.devices", "xla_bridge.backends"), calls
+
+
+CACHE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from jax._src import xla_bridge
+
+    seen = {}
+
+    class Reached(Exception):
+        pass
+
+    def at_first_device_access(*a, **k):
+        import pathwaysutils._initialize as init
+        seen.update(enabled=jax.config.jax_enable_compilation_cache,
+                    directory=jax.config.jax_compilation_cache_dir,
+                    initialized=init._initialization_count)
+        raise Reached  # there is no Pathways proxy to talk to
+
+    for name in ("devices", "local_devices", "device_count", "local_device_count"):
+        setattr(jax, name, at_first_device_access)
+    xla_bridge.backends = at_first_device_access
+
+    from controller.cli import main
+    try:
+        main(["run", "topology.backend=native", "run.progress=false",
+              "run.compile_cache_dir=" + sys.argv[1]])
+    except Reached:
+        pass
+    print("SEEN=" + json.dumps(seen))
+""")
+
+
+def test_compile_cache_is_on_at_first_device_access_after_real_pathways_init(tmp_path):
+    """`tandem run` under JAX_PLATFORMS=proxy with the real pathwaysutils, which switches JAX's
+    compilation cache off in initialize(): a job given a shared cache directory has the cache
+    on, pointed at that directory, when it first asks JAX for devices."""
+    cache = tmp_path / "xla-cache"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+    env.update(JAX_PLATFORMS="proxy", JAX_BACKEND_TARGET="grpc://10.0.0.7:29000",
+               PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", CACHE_SCRIPT, str(cache)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("SEEN="))
+    seen = json.loads(line.removeprefix("SEEN="))
+    assert seen == {"enabled": True, "directory": str(cache), "initialized": 1}, seen
+
+
+def test_compile_cache_reported_off_when_jax_has_it_switched_off(tmp_path):
+    """With run.compile_cache_dir=null JAX's settings are left alone, and the directory
+    reported (the CLI prints it) is None while JAX's cache is switched off, even though a
+    directory is set; a directory given turns it back on."""
+    import jax
+
+    from controller.startup import configure_compile_cache
+
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache)
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+        jax.config.update("jax_enable_compilation_cache", False)  # as pathwaysutils leaves it
+        assert configure_compile_cache(None) is None
+        assert jax.config.jax_enable_compilation_cache is False  # null: left alone
+        assert configure_compile_cache(str(tmp_path / "other")) == str(tmp_path)
+        assert jax.config.jax_enable_compilation_cache is True
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_enable_compilation_cache", before[1])
