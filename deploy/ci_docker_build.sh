@@ -22,4 +22,28 @@ docker build -f deploy/Dockerfile -t "${tag}" .
 # without running a job.
 docker run --rm "${tag}" --print-config >/dev/null
 docker run --rm --entrypoint cat "${tag}" /opt/tandem/VERSIONS
+# The job's user is not root.
+uid="$(docker run --rm --entrypoint id "${tag}" -u)"
+if [ "${uid}" = 0 ]; then
+  echo "docker build: FAILED (the image runs as root)" >&2
+  exit 1
+fi
+
+# A model baked in by `tandem image build --model` (deploy/model.Dockerfile): in place, readable
+# by the job's user although its file is mode 0600, and declared by the image's label.
+if command -v tandem >/dev/null 2>&1; then
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "${tmp}"' EXIT
+  mkdir "${tmp}/tiny-model"
+  echo '{}' > "${tmp}/tiny-model/config.json"
+  chmod 600 "${tmp}/tiny-model/config.json"
+  tandem image build --tag "${tag}-model" --model "${tmp}/tiny-model" \
+    --manifest "${tmp}/models.json"
+  docker run --rm --entrypoint cat "${tag}-model" /opt/tandem/models/tiny-model/config.json \
+    >/dev/null
+  docker inspect --format '{{ index .Config.Labels "dev.tandem.model.tiny-model" }}' \
+    "${tag}-model" | grep -qx /opt/tandem/models/tiny-model
+else
+  echo "docker build: model layer SKIPPED (no tandem on PATH)"
+fi
 echo "docker build: OK (${tag})"

@@ -11,7 +11,9 @@ xpk's argument list:
 
 The resolved config travels inside `--command` (base64, so no quoting or YAML-indentation can
 break it) and is unpacked in the container before `tandem run` reads it: what runs is exactly
-the config that was checked here.
+the config that was checked here. Its model.path must be one the pod can read: a gs:// URL, or
+a model baked into the image and declared by the image's manifest (`tandem image build
+--model DIR`, deploy/image.py); a path on the submitting machine is refused.
 
 xpk is a separate tool with its own dependency pins; it is not a dependency of Tandem. It is
 found through `--xpk PATH`, `$TANDEM_XPK`, or `PATH`.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import base64
 import math
 import os
+import posixpath
 import re
 import shlex
 import shutil
@@ -32,7 +35,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from controller.config import ConfigError, JobConfig, TopologyError
+import yaml
+
+from controller.config import (
+    ConfigError,
+    JobConfig,
+    TopologyError,
+    apply_overrides,
+    read_config_file,
+    validate_config,
+)
+from deploy.image import MODELS_DIR, ImageManifest, ManifestError, manifest_path, read_manifest
 
 # The IFRT proxy address a pod made by `xpk workload create-pathways` listens on (its sidecar);
 # the controller's JAX_BACKEND_TARGET.
@@ -218,11 +231,104 @@ def workload_name(cfg: JobConfig, override: str | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# model.path, as the controller's pod sees it
+
+
+def load_submit_config(config_path: str | Path | None, overrides: Sequence[str]) -> JobConfig:
+    """The job's config, validated as `load_config` does, except that model.path is not looked
+    for on this machine.
+
+    `tandem run` checks that model.path holds a model where it runs, and for a submission that
+    is the pod: a model baked into the image does not exist here, and a bucket may not be
+    readable from here. So the config is validated without model.path, which `build_spec` then
+    checks against what the pod can read (`pod_model_path`). The rule that model.path is not
+    combined with the shape fields is kept.
+    """
+    data = read_config_file(config_path) if config_path is not None else {}
+    data = apply_overrides(data, list(overrides))
+    model = data.get("model")
+    path = model.get("path") if isinstance(model, dict) else None
+    if not isinstance(path, str):  # unset, null, or a wrong type that validation reports
+        return validate_config(data)
+    rest = {k: v for k, v in model.items() if k != "path"}
+    cfg = validate_config({**data, "model": rest})
+    clash = sorted(set(rest) - {"dtype"})
+    if clash:
+        names = ", ".join(f"model.{k}" for k in clash)
+        raise SubmitError(
+            f"model.path={path!r} defines the model, but {names} "
+            f"{'is' if len(clash) == 1 else 'are'} also set (fix: drop {names})")
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": path})})
+
+
+_POD_FIX = ("fix: upload it to a bucket and set model.path=gs://..., or bake it into the image "
+            f"with `tandem image build --model DIR` and set model.path={MODELS_DIR}/NAME")
+
+
+def pod_model_path(path: str, docker_image: str,
+                   manifest: ImageManifest | None = None) -> tuple[str, str, tuple[str, ...]]:
+    """model.path for the pod: (the path to ship, a line describing it, warnings).
+
+    A gs:// URL is shipped as is (the job reads it from the bucket). A path under MODELS_DIR
+    is accepted when the image's manifest declares it: `manifest` (from --image-models), else
+    the one `tandem image build` recorded for `docker_image` on this machine. Anything else is
+    a path on this machine, which the pod cannot see, and is refused.
+    """
+    if path.startswith("gs://"):
+        return path, f"{path} (read from the bucket by the job)", ()
+    if "://" in path:
+        scheme = path.split("://", 1)[0]
+        raise SubmitError(f"model.path={path!r}: the job reads a model from a gs:// bucket or "
+                          f"from its image, not from {scheme}:// ({_POD_FIX})")
+    norm = posixpath.normpath(path)
+    if norm != MODELS_DIR and not norm.startswith(MODELS_DIR + "/"):
+        raise SubmitError(
+            f"model.path={path!r} is a path on this machine, and the job runs in a pod that "
+            f"sees only gs:// URLs and the files of its image ({_POD_FIX})")
+    if manifest is None:
+        default = manifest_path(docker_image)
+        if not default.is_file():
+            raise SubmitError(
+                f"model.path={path!r} is inside the image, but no models are recorded for "
+                f"--docker-image={docker_image} on this machine (looked for {default}) (fix: "
+                f"build it with `tandem image build --tag {docker_image} --model DIR`, or pass "
+                f"the manifest that build wrote with --image-models FILE)")
+        try:
+            manifest = read_manifest(default, flag="the manifest of --docker-image")
+        except ManifestError as e:
+            raise SubmitError(str(e)) from None
+    if norm not in manifest.paths():
+        declared = ", ".join(manifest.paths()) or "no models"
+        raise SubmitError(
+            f"model.path={path!r} is not a model of --docker-image={docker_image}: "
+            f"{manifest.file} declares {declared} (fix: set model.path to one of those, or "
+            f"rebuild the image with `tandem image build --tag {docker_image} --model DIR`)")
+    warnings = ()
+    if manifest.image != docker_image:
+        warnings = (f"{manifest.file} was recorded for {manifest.image}, not for "
+                    f"--docker-image={docker_image}: make sure that image holds {norm}",)
+    return norm, f"{norm} (in the image; declared by {manifest.file})", warnings
+
+
+# ---------------------------------------------------------------------------------------------
 # The command the controller container runs
 
 
 def config_path_in_container(workload: str) -> str:
     return f"{CONFIG_DIR}/{workload}/config.yaml"
+
+
+def shipped_yaml(cfg: JobConfig) -> str:
+    """The config as the pod's `tandem run` reads it: the full resolved config, except that
+    with model.path set the model section holds only what differs from the defaults, because
+    the model validator refuses shape fields set beside model.path (and a full dump sets them
+    all)."""
+    if cfg.model.path is None:
+        return cfg.to_yaml()
+    data = cfg.model_dump(mode="json")
+    data["model"] = {**cfg.model.model_dump(mode="json", exclude_defaults=True),
+                     "path": cfg.model.path}
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def container_command(cfg: JobConfig, workload: str, *, backend_target: str,
@@ -232,7 +338,7 @@ def container_command(cfg: JobConfig, workload: str, *, backend_target: str,
     The YAML is base64-encoded so that it survives xpk's templating (the command is pasted into
     a YAML block and run by `bash -c`) byte for byte.
     """
-    blob = base64.b64encode(cfg.to_yaml().encode()).decode()
+    blob = base64.b64encode(shipped_yaml(cfg).encode()).decode()
     path = config_path_in_container(workload)
     env = ["JAX_PLATFORMS=proxy", f"JAX_BACKEND_TARGET={backend_target}",
            f"ENABLE_PATHWAYS_PERSISTENCE={1 if persistence else 0}"]
@@ -268,14 +374,19 @@ class SubmitSpec:
     zone: str | None = None
     priority: str | None = None
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    model: str | None = None  # model.path as the pod reads it, described
+    warnings: tuple[str, ...] = ()
 
 
 def build_spec(cfg: JobConfig, *, cluster: str, tpu_type: str, num_slices: int,
                docker_image: str, project: str | None = None, zone: str | None = None,
                priority: str | None = None, workload: str | None = None,
                backend_target: str = DEFAULT_BACKEND_TARGET, persistence: bool = False,
-               extra_args: Sequence[str] = ()) -> SubmitSpec:
-    """Checks every input (names, TPU type, split, image) and builds the submission."""
+               extra_args: Sequence[str] = (),
+               image_models: str | Path | None = None) -> SubmitSpec:
+    """Checks every input (names, TPU type, split, image, model.path) and builds the
+    submission. `image_models`: the manifest of the models baked into `docker_image`
+    (default: the one `tandem image build` recorded for it on this machine)."""
     validate_name(cluster, "--cluster")
     tpu = parse_tpu_type(tpu_type)
     plan = plan_devices(cfg, tpu, num_slices)
@@ -283,6 +394,17 @@ def build_spec(cfg: JobConfig, *, cluster: str, tpu_type: str, num_slices: int,
         raise SubmitError(
             f"--docker-image={docker_image!r}: expected an image reference such as "
             "us-docker.pkg.dev/PROJECT/REPO/tandem:TAG (build one with `tandem image build`)")
+    manifest = None
+    if image_models is not None:  # read even when unused: a wrong file is a mistake either way
+        try:
+            manifest = read_manifest(Path(image_models))
+        except ManifestError as e:
+            raise SubmitError(str(e)) from None
+    model_note, warnings = None, ()
+    if cfg.model.path is not None:
+        path, model_note, warnings = pod_model_path(cfg.model.path, docker_image, manifest)
+        if path != cfg.model.path:
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": path})})
     if priority is not None and priority not in PRIORITIES:
         raise SubmitError(f"--priority={priority!r}: must be one of {', '.join(PRIORITIES)}")
     name = workload_name(cfg, workload)
@@ -294,7 +416,7 @@ def build_spec(cfg: JobConfig, *, cluster: str, tpu_type: str, num_slices: int,
     return SubmitSpec(cluster=cluster, tpu=tpu, num_slices=num_slices,
                       docker_image=docker_image, workload=name, command=command, plan=plan,
                       project=project, zone=zone, priority=priority,
-                      extra_args=tuple(extra_args))
+                      extra_args=tuple(extra_args), model=model_note, warnings=warnings)
 
 
 def xpk_args(spec: SubmitSpec, xpk: str = "xpk", *, dry_run: bool = False,

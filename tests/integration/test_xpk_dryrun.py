@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from controller.config import load_config
+from deploy import image as I
 from deploy import xpk as X
 
 XPK_VERSION = "1.16.0"  # the version these manifests were checked against
@@ -68,10 +69,11 @@ def xpk_bin() -> str:
 
 def _dry_run(xpk: str, tmp_path: Path, args: list[str]) -> tuple[dict, str, str]:
     """Runs `tandem submit --dry-run` in a subprocess, as a user would; returns
-    (manifest, stdout, stderr)."""
+    (manifest, stdout, stderr). Its cache directory (image model manifests) is
+    tmp_path/cache."""
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
     env.update(TELEMETRY_ENABLED="false", HOME=str(tmp_path), PYTHONPATH=str(ROOT),
-               PATH=f"{Path(xpk).parent}:/usr/bin:/bin")
+               PATH=f"{Path(xpk).parent}:/usr/bin:/bin", XDG_CACHE_HOME=str(tmp_path / "cache"))
     proc = subprocess.run(
         [sys.executable, "-m", "controller.cli", "submit", *args, "--xpk", xpk, "--dry-run"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -143,3 +145,22 @@ def test_multi_slice_dry_run(xpk_bin, tmp_path):
     worker_pod = _jobs(manifest)["worker"]["template"]["spec"]["template"]["spec"]
     assert worker_pod["priorityClassName"] == "high"
     assert worker_pod["nodeSelector"]["cloud.google.com/gke-tpu-topology"] == "4x4x4"
+
+
+def test_model_baked_into_the_image_dry_run(xpk_bin, tmp_path, monkeypatch):
+    """model.path inside the image, declared by the record `tandem image build --model` leaves:
+    the pod's command carries that path, and only the model fields that were set."""
+    image = "us-docker.pkg.dev/fake-project/tandem/tandem:with-qwen"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where _dry_run looks
+    qwen = I.ImageModel("qwen", f"{I.MODELS_DIR}/qwen", "/src/qwen")
+    I.write_manifest(image, [qwen], I.manifest_path(image))
+    args = ["topology.backend=native", "run.name=baked", f"model.path={qwen.path}",
+            "model.dtype=bfloat16", "--cluster", "fake-cluster", "--tpu-type", "v6e-16",
+            "--project", "fake-project", "--zone", "us-east5-b", "--docker-image", image]
+    manifest, _, stderr = _dry_run(xpk_bin, tmp_path, args)
+    assert _controller(manifest)["image"] == image
+    line = next(ln for ln in _controller(manifest)["command"][-1].splitlines()
+                if "tandem run" in ln)
+    shipped = yaml.safe_load(X.decode_shipped_config(line))
+    assert shipped["model"] == {"dtype": "bfloat16", "path": "/opt/tandem/models/qwen"}
+    assert "model: /opt/tandem/models/qwen (in the image" in stderr
