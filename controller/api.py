@@ -24,16 +24,18 @@ import dataclasses
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from controller.config import ConfigError, JobConfig, absolute_path
+from controller.config import ConfigError, JobConfig, absolute_path, as_path, is_url
 from controller.metrics import MetricsLog
 from controller.startup import cache_dir_for, configure_compile_cache, initialize_pathways
 from controller.status.board import Phase, StatusBoard
+from controller.storage import staged_inputs, upload_dir, write_text
 from controller.topology import configure_devices
 
 log = logging.getLogger(__name__)
@@ -80,13 +82,17 @@ class Job:
         # INPUTS: what the user's files and names give (the HF config, the tokenizer, the
         # prompts, the reward functions) is read before any mesh, parameter or program, so a
         # bad one fails in seconds. Nothing here draws random numbers.
+        # A gs:// model.path or data.path is copied to a local cache first; `local` names the
+        # copies, `cfg` stays as the user wrote it (its digest, config.yaml, checkpoints).
+        local = staged_inputs(cfg)
+        self.model_dir = local.model.path
         hf_spec = None
-        if cfg.model.path:
+        if self.model_dir:
             from trainer.hf import load_hf_spec
 
-            hf_spec = load_hf_spec(cfg.model.path, cfg.model.dtype)
-        self.tokenizer = build_tokenizer(cfg)
-        self.dataset = build_dataset(cfg, self.tokenizer)
+            hf_spec = load_hf_spec(self.model_dir, cfg.model.dtype)
+        self.tokenizer = build_tokenizer(local)
+        self.dataset = build_dataset(local, self.tokenizer)
         if hf_spec is not None and self.tokenizer.vocab_size > hf_spec.vocab_size:
             raise ConfigError(
                 f"model.path={cfg.model.path!r}: the tokenizer has {self.tokenizer.vocab_size} "
@@ -116,7 +122,7 @@ class Job:
 
             spec = hf_spec
             self.model_def = define_model(spec)
-            params = load_hf_params(cfg.model.path, self.model_def,
+            params = load_hf_params(self.model_dir, self.model_def,
                                     shardings=param_shardings(self.model_def, self.meshes.trainer))
         else:
             spec = ModelSpec.from_config(cfg.model, self.tokenizer.vocab_size)
@@ -134,7 +140,7 @@ class Job:
             # vLLM serves the HF directory and takes each new policy by HF tensor name.
             from trainer.hf import hf_named_arrays
 
-            hf_dir, to_hf = cfg.model.path, lambda p: hf_named_arrays(self.model_def.spec, p)
+            hf_dir, to_hf = self.model_dir, lambda p: hf_named_arrays(self.model_def.spec, p)
         self.sampler = build_sampler(cfg.sampling, self.model_def, self.meshes.sampler,
                                      pad_id=self.tokenizer.pad_id,
                                      stop_ids=tuple(self.tokenizer.stop_ids),
@@ -158,7 +164,7 @@ class Job:
         self.log = MetricsLog(cfg.run.output_dir, resume_step=self.resumed_from,
                               sinks=self._extra_sinks())
         if cfg.run.output_dir:
-            (Path(cfg.run.output_dir) / "config.yaml").write_text(cfg.to_yaml())
+            write_text(as_path(cfg.run.output_dir) / "config.yaml", cfg.to_yaml())
         if self.status_server is not None:
             from controller.status.server import topology_message
 
@@ -195,10 +201,12 @@ class Job:
             if not cfg.run.output_dir:
                 raise ConfigError("run.tensorboard=true needs run.output_dir (fix: e.g. "
                                   "run.output_dir=runs/my-run)")
-            sinks.append(TensorBoardSink(Path(cfg.run.output_dir) / "tensorboard"))
+            sinks.append(TensorBoardSink(as_path(cfg.run.output_dir) / "tensorboard"))
         if cfg.run.wandb_project:
+            # W&B keeps its files in a local directory: its default when the output is a bucket.
+            local_dir = None if is_url(cfg.run.output_dir) else cfg.run.output_dir
             sinks.append(WandbSink(cfg.run.wandb_project, cfg.run.name,
-                                   cfg.model_dump(mode="json"), cfg.run.output_dir))
+                                   cfg.model_dump(mode="json"), local_dir))
         return sinks
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -217,16 +225,16 @@ class Job:
 
         field = "checkpoint.dir" if cfg.checkpoint.dir else "run.output_dir"
         value = cfg.checkpoint.dir or cfg.run.output_dir
-        if cfg.run.resume and "://" not in directory and not Path(directory).is_dir():
+        if cfg.run.resume and not as_path(directory).is_dir():
             raise ConfigError(
                 f"run.resume=true but {field}={value!r} holds no checkpoint to resume "
                 f"({directory} does not exist) (fix: drop run.resume=true to start a new run "
                 f"there, or set {field} to the run to continue)")
         ckpt = Checkpointer(directory, keep_last=cfg.checkpoint.keep_last,
                             async_save=cfg.checkpoint.async_save)
-        metrics_file = Path(cfg.run.output_dir or directory) / "metrics.jsonl"
+        metrics_file = as_path(cfg.run.output_dir or directory) / "metrics.jsonl"
         if not cfg.run.resume:
-            if ckpt.steps() or (metrics_file.exists() and metrics_file.stat().st_size):
+            if ckpt.steps() or (metrics_file.exists() and metrics_file.stat().length):
                 raise ConfigError(
                     f"{directory} already holds a run (checkpoints {ckpt.steps()}); nothing is "
                     f"overwritten (fix: run.resume=true to continue it, or a new "
@@ -270,6 +278,9 @@ class Job:
             return False
         if self.checkpointer.steps()[-1:] == [self.steps_done]:
             return True  # this step is already saved
+        # Metrics first: a run resumed from this checkpoint finds every step up to it logged
+        # (a bucket's metrics.jsonl is uploaded in batches).
+        self.log.flush()
         self.checkpointer.save(self.steps_done, self.trainer.state, self._checkpoint_meta(),
                                wait=wait)
         return True
@@ -402,9 +413,18 @@ class Job:
         and, when the job started from model.path, its tokenizer and generation files)."""
         from trainer.hf import save_hf_model
 
-        return save_hf_model(path, self.model_def.spec, self.trainer.params,
-                             source_dir=self.config.model.path, max_shard_bytes=max_shard_bytes,
-                             overwrite=overwrite)
+        if not is_url(path):
+            return save_hf_model(path, self.model_def.spec, self.trainer.params,
+                                 source_dir=self.model_dir, max_shard_bytes=max_shard_bytes,
+                                 overwrite=overwrite)
+        dest = as_path(path)
+        if not overwrite and dest.exists() and any(dest.iterdir()):
+            raise FileExistsError(f"{path} already holds files (fix: choose a new directory)")
+        with tempfile.TemporaryDirectory(prefix="tandem-export-") as tmp:
+            local = save_hf_model(Path(tmp) / "model", self.model_def.spec, self.trainer.params,
+                                  source_dir=self.model_dir, max_shard_bytes=max_shard_bytes)
+            upload_dir(Path(local), dest)
+        return dest
 
     def summary(self) -> dict[str, Any]:
         """First vs last reward, step time, sync bandwidth, and the timeline's busy/idle/overlap
@@ -420,7 +440,7 @@ class Job:
             self.board.set_phase(Phase.STOPPED)
         self.loop.close()
         if self.config.run.output_dir and self.timeline.spans:
-            self.timeline.write_chrome_trace(Path(self.config.run.output_dir) / "trace.json")
+            self.timeline.write_chrome_trace(as_path(self.config.run.output_dir) / "trace.json")
         if self.checkpointer is not None:
             self.checkpointer.close()  # waits for background saves to finish
             self.checkpointer = None

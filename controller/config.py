@@ -19,10 +19,12 @@ import difflib
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from etils import epath
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -45,20 +47,35 @@ class TopologyError(ConfigError):
     """A device split that cannot be built on the devices at hand."""
 
 
+def is_url(value: str | os.PathLike | None) -> bool:
+    """Whether a path a user gave names a remote store (`gs://bucket/run`, anything with
+    "://") rather than a local file."""
+    return value is not None and "://" in str(value)
+
+
 def expand_path(value: str | None) -> str | None:
-    """A path field's value with a leading `~` expanded, as a shell would; a URL (anything
-    with "://", e.g. gs://bucket/run) is returned unchanged."""
-    if value is None or "://" in value:
+    """A path field's value with a leading `~` expanded, as a shell would; a URL (e.g.
+    gs://bucket/run) is returned unchanged."""
+    if value is None or is_url(value):
         return value
     return str(Path(value).expanduser())
 
 
-def absolute_path(value: str | Path) -> str:
+def absolute_path(value: str | os.PathLike) -> str:
     """`value` with `~` expanded and made absolute against the current directory (orbax and
-    some metadata readers need absolute paths); a URL (anything with "://") is unchanged."""
-    if "://" in str(value):
+    some metadata readers need absolute paths); a URL is unchanged."""
+    if is_url(value):
         return str(value)
     return str(Path(value).expanduser().absolute())
+
+
+def as_path(value: str | os.PathLike) -> epath.Path:
+    """The one path type for every file Tandem reads or writes: a local path (`~` expanded,
+    relative kept relative, so messages show it as the user wrote it) or a URL such as
+    gs://bucket/run, joined with `/` and opened alike. gs:// goes through gcsfs; `pathlib`
+    would turn "gs://b/x" into the local "gs:/b/x". orbax wants absolute local paths:
+    `as_path(absolute_path(value))`."""
+    return epath.Path(expand_path(os.fspath(value)))
 
 
 class _Section(BaseModel):
@@ -98,9 +115,11 @@ class ModelConfig(_Section):
     init_seed: int = 0
     """Seed of the random parameter initialization (unused when `path` is set)."""
     path: str | None = None
-    """A local Hugging Face model directory (config.json, *.safetensors, tokenizer.json) of the
-    Qwen2/2.5, Qwen3, Llama 3 or Gemma 2/3 families. When set, the architecture, weights and
-    tokenizer come from it (cast to `dtype`) and the shape fields above must stay unset."""
+    """A Hugging Face model directory (config.json, *.safetensors, tokenizer.json) of the
+    Qwen2/2.5, Qwen3, Llama 3 or Gemma 2/3 families: local, or a gs:// URL (copied once to a
+    local cache, ~/.cache/tandem/staged or $TANDEM_STAGING_DIR). When set, the architecture,
+    weights and tokenizer come from it (cast to `dtype`) and the shape fields above must stay
+    unset."""
 
     @field_validator("path")
     @classmethod
@@ -112,7 +131,9 @@ class ModelConfig(_Section):
         if self.path is None:
             return self
         p = Path(self.path)
-        if not (p / "config.json").is_file():
+        # A bucket is checked when the job stages it (controller/storage.py): `tandem submit`
+        # validates a config on a machine that may not reach the bucket.
+        if not is_url(self.path) and not (p / "config.json").is_file():
             what = "does not exist" if not p.exists() else "has no config.json"
             raise ValueError(
                 f"model.path={self.path!r} {what} (fix: point it at a local Hugging Face model "
@@ -486,7 +507,8 @@ class DataConfig(_Section):
     seed: int = 0
     """Seed of the generated tasks' prompts and of the row shuffle."""
     path: str | None = None
-    """The data file (gsm8k: None = the bundled split)."""
+    """The data file, local or gs:// (copied once to the local staging cache); gsm8k: None =
+    the bundled split."""
     split: Literal["train", "test"] = "train"
     """gsm8k: which bundled split."""
     columns: dict[str, str] = Field(default_factory=dict)
@@ -494,8 +516,15 @@ class DataConfig(_Section):
     prompt_template: str | None = None
     """Python format string over the row's fields, e.g. "Q: {question}\\nA:"; None: the task's
     default (gsm8k) or the mapped "prompt" column as is."""
-    max_prompt_tokens: int = Field(1024, ge=1)
-    """Longer prompts are reported as bad rows."""
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    """P_max: the longest prompt in tokens; a longer one is a bad row (skipped and reported), or
+    is truncated with `truncate_prompts`. With model.path, P_max + sampling.max_new_tokens must
+    fit in the model's config.json max_position_embeddings. None: 1024, or
+    max_position_embeddings - sampling.max_new_tokens when that is smaller."""
+    truncate_prompts: bool = False
+    """A prompt longer than P_max keeps its last P_max tokens (the end holds the question and any
+    generation prompt; a leading BOS stays) instead of being a bad row. Counted per step in the
+    `data/truncated_prompts` metric."""
     shuffle: bool = True
     """A fresh permutation of the rows each epoch (seeded)."""
 
@@ -535,7 +564,8 @@ class RunConfig(_Section):
     seed: int = 0
     """Sampling RNG."""
     output_dir: str | None = None
-    """metrics.jsonl and config.yaml go here when set."""
+    """metrics.jsonl, config.yaml, trace.json, error.log and (by default) checkpoints go here
+    when set: a local directory or a gs:// URL."""
     progress: bool = True
     """Show a progress bar on the console."""
     tensorboard: bool = False
@@ -566,8 +596,8 @@ class RunConfig(_Section):
     def _check_export_dir(self) -> RunConfig:
         # Checked before the run: finding out after hours of training would be too late.
         if self.export_hf_dir is not None:
-            p = Path(self.export_hf_dir).expanduser()
-            if p.exists() and (not p.is_dir() or any(p.iterdir())):
+            p = as_path(self.export_hf_dir)
+            if not is_url(p) and p.exists() and (not p.is_dir() or any(p.iterdir())):
                 raise ValueError(
                     f"run.export_hf_dir={self.export_hf_dir!r} already exists and is not an "
                     f"empty directory (fix: choose a new directory)")
@@ -712,7 +742,7 @@ class JobConfig(_Section):
         if self.checkpoint.dir:
             return self.checkpoint.dir
         if self.run.output_dir:
-            return str(Path(self.run.output_dir) / "checkpoints")
+            return str(as_path(self.run.output_dir) / "checkpoints")
         return None
 
     @model_validator(mode="after")
@@ -755,7 +785,13 @@ class JobConfig(_Section):
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The config as YAML that `load_config` reads back to an equal config. With
+        model.path set, the model section is path and dtype only: config.json defines the
+        rest, and setting it too is an error."""
+        data = self.model_dump(mode="json")
+        if self.model.path is not None:
+            data["model"] = {k: data["model"][k] for k in ("path", "dtype")}
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,14 +151,16 @@ class Loop:
 
     # -- the sampler side ------------------------------------------------------------------
 
-    def _sample_and_score(self, step: int, key: Any, times: dict[str, float]
+    def _sample_and_score(self, step: int, key: Any, totals: dict[str, float]
                           ) -> tuple[Samples, dict[str, float], int]:
-        """Samples G completions for the next prompts_per_step prompts and scores them."""
+        """Samples G completions for the next prompts_per_step prompts and scores them; adds
+        its times and truncated prompts to `totals`."""
         g, algo, tl = self.cfg.sampling.group_size, self.cfg.algorithm, self.timeline
 
         # SAMPLE: G completions for each prompt, on the sampler mesh.
         with tl.span("sample", "sampler", step) as sample_span:
             prompts = self.dataset.next_batch()
+            totals["truncated_prompts"] += prompts.truncated
             prompt_tokens = np.repeat(prompts.tokens_PxL, g, axis=0)
             prompt_mask = np.repeat(prompts.mask_PxL, g, axis=0)
             self._pretrace_update(prompt_tokens, prompt_mask)
@@ -187,8 +189,8 @@ class Loop:
                 rewards_B = scores_B + soft_overlong_penalty(
                     mask.sum(axis=1), self.cfg.sampling.max_new_tokens, algo.overlong_buffer_len,
                     algo.overlong_penalty_factor)
-        times["sample"] += sample_span.seconds
-        times["reward"] += score_span.seconds
+        totals["sample"] += sample_span.seconds
+        totals["reward"] += score_span.seconds
         samples = Samples(rows, prompt_tokens, prompt_mask, tokens, mask, logps, truncated_B,
                           scores_B, rewards_B)
         return samples, reward_metrics, version
@@ -197,7 +199,7 @@ class Loop:
         """Samples and scores one step's batch (with DAPO dynamic sampling when configured)."""
         cfg, algo = self.cfg, self.cfg.algorithm
         g, want = cfg.sampling.group_size, cfg.data.prompts_per_step
-        times = {"sample": 0.0, "reward": 0.0}
+        totals = {"sample": 0.0, "reward": 0.0, "truncated_prompts": 0.0}
 
         # DAPO dynamic sampling: keep only groups whose rewards differ (the others have zero
         # advantage), and sample more prompts until `want` groups, or the retries, run out.
@@ -211,7 +213,7 @@ class Loop:
         rounds = 1 + (algo.dynamic_sampling_max_retries if algo.dynamic_sampling else 0)
         for attempt in range(rounds):
             r, reward_metrics, version = self._sample_and_score(
-                step, key if attempt == 0 else jax.random.fold_in(key, attempt), times)
+                step, key if attempt == 0 else jax.random.fold_in(key, attempt), totals)
             seen.append(r)
             reward_rounds.append(reward_metrics)
             versions.append(version)
@@ -247,13 +249,16 @@ class Loop:
             "completion/len_mean": float(lengths.mean()),
             "completion/tokens": float(lengths.sum()),
             "completion/stopped_frac": float(1.0 - everything.truncated_B.mean()),
-            "time/sample_s": times["sample"],
-            "time/reward_s": times["reward"],
+            "time/sample_s": totals["sample"],
+            "time/reward_s": totals["reward"],
             **self.sampler.metrics(),  # sampler/compiles, sampler/kept_mass
         }
         if algo.overlong_buffer_len is not None:
             metrics["reward/overlong_penalty_mean"] = float(
                 (everything.rewards_B - everything.scores_B).mean())
+        if cfg.data.truncate_prompts:
+            # Prompts drawn this step (all dynamic-sampling rounds) cut to the prompt budget.
+            metrics["data/truncated_prompts"] = totals["truncated_prompts"]
         if algo.overlong_filtering:
             metrics["overlong/filtered_frac"] = float(batch.truncated_B.mean())
         if algo.dynamic_sampling:

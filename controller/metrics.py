@@ -8,9 +8,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 from statistics import mean
 from typing import Any, Protocol
+
+from etils import epath
+
+from controller.config import as_path, is_url
+from controller.storage import upload_dir
 
 
 class Sink(Protocol):
@@ -19,38 +28,85 @@ class Sink(Protocol):
 
 
 class JsonlSink:
-    """One JSON object per step, appended and flushed, to <dir>/metrics.jsonl."""
+    """One JSON object per step to <dir>/metrics.jsonl: appended and flushed each step to a
+    local file; to a bucket (where an object cannot be appended to), the whole file is
+    rewritten at most every `upload_every_s` seconds, on `flush()` (the job flushes with every
+    checkpoint, so a resumed run finds every step up to its checkpoint) and on `close()`."""
 
-    def __init__(self, path: Path):
-        self._file = path.open("a")
+    def __init__(self, path: epath.Path, *, upload_every_s: float = 30.0):
+        self._remote = is_url(path)
+        self._path = path
+        self._upload_every_s = upload_every_s
+        if self._remote:
+            self._lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+            self._dirty = False
+            self._uploaded_at = time.monotonic()
+        else:
+            self._file = open(os.fspath(path), "a")  # noqa: SIM115 - open for the sink's life
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        self._file.write(json.dumps(metrics) + "\n")
-        self._file.flush()
+        line = json.dumps(metrics) + "\n"
+        if not self._remote:
+            self._file.write(line)
+            self._file.flush()
+            return
+        self._lines.append(line)
+        self._dirty = True
+        if time.monotonic() - self._uploaded_at >= self._upload_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._remote and self._dirty:
+            self._path.write_text("".join(self._lines))
+            self._dirty = False
+            self._uploaded_at = time.monotonic()
 
     def close(self) -> None:
-        self._file.close()
+        if self._remote:
+            self.flush()
+        else:
+            self._file.close()
 
 
 class TensorBoardSink:
-    """Scalars to TensorBoard event files (tensorboardX)."""
+    """Scalars to TensorBoard event files (tensorboardX). For a bucket, the events are written
+    to a local directory and copied up on `flush()` and `close()`."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: epath.Path, *, upload_every_s: float = 30.0):
         try:
             from tensorboardX import SummaryWriter
         except ImportError as e:
             raise ImportError("run.tensorboard=true needs tensorboardX: pip install "
                               "tensorboardX") from e
-        self._writer = SummaryWriter(str(directory))
+        self._remote = directory if is_url(directory) else None
+        self._upload_every_s = upload_every_s
+        self._uploaded_at = time.monotonic()
+        if self._remote is not None:
+            self._local = tempfile.mkdtemp(prefix="tandem-tensorboard-")
+        else:
+            self._local = os.fspath(directory)
+        self._writer = SummaryWriter(self._local)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
             if k != "step":
                 self._writer.add_scalar(k, v, step)
         self._writer.flush()
+        if self._remote is not None and (
+                time.monotonic() - self._uploaded_at >= self._upload_every_s):
+            self.flush()
+
+    def flush(self) -> None:
+        if self._remote is not None:
+            self._writer.flush()
+            upload_dir(Path(self._local), self._remote)
+            self._uploaded_at = time.monotonic()
 
     def close(self) -> None:
         self._writer.close()
+        if self._remote is not None:
+            upload_dir(Path(self._local), self._remote)
+            shutil.rmtree(self._local, ignore_errors=True)
 
 
 class WandbSink:
@@ -81,7 +137,7 @@ class MetricsLog:
         self.history: list[dict[str, float]] = []
         self.sinks: list[Sink] = list(sinks or [])
         if output_dir:
-            path = Path(output_dir)
+            path = as_path(output_dir)
             path.mkdir(parents=True, exist_ok=True)
             file = path / "metrics.jsonl"
             if resume_step is not None and file.exists():
@@ -92,15 +148,26 @@ class MetricsLog:
                         continue  # a line cut off by a kill
                     if m.get("step", 0) <= resume_step:
                         self.history.append(m)
-                tmp = file.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(json.dumps(m) + "\n" for m in self.history))
-                tmp.replace(file)  # atomic: a kill here leaves the old or the new log
+                kept = "".join(json.dumps(m) + "\n" for m in self.history)
+                if is_url(file):
+                    file.write_text(kept)  # an object is replaced whole: old or new, never half
+                else:
+                    tmp = file.with_suffix(".jsonl.tmp")
+                    tmp.write_text(kept)
+                    tmp.replace(file)  # atomic: a kill here leaves the old or the new log
             self.sinks.insert(0, JsonlSink(file))
 
     def append(self, metrics: dict[str, float]) -> None:
         self.history.append(metrics)
         for sink in self.sinks:
             sink.write(int(metrics.get("step", len(self.history))), metrics)
+
+    def flush(self) -> None:
+        """Makes every step logged so far durable in the sinks that batch their writes."""
+        for sink in self.sinks:
+            flush = getattr(sink, "flush", None)
+            if flush is not None:
+                flush()
 
     def close(self) -> None:
         for sink in self.sinks:

@@ -9,12 +9,16 @@ chrome://tracing and Perfetto (ui.perfetto.dev) open: one row per mesh.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from etils import epath
+
+from controller.config import as_path
 
 MESHES = ("sampler", "host", "trainer")
 
@@ -110,8 +114,9 @@ class Timeline:
             })
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
-    def write_chrome_trace(self, path: str | Path) -> Path:
-        path = Path(path)
+    def write_chrome_trace(self, path: str | os.PathLike) -> epath.Path:
+        """Writes the trace to `path` (a local path or a gs:// URL)."""
+        path = as_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_chrome_trace()))
         return path

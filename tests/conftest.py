@@ -64,3 +64,16 @@ def tiny_model(tokenizer):
         lambda p, x: x + 0.1 * jax.random.normal(key, x.shape)
         if "bias" in jax.tree_util.keystr(p) else x, params)
     return define_model(spec), params
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A GCS emulator on loopback (tests/helpers/gcs_emulator.py), started once for the
+    session; this process's gcsfs and tensorstore point at it, and `gcs.env` does the same for
+    subprocesses. Its bucket is gcs_emulator.BUCKET."""
+    from helpers import gcs_emulator
+
+    emulator = gcs_emulator.start()
+    gcs_emulator.use_in_this_process(emulator)
+    yield emulator
+    emulator.stop()

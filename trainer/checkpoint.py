@@ -15,14 +15,15 @@ config's init seed or model path), which the saved config records.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
+
+from controller.config import absolute_path, as_path
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,10 @@ def abstract_like(tree: Any) -> Any:
 class Checkpointer:
     """Saves and restores (train state, metadata) pairs under `directory/<step>/`."""
 
-    def __init__(self, directory: str | Path, *, keep_last: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, keep_last: int = 3,
+                 async_save: bool = True):
         # Absolute, as orbax's metadata needs; a URL (gs://...) stays a URL.
-        self.directory: Any = (epath.Path(str(directory)) if "://" in str(directory)
-                               else Path(directory).expanduser().absolute())
+        self.directory = as_path(absolute_path(directory))
         self.directory.mkdir(parents=True, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep_last,

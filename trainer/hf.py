@@ -42,6 +42,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from controller.config import as_path
 from trainer.model import ModelDef, ModelSpec, Params, RopeScaling, define_model
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3_text")
@@ -78,14 +79,16 @@ class HFCheckpointError(ValueError):
 # config.json -> ModelSpec
 
 
-def read_hf_config(path: str | Path) -> dict[str, Any]:
-    """The parsed config.json of a local HF model directory."""
-    path = Path(path)
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed config.json of a HF model directory, local or gs:// (only that file is
+    read)."""
+    path = as_path(path)
     if not path.is_dir():
         raise HFCheckpointError(
-            f"model.path={str(path)!r} is not a directory (fix: point model.path at a local "
-            f"Hugging Face model directory holding config.json and *.safetensors; Tandem never "
-            f"downloads, so fetch it first, e.g. `huggingface-cli download ORG/NAME --local-dir "
+            f"model.path={str(path)!r} is not a directory (fix: point model.path at a "
+            f"Hugging Face model directory, local or gs://, holding config.json and "
+            f"*.safetensors; Tandem never downloads from a hub, so fetch it first, e.g. "
+            f"`huggingface-cli download ORG/NAME --local-dir "
             f"DIR`)")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -236,7 +239,7 @@ def spec_from_hf_config(cfg: dict[str, Any], dtype: Any = "float32",
 
 def load_hf_spec(path: str | Path, dtype: Any = "float32") -> ModelSpec:
     """config.json of a local HF directory -> ModelSpec with params in `dtype`."""
-    cfg, where = read_hf_config(path), str(Path(path) / "config.json")
+    cfg, where = read_hf_config(path), str(as_path(path) / "config.json")
     if not isinstance(cfg, dict):
         raise HFCheckpointError(f"{where} holds a {type(cfg).__name__}, not a JSON object (fix: "
                                 f"download the model again)")

@@ -3,6 +3,7 @@
     tandem export runs/exp1 exported/            # the run's newest checkpoint that restores
     tandem export runs/exp1/checkpoints out/ --step 200
     tandem export runs/exp1/checkpoints/200 out/
+    tandem export gs://bucket/exp1 gs://bucket/exp1-hf
 
 The model is rebuilt from the config the checkpoint records (its `meta`), only the params are
 read (an orbax partial restore of `state.params`, onto one CPU device: no optimizer state and
@@ -16,9 +17,16 @@ import argparse
 import contextlib
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from etils import epath
+
+from controller.config import absolute_path, as_path, expand_path, is_url
+from controller.storage import stage, upload_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +59,22 @@ def _quiet_orbax() -> Iterator[None]:
         absl.setLevel(level)
 
 
-def _is_step_dir(p: Path) -> bool:
-    # Orbax renames `<step>.orbax-checkpoint-tmp*` to `<step>` once a save is complete.
-    return p.is_dir() and p.name.isdigit() and (p / "state").is_dir() and (p / "meta").is_dir()
+def _is_step_dir(p: epath.Path) -> bool:
+    # Orbax renames `<step>.orbax-checkpoint-tmp*` to `<step>` once a save is complete; on GCS,
+    # which has no atomic rename, it writes `<step>` in place and adds commit_success.txt last.
+    return (p.is_dir() and p.name.isdigit() and (p / "state").is_dir() and (p / "meta").is_dir()
+            and (not is_url(p) or (p / "commit_success.txt").exists()))
 
 
-def find_step_dirs(checkpoint: str | Path, step: int | None = None) -> list[Path]:
-    """Candidate step directories, newest first, for a run dir, checkpoint dir or step dir.
+def find_step_dirs(checkpoint: str | os.PathLike, step: int | None = None
+                   ) -> list[epath.Path]:
+    """Candidate step directories, newest first, for a run dir, checkpoint dir or step dir,
+    local or gs://.
 
-    The paths are absolute (orbax's metadata reader needs them so); a relative `checkpoint`
+    Local paths are absolute (orbax's metadata reader needs them so); a relative `checkpoint`
     is taken from the current directory.
     """
-    path = Path(checkpoint).expanduser().absolute()
+    path = as_path(absolute_path(checkpoint))
     if not path.exists():
         raise ExportError(f"checkpoint {str(checkpoint)!r} does not exist (fix: pass a run's "
                           f"run.output_dir, its checkpoints/ directory, or one step directory; "
@@ -93,7 +105,7 @@ def find_step_dirs(checkpoint: str | Path, step: int | None = None) -> list[Path
     return steps
 
 
-def _read_meta(step_dir: Path) -> dict[str, Any]:
+def _read_meta(step_dir: epath.Path) -> dict[str, Any]:
     file = step_dir / "meta" / "metadata"
     try:
         meta = json.loads(file.read_text())
@@ -107,20 +119,21 @@ def _read_meta(step_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def _model_for(cfg: Any) -> Any:
-    """The ModelDef the job trained, rebuilt from its config as `Job` builds it."""
+def _model_for(cfg: Any, model_dir: Path | None) -> Any:
+    """The ModelDef the job trained, rebuilt from its config as `Job` builds it (`model_dir`:
+    the local copy of its model.path)."""
     from trainer.model import ModelSpec, define_model
 
-    if cfg.model.path:
+    if model_dir is not None:
         from trainer.hf import load_hf_spec
 
-        return define_model(load_hf_spec(cfg.model.path, cfg.model.dtype))
+        return define_model(load_hf_spec(model_dir, cfg.model.dtype))
     from controller.data import build_tokenizer
 
     return define_model(ModelSpec.from_config(cfg.model, build_tokenizer(cfg).vocab_size))
 
 
-def _check_shapes(step_dir: Path, mdef: Any) -> None:
+def _check_shapes(step_dir: epath.Path, mdef: Any) -> None:
     """The checkpoint's params must be exactly the tree the config's model defines."""
     import jax
     import orbax.checkpoint as ocp
@@ -153,7 +166,7 @@ def _check_shapes(step_dir: Path, mdef: Any) -> None:
             f"with, i.e. its own meta, untouched)")
 
 
-def restore_params(step_dir: Path, mdef: Any) -> Any:
+def restore_params(step_dir: epath.Path, mdef: Any) -> Any:
     """`state.params` of one step directory, onto one device, CPU if there is one (an orbax
     partial restore: the optimizer state is never read)."""
     import jax
@@ -175,14 +188,16 @@ def restore_params(step_dir: Path, mdef: Any) -> Any:
     return out["params"]
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, step: int | None = None,
-                      model_path: str | None = None, overwrite: bool = False) -> tuple[Path, int]:
-    """Writes a Tandem checkpoint as a HF directory; returns (out_dir, exported step).
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
+                      step: int | None = None, model_path: str | None = None,
+                      overwrite: bool = False) -> tuple[epath.Path, int]:
+    """Writes a Tandem checkpoint as a HF directory; returns (out_dir, exported step). Both
+    may be local or gs://; a remote out_dir is written locally first, then uploaded.
 
     Without `step`, the newest checkpoint that restores is used (a corrupt one is skipped with
     a warning, as a resume does).
     """
-    out = Path(out_dir).expanduser()
+    out = as_path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"out_dir {out_dir} is a file; nothing is overwritten (fix: "
                           f"choose a new output directory)")
@@ -191,7 +206,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, step: int 
                           f"overwritten (fix: choose a new output directory, or pass "
                           f"--overwrite)")
     if model_path is not None:
-        model_path = str(Path(model_path).expanduser())
+        model_path = expand_path(model_path)
     candidates = find_step_dirs(checkpoint, step)
     skipped: list[str] = []
     for step_dir in candidates:
@@ -211,8 +226,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, step: int 
                       f"re-run it)")
 
 
-def _export_step(step_dir: Path, out: Path, model_path: str | None, overwrite: bool
-                 ) -> tuple[Path, int]:
+def _export_step(step_dir: epath.Path, out: epath.Path, model_path: str | None,
+                 overwrite: bool) -> tuple[epath.Path, int]:
     from controller.config import ConfigError, validate_config
     from trainer.hf import save_hf_model
 
@@ -224,7 +239,7 @@ def _export_step(step_dir: Path, out: Path, model_path: str | None, overwrite: b
     model = dict(data.get("model", {}))
     if model_path is not None:
         model["path"] = model_path
-    elif model.get("path") and not (Path(model["path"]) / "config.json").is_file():
+    elif model.get("path") and not (as_path(model["path"]) / "config.json").is_file():
         raise ExportError(
             f"{step_dir} was trained from model.path={model['path']!r}, which no longer holds "
             f"a Hugging Face model; its config.json and tokenizer are needed (fix: pass "
@@ -237,7 +252,8 @@ def _export_step(step_dir: Path, out: Path, model_path: str | None, overwrite: b
     except ConfigError as e:
         raise ExportError(f"the config recorded in {step_dir / 'meta'} does not validate "
                           f"(written by another Tandem version?): {e}") from None
-    mdef = _model_for(cfg)
+    model_dir = stage(cfg.model.path, "model.path") if cfg.model.path else None
+    mdef = _model_for(cfg, model_dir)
     _check_shapes(step_dir, mdef)
     try:
         params = restore_params(step_dir, mdef)
@@ -246,8 +262,13 @@ def _export_step(step_dir: Path, out: Path, model_path: str | None, overwrite: b
 
         raise _Unreadable(f"{step_dir / 'state'} is incomplete or corrupt: it does not restore "
                           f"({short_reason(e)})", "pass --step with an earlier checkpoint") from e
-    path = save_hf_model(out, mdef.spec, params, source_dir=cfg.model.path, overwrite=overwrite)
-    return path, int(step_dir.name)
+    if not is_url(out):
+        path = save_hf_model(out, mdef.spec, params, source_dir=model_dir, overwrite=overwrite)
+        return epath.Path(path), int(step_dir.name)
+    with tempfile.TemporaryDirectory(prefix="tandem-export-") as tmp:
+        local = save_hf_model(Path(tmp) / "model", mdef.spec, params, source_dir=model_dir)
+        upload_dir(Path(local), out)
+    return out, int(step_dir.name)
 
 
 def cmd_export(ns: argparse.Namespace) -> int:

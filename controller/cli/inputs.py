@@ -7,6 +7,8 @@ name that is not registered), so a bad input costs a second, not a JAX start-up.
 more (a reward module that fails on import, rows that do not parse) is found when the job is
 built, and the CLI reports those errors the same way.
 
+A gs:// data file or model directory is copied to the local staging cache here (the job reads
+that copy) and checked there; a gs:// run or checkpoint directory is listed like a local one.
 `tandem run` runs these checks; `tandem submit` does not, since the job runs in a container
 whose files may differ. No JAX here: the CLI imports this before JAX starts.
 """
@@ -18,7 +20,11 @@ import json
 import os
 from pathlib import Path
 
-from controller.config import ConfigError, JobConfig
+from etils import epath
+
+from controller.config import ConfigError, JobConfig, as_path, is_url
+from controller.data.budget import prompt_budget
+from controller.storage import stage
 
 
 def check_run_inputs(cfg: JobConfig) -> None:
@@ -27,6 +33,7 @@ def check_run_inputs(cfg: JobConfig) -> None:
     _check_rewards(cfg)
     if cfg.model.path:
         _check_model_dir(cfg.model.path)
+    prompt_budget(cfg)  # prompts + sampling.max_new_tokens within the model's positions
     _check_run_dirs(cfg)
     _check_extras(cfg)
     for field, value in (("status.tls_cert", cfg.status.tls_cert),
@@ -63,10 +70,8 @@ def _check_data(cfg: JobConfig) -> None:
     data = cfg.data
     if data.path is None or data.task not in ("gsm8k", "jsonl", "parquet"):
         return
-    path, p = data.path, Path(data.path)
-    if "://" in path:
-        raise ConfigError(f"data.path={path!r}: only local files are read (fix: copy it to "
-                          f"this machine and point data.path at the copy)")
+    path = data.path
+    p = stage(path, "data.path")  # a gs:// file is copied to the local cache and read there
     if p.is_dir():
         raise ConfigError(f"data.path={path!r} is a directory (fix: point it at the "
                           f"{data.task if data.task != 'gsm8k' else 'jsonl'} file itself)")
@@ -100,9 +105,13 @@ def _check_rewards(cfg: JobConfig) -> None:
 
 
 def _check_model_dir(path: str) -> None:
-    # The config validator checked that config.json exists.
-    p = Path(path)
+    # The config validator checked that a local config.json exists; a gs:// directory is
+    # copied to the local cache (where the job reads it) and checked there.
+    p = stage(path, "model.path")
     where = f"model.path={path!r}"
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"{where} has no config.json (fix: point it at a Hugging Face model "
+                          f"directory)")
     try:
         hf = json.loads((p / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -136,19 +145,21 @@ def _check_model_dir(path: str) -> None:
             f"AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir))")
 
 
-def _step_dirs(directory: Path) -> list[int]:
+def _step_dirs(directory: epath.Path) -> list[int]:
     """Steps of the complete checkpoints in `directory` (orbax renames `<step>.orbax-...-tmp`
-    to `<step>` once a save is complete)."""
+    to `<step>` once a save is complete; on GCS it writes `<step>` in place and adds
+    commit_success.txt last)."""
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()
+                  and (not is_url(p) or (p / "commit_success.txt").exists()))
 
 
 def _check_run_dirs(cfg: JobConfig) -> None:
     for field, value in (("run.output_dir", cfg.run.output_dir),
                          ("checkpoint.dir", cfg.checkpoint.dir)):
-        if value is None or "://" in value:
-            continue
+        if value is None or is_url(value):
+            continue  # a bucket prefix need not exist before the first write
         p = Path(value)
         if p.exists() and not p.is_dir():
             raise ConfigError(f"{field}={value!r} is a file, not a directory (fix: choose a "
@@ -164,21 +175,19 @@ def _check_run_dirs(cfg: JobConfig) -> None:
             raise ConfigError("run.resume=true but there is no checkpoint directory (fix: set "
                               "run.output_dir or checkpoint.dir to the run to resume)")
         return
-    if "://" in directory:  # remote storage: orbax looks when the job starts
-        return
-    steps = _step_dirs(Path(directory))
+    steps = _step_dirs(as_path(directory))
     value = cfg.checkpoint.dir or cfg.run.output_dir
     if cfg.run.resume:
         if not steps:
-            aside = sorted(q.name for q in Path(directory).glob("corrupt-*"))
+            aside = sorted(q.name for q in as_path(directory).glob("corrupt-*"))
             note = f"; {', '.join(aside)} were set aside as unreadable" if aside else ""
             raise ConfigError(
                 f"run.resume=true but {field}={value!r} holds no checkpoint to resume "
                 f"({directory} has none{note}) (fix: drop run.resume=true to start a new run "
                 f"there, or set {field} to the run to continue)")
         return
-    metrics = Path(cfg.run.output_dir or directory) / "metrics.jsonl"
-    if steps or (metrics.is_file() and metrics.stat().st_size):
+    metrics = as_path(cfg.run.output_dir or directory) / "metrics.jsonl"
+    if steps or (metrics.is_file() and metrics.stat().length):
         held = f"checkpoints of steps {steps}" if steps else f"{metrics.name}"
         raise ConfigError(
             f"{field}={value!r} already holds a run ({held}); nothing is overwritten (fix: "

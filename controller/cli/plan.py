@@ -2,18 +2,21 @@
 
     tandem plan examples/llama3-70b-shapes.yaml --topology v5p-256
     tandem plan examples/llama2-7b-shapes.yaml --topology v5p-64 --num-slices 2
+    tandem plan model.path=~/models/qwen2.5-0.5b --topology v5e-8
 
 The job's topology section splits the topology's chips into the trainer and sampler meshes, as
 `controller.topology.build_meshes` would on the real slice; the model is built abstractly
-(`nnx.eval_shape`, no weights allocated), so a 70B plan takes seconds on a laptop. Devices are
-`DeviceRef`s (id, slice, host) from the topology description, never real devices. Times are
-estimates from published bandwidth figures, printed with the figures and their source.
+(`nnx.eval_shape`, no weights allocated), so a 70B plan takes seconds on a laptop. With
+model.path the shapes come from the directory's config.json alone (no weights are read).
+Devices are `DeviceRef`s (id, slice, host) from the topology description, never real devices.
+Times are estimates from published bandwidth figures, printed with the figures and their source.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -26,6 +29,7 @@ examples:
   tandem plan examples/llama3-70b-shapes.yaml --topology v5p-256 reshard.dtype=bfloat16
   tandem plan examples/llama2-7b-shapes.yaml --topology v5p-64 --num-slices 2
   tandem plan --topology v6e-16 topology.trainer_devices=12
+  tandem plan model.path=~/models/qwen2.5-0.5b --topology v5e-8
 
 Topologies: v5e-N / v5litepod-N and v6e-N (N chips), v5p-N (N TensorCores, N/2 chips).
 With --num-slices S the job spans S slices joined over DCN; the trainer takes the first
@@ -39,6 +43,7 @@ class PlannedJob:
     """What `tandem plan` computes; printed by `format_plan`."""
 
     cfg: JobConfig
+    spec: Any  # trainer.model.ModelSpec: the model planned
     topology: Any  # reshard.plan.TpuTopology
     trainer: Any  # SubMesh over an AbstractMesh
     sampler: Any
@@ -71,21 +76,35 @@ def _per_chip_bytes(shapes: Any, shardings: Any, dtype: Any) -> int:
     return max(per_device_bytes(shapes, shardings, dtype=dtype).values(), default=0)
 
 
-def abstract_params(cfg: JobConfig) -> tuple[Any, Any]:
-    """(shapes, logical axes) of the job's model, as ShapeDtypeStructs: nothing allocated.
+def model_spec(cfg: JobConfig) -> Any:
+    """The job's `ModelSpec`: model.path's config.json mapped as a run maps it
+    (`trainer.hf.load_hf_spec`; no weights or tokenizer read), else the model.* fields."""
+    if cfg.model.path:
+        from trainer.hf import load_hf_spec
 
-    The decoder's layers are identical, so one layer is built abstractly (`define_model` with
-    `nnx.eval_shape`) and repeated: tracing all 80 layers of a 70B model takes ~30 s, one layer
-    well under a second, with the same tree (a test checks this against the full build).
-    """
+        return load_hf_spec(cfg.model.path, cfg.model.dtype)
     from controller.data import build_tokenizer
-    from trainer.model import ModelSpec, define_model
+    from trainer.model import ModelSpec
 
-    vocab = cfg.model.vocab_size or build_tokenizer(cfg).vocab_size
-    one = cfg.model.model_copy(update={"num_layers": 1})
-    mdef = define_model(ModelSpec.from_config(one, vocab))
+    return ModelSpec.from_config(cfg.model, cfg.model.vocab_size or build_tokenizer(cfg).vocab_size)
+
+
+def abstract_params(cfg: JobConfig, spec: Any = None) -> tuple[Any, Any]:
+    """(shapes, logical axes) of the job's model (`spec`, default `model_spec(cfg)`), as
+    ShapeDtypeStructs: nothing allocated.
+
+    The decoder's layers are identical in shape (a sliding-window layer differs only in its
+    mask), so one layer is built abstractly (`define_model` with `nnx.eval_shape`) and
+    repeated: tracing all 80 layers of a 70B model takes ~30 s, one layer well under a second,
+    with the same tree (a test checks this against the full build).
+    """
+    from trainer.model import define_model
+
+    spec = spec or model_spec(cfg)
+    one = dataclasses.replace(spec, num_layers=1, sliding_layers=spec.sliding_layers[:1])
+    mdef = define_model(one)
     shapes, axes = mdef.shapes(), mdef.logical_axes
-    n = cfg.model.num_layers
+    n = spec.num_layers
     shapes = {**shapes, "layers": {i: shapes["layers"][0] for i in range(n)}}
     axes = {**axes, "layers": {i: axes["layers"][0] for i in range(n)}}
     return shapes, axes
@@ -104,7 +123,8 @@ def build_plan(cfg: JobConfig, topology: str, num_slices: int = 1) -> PlannedJob
                                 cfg.topology.trainer_rules)
     sampler = _abstract_submesh(cfg, "sampler", devices[n_train:], cfg.topology.sampler_mesh,
                                 cfg.topology.sampler_rules)
-    shapes, logical_axes = abstract_params(cfg)  # abstract: no weights
+    spec = model_spec(cfg)
+    shapes, logical_axes = abstract_params(cfg, spec)  # abstract: no weights
 
     def shardings(sub: Any) -> Any:
         return jax.tree.map(
@@ -121,7 +141,7 @@ def build_plan(cfg: JobConfig, topology: str, num_slices: int = 1) -> PlannedJob
         # A chunk's cast copy is spread over the trainer's chips like the params are.
         cast_bytes = min(cast_bytes, -(-cfg.reshard.chunk_bytes // trainer.size))
     return PlannedJob(
-        cfg=cfg, topology=topo, trainer=trainer, sampler=sampler,
+        cfg=cfg, spec=spec, topology=topo, trainer=trainer, sampler=sampler,
         num_params=sum(s.size for s in jax.tree.leaves(shapes)), src_dtype=str(src_dtype),
         plan=plan, estimate=estimate_on(plan, topo),
         trainer_bytes_per_chip=_per_chip_bytes(shapes, src, None),
@@ -131,6 +151,14 @@ def build_plan(cfg: JobConfig, topology: str, num_slices: int = 1) -> PlannedJob
 
 def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
+
+
+def _count(n: int) -> str:
+    """6.74B, 494.03M, 85.38K."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
 
 
 def _describe_side(sub: Any) -> str:
@@ -145,10 +173,13 @@ def format_plan(p: PlannedJob, *, max_rows: int = 40) -> str:
     """The human-readable plan: split, per-leaf summary, totals, estimate, memory."""
     plan, est, topo = p.plan, p.estimate, p.topology
     moved = p.cfg.reshard.dtype or p.src_dtype
+    source = (f"model.path={p.cfg.model.path} ({p.spec.hf_model_type}, shapes from its "
+              f"config.json)" if p.cfg.model.path else "the built-in decoder (model.* fields)")
     lines = [
         f"tandem plan: {topo.describe()}",
-        f"model: {p.num_params / 1e9:.2f}B params ({p.num_params:,}), {p.cfg.model.num_layers} "
-        f"layers, d={p.cfg.model.hidden_size}; trainer holds {p.src_dtype}, sync sends {moved}",
+        f"model: {_count(p.num_params)} params ({p.num_params:,}), {source}, "
+        f"{p.spec.num_layers} layers, d={p.spec.hidden_size}; trainer holds {p.src_dtype}, "
+        f"sync sends {moved}",
         f"mesh split: {_describe_side(p.trainer)} | {_describe_side(p.sampler)}",
         "",
     ]
@@ -228,7 +259,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 
     try:
         planned = build_plan(cfg, ns.topology, ns.num_slices)
-    except (PlanError, *input_errors()) as e:  # a config error, or model.path's tokenizer
+    except (PlanError, *input_errors()) as e:  # a config error, or model.path's config.json
         return fail(e)
     print(format_plan(planned, max_rows=ns.max_rows))
     return 0

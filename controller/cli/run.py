@@ -6,12 +6,12 @@ import argparse
 import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 from controller.cli.args import describe, fail, input_errors, split_args
 from controller.cli.inputs import check_run_inputs
-from controller.config import ConfigError, JobConfig, load_config
+from controller.config import ConfigError, JobConfig, as_path, load_config
+from controller.storage import append_text
 
 RUN_EPILOG = """\
 examples:
@@ -125,7 +125,7 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
             f"{s['timeline/trainer_busy_frac']:.0%}, both at once "
             f"{s['timeline/overlap_frac']:.0%} of the wall time")
     if cfg.run.output_dir:
-        out = Path(cfg.run.output_dir)
+        out = as_path(cfg.run.output_dir)
         console.print(f"metrics: {out / 'metrics.jsonl'} | trace: {out / 'trace.json'} "
                       f"(open in ui.perfetto.dev)")
     if cfg.run.export_hf_dir:
@@ -154,13 +154,13 @@ def _report_stop(job: Any, cfg: JobConfig, e: Exception) -> int:
              else f"the run failed after step {job.steps_done}")
     cause = str(e).strip() if isinstance(e, RewardFailureError) else describe(e)
     print(f"error: {where}: {cause}", file=sys.stderr)
-    out = Path(cfg.run.output_dir) if cfg.run.output_dir else None
+    out = as_path(cfg.run.output_dir) if cfg.run.output_dir else None
     if not isinstance(e, RewardFailureError):
         if out is not None and out.is_dir():
             log = out / "error.log"
-            with open(log, "a") as file:  # appended: an earlier failure's record stays
-                file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {where}\n"
-                           + "".join(traceback.format_exception(e)))
+            # Appended: an earlier failure's record stays.
+            append_text(log, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {where}\n"
+                        + "".join(traceback.format_exception(e)))
             print(f"  the full traceback: {log}", file=sys.stderr)
         else:
             print("  (set run.output_dir to keep the full traceback in <dir>/error.log)",

@@ -5,7 +5,8 @@
     synthetic.py     random-id prompts and their tokenizer (benchmarks)
     tasks.py         built-in generated tasks (`reverse_digits`, `synthetic`)
     datasets.py      file datasets: bundled GSM8K, JSONL, Parquet
-    batch.py         rows -> the left-padded `PromptBatch`
+    budget.py        the prompt budget: data.max_prompt_tokens against the model's positions
+    batch.py         rows -> the left-padded `PromptBatch` (left truncation to the budget)
 
 Every dataset has `position` (rows handed out, the resumable data position) and
 `next_batch(n) -> PromptBatch`.
@@ -44,11 +45,18 @@ def build_tokenizer(cfg: JobConfig) -> Tokenizer:
 
 def build_dataset(cfg: JobConfig, tokenizer: Tokenizer, position: int = 0
                   ) -> TaskDataset | TextDataset:
-    """The prompt source named by `data.task`, starting at `position` rows."""
+    """The prompt source named by `data.task`, starting at `position` rows.
+
+    Raises ConfigError when data.max_prompt_tokens + sampling.max_new_tokens cannot fit in
+    model.path's positions (`controller.data.budget.prompt_budget`), before any row is read.
+    """
+    from controller.data.budget import prompt_budget
+
+    budget = prompt_budget(cfg)
     if cfg.data.task in ("gsm8k", "jsonl", "parquet"):
         from controller.data.datasets import TextDataset
 
-        return TextDataset(cfg.data, tokenizer, position)
+        return TextDataset(cfg.data, tokenizer, position, budget=budget)
     from controller.data.tasks import TaskDataset
 
-    return TaskDataset(cfg.data, tokenizer, position)
+    return TaskDataset(cfg.data, tokenizer, position, budget=budget)

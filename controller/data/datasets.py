@@ -3,10 +3,11 @@
 A loaded row is the file's record plus three fields the loop and rewards rely on:
 `prompt` (the text the model continues), `target` (the reference, may be None) and `line` (the
 1-based line of a JSONL file, or row of a Parquet file). A record that cannot become a row (not
-valid JSON, a missing column, an empty prompt, a prompt longer than `data.max_prompt_tokens`,
-a GSM8K answer without `####`) is a *bad row*: it is skipped, counted and reported with its line
-number and reason (a warning at load, and `TextDataset.bad_rows`). Nothing is dropped silently,
-and a file with no good row is an error.
+valid JSON, a missing column, an empty prompt, a prompt longer than the prompt budget
+(controller/data/budget.py) without `data.truncate_prompts`, a GSM8K answer without `####`) is
+a *bad row*: it is skipped, counted and reported with its line number and reason (a warning at
+load, and `TextDataset.bad_rows`). Nothing is dropped silently, and a file with no good row is an
+error.
 
 The bundled GSM8K data (`controller/assets/gsm8k/`, MIT licence, OpenAI 2021): the full test
 split (1,319 rows) and the first 1,000 rows of the train split.
@@ -24,7 +25,9 @@ from typing import Any
 import numpy as np
 
 from controller.config import DataConfig
-from controller.data.batch import PromptBatch, pad_prompts
+from controller.data.batch import PromptBatch, batch_from_ids
+from controller.data.budget import PromptBudget
+from controller.storage import stage
 
 ASSETS = Path(__file__).parents[1] / "assets"
 GSM8K_FILES = {"train": "train_first1000.jsonl", "test": "test.jsonl"}
@@ -83,7 +86,11 @@ class LoadedRows:
         if all(r.startswith("not valid JSON") for r in reasons):
             return "write one JSON object per line, e.g. {\"prompt\": \"...\", \"target\": \"...\"}"
         if all("data.max_prompt_tokens" in r for r in reasons):
-            return "raise data.max_prompt_tokens, or shorten the prompts"
+            return ("raise data.max_prompt_tokens, set data.truncate_prompts=true to keep the "
+                    "end of each prompt, or shorten the prompts")
+        if all("max_position_embeddings" in r for r in reasons):
+            return ("data.truncate_prompts=true to keep the end of each prompt, a smaller "
+                    "sampling.max_new_tokens, or shorter prompts")
         return ("map the file's columns, e.g. data.columns={prompt: question, target: answer}, "
                 "or set data.prompt_template over its fields")
 
@@ -200,6 +207,24 @@ def _make_row(rec: dict[str, Any], prompt_col: str, target_col: str, template: s
     return {**rec, "prompt": prompt, "target": target}
 
 
+def fit_budget(loaded: LoadedRows, tokenizer: Any, budget: PromptBudget
+               ) -> tuple[LoadedRows, int]:
+    """`loaded` with each prompt longer than the budget moved to the bad rows, or, when the
+    budget truncates, kept; returns (rows, how many of the kept rows are over the budget)."""
+    rows: list[dict[str, Any]] = []
+    bad = list(loaded.bad)
+    over = 0
+    for row in loaded.rows:
+        n = len(tokenizer.encode(row["prompt"]))
+        if n <= budget.tokens or budget.truncate:
+            rows.append(row)
+            over += n > budget.tokens
+        else:
+            bad.append(BadRow(row["line"], f"prompt is {n} tokens, more than {budget.source}"))
+    bad.sort(key=lambda b: b.line)
+    return LoadedRows(rows, bad, loaded.source), over
+
+
 class TextDataset:
     """Rows from a file, served in a seeded per-epoch order; `position` = rows handed out.
 
@@ -211,21 +236,24 @@ class TextDataset:
 
     min_width = 64
 
-    def __init__(self, cfg: DataConfig, tokenizer: Any, position: int = 0):
+    def __init__(self, cfg: DataConfig, tokenizer: Any, position: int = 0, *,
+                 budget: PromptBudget | None = None):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.position = position
+        # P_max; `controller.data.build_dataset` passes the one that accounts for the model.
+        self.budget = budget or PromptBudget.from_data(cfg)
         self._perm: tuple[int, Any] = (-1, None)
+        # A gs:// file is read from its local staged copy (controller/storage.py).
         if cfg.task == "gsm8k":
-            path = Path(cfg.path) if cfg.path else gsm8k_path(cfg.split)
+            path = stage(cfg.path, "data.path") if cfg.path else gsm8k_path(cfg.split)
             loaded = load_rows(path, "jsonl", columns=cfg.columns,
-                               template=cfg.prompt_template or GSM8K_TEMPLATE, gsm8k=True,
-                               tokenizer=tokenizer, max_prompt_tokens=cfg.max_prompt_tokens)
+                               template=cfg.prompt_template or GSM8K_TEMPLATE, gsm8k=True)
         else:
             assert cfg.path is not None  # the config validator requires it
-            loaded = load_rows(cfg.path, cfg.task, columns=cfg.columns,
-                               template=cfg.prompt_template, tokenizer=tokenizer,
-                               max_prompt_tokens=cfg.max_prompt_tokens)
+            loaded = load_rows(stage(cfg.path, "data.path"), cfg.task, columns=cfg.columns,
+                               template=cfg.prompt_template)
+        loaded, over = fit_budget(loaded, tokenizer, self.budget)
         self.loaded = loaded
         self.rows = loaded.rows
         self.bad_rows = loaded.bad
@@ -236,6 +264,11 @@ class TextDataset:
                             f"{loaded.fix()})")
         if self.bad_rows:
             warnings.warn(f"data: {loaded.report()}", stacklevel=2)
+        if over:
+            warnings.warn(f"data: {over} of {len(self.rows)} prompts of {loaded.source} are "
+                          f"longer than {self.budget.source} and are left-truncated to "
+                          f"{self.budget.tokens} tokens (data.truncate_prompts=true)",
+                          stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -255,7 +288,6 @@ class TextDataset:
         self.position += n
         ids = [self.tokenizer.encode(r["prompt"]) for r in rows]
         # Power-of-two widths (at least `min_width`): a handful of sampler and trainer
-        # compilations for the whole run instead of one per batch. A compile-cost trade-off.
-        longest = max(len(x) for x in ids)
-        width = max(self.min_width, 1 << (longest - 1).bit_length())
-        return PromptBatch(rows, *pad_prompts(ids, self.tokenizer.pad_id, width))
+        # compilations for the whole run instead of one per batch.
+        return batch_from_ids(rows, ids, self.tokenizer, min_width=self.min_width,
+                              max_tokens=self.budget.tokens if self.budget.truncate else None)

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from controller.config import DataConfig
-from controller.data.batch import PromptBatch, encode_prompts
+from controller.config import ConfigError, DataConfig
+from controller.data.batch import PromptBatch, encode_prompt, encode_prompts
+from controller.data.budget import PromptBudget
 from controller.data.synthetic import synthetic_row
 from controller.data.tokenizer import CharTokenizer, Tokenizer
 
@@ -35,10 +36,26 @@ def reverse_digits_row(seed: int, index: int, min_digits: int, max_digits: int
 class TaskDataset:
     """Deterministic rows from a seed; `position` is how many rows were handed out."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, position: int = 0):
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, position: int = 0, *,
+                 budget: PromptBudget | None = None):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.position = position
+        self.budget = budget or PromptBudget.from_data(cfg)
+        # Generated rows cannot be skipped (the data position is a row count), so a task whose
+        # longest prompt is over the budget is an error now, not a bad row later.
+        longest = len(encode_prompt(self._longest_row(), tokenizer))
+        if longest > self.budget.tokens and not self.budget.truncate:
+            fix = ("data.prompt_tokens" if cfg.task == "synthetic" else "data.max_digits")
+            raise ConfigError(
+                f"data.task={cfg.task}: its longest prompt is {longest} tokens, more than "
+                f"{self.budget.source} (fix: a smaller {fix}, or data.truncate_prompts=true)")
+
+    def _longest_row(self) -> dict[str, Any]:
+        """A row whose prompt is as long as this task's prompts get."""
+        if self.cfg.task == "synthetic":
+            return self.row(0)  # every synthetic prompt has prompt_tokens ids
+        return {"prompt": "9" * self.cfg.max_digits + "="}
 
     def row(self, index: int) -> dict[str, Any]:
         c = self.cfg
@@ -50,4 +67,5 @@ class TaskDataset:
         n = n or self.cfg.prompts_per_step
         rows = [self.row(self.position + i) for i in range(n)]
         self.position += n
-        return encode_prompts(rows, self.tokenizer)
+        return encode_prompts(
+            rows, self.tokenizer, max_tokens=self.budget.tokens if self.budget.truncate else None)

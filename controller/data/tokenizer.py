@@ -15,6 +15,7 @@ class Tokenizer(Protocol):
     """What the loop, the datasets and the sampler need of a tokenizer."""
 
     pad_id: int  # fills masked prompt columns; any valid id
+    bos_id: int | None  # the id a prompt starts with (kept by left truncation); None: no BOS
     stop_ids: tuple[int, ...]  # the ids that end a completion
 
     @property

@@ -85,3 +85,16 @@ def test_every_example_config_loads():
     assert examples
     for path in examples:
         load_config(path)
+
+
+def test_yaml_of_a_config_reads_back_equal_with_and_without_model_path(tmp_path):
+    """config.yaml in a run directory (and --print-config) is a config a user can run again."""
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "qwen2"}')
+    for overrides in ([], [f"model.path={model}", "model.dtype=bfloat16", "run.steps=7"]):
+        cfg = load_config(overrides=overrides)
+        file = tmp_path / "config.yaml"
+        file.write_text(cfg.to_yaml())
+        again = load_config(file)
+        assert again == cfg and again.digest() == cfg.digest()

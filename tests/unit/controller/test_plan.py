@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from helpers.hf_fixtures import FAMILIES
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -188,3 +189,29 @@ def test_tandem_plan_prints_split_bytes_and_estimate(capsys):
     assert "ICI 0.00 GB" in out and "bottleneck: DCN" in out
     assert main(["plan", "--topology", "tpu-3"]) == 2
     assert "--topology='tpu-3'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tandem_plan_reads_model_path_config_without_weights(tmp_path, capsys, family):
+    """With model.path, the plan is of that model: its parameter count is the checkpoint's,
+    from config.json alone (the weights and tokenizer are deleted first, so none is read)."""
+    pytest.importorskip("transformers")
+    import math
+
+    from helpers.hf_fixtures import write_tiny_hf_model
+    from safetensors import safe_open
+
+    from controller.cli import main
+
+    model = write_tiny_hf_model(family, tmp_path / family)
+    with safe_open(str(model / "model.safetensors"), "np") as f:
+        names = f.keys()  # a safetensors handle is not iterable
+        real = sum(math.prod(f.get_slice(k).get_shape()) for k in names)
+    for p in model.iterdir():
+        if p.name != "config.json":
+            p.unlink()
+    assert main(["plan", "--topology", "v5e-8", f"model.path={model}"]) == 0
+    out = capsys.readouterr().out
+    model_type = "gemma3_text" if family == "gemma3" else family
+    assert (f"params ({real:,}), model.path={model} ({model_type}, shapes from its "
+            f"config.json), 2 layers, d=32;") in out

@@ -1,0 +1,98 @@
+"""Paths a user gives, local or gs://, against a GCS emulator on loopback."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from helpers.gcs_emulator import BUCKET
+
+from controller.config import absolute_path, as_path, load_config
+from controller.metrics import MetricsLog
+from controller.storage import STAGING_ENV, append_text, stage, staged_inputs, upload_dir
+
+
+def test_gs_paths_stay_urls_through_config_and_joins(monkeypatch, tmp_path):
+    cfg = load_config(overrides=[f"run.output_dir=gs://{BUCKET}/run"])
+    assert cfg.run.output_dir == f"gs://{BUCKET}/run"
+    assert cfg.checkpoint_dir == f"gs://{BUCKET}/run/checkpoints"  # not "gs:/tandem-test/..."
+    assert str(as_path(cfg.run.output_dir) / "metrics.jsonl") == f"gs://{BUCKET}/run/metrics.jsonl"
+    monkeypatch.chdir(tmp_path)
+    assert str(as_path("runs/x") / "y") == "runs/x/y"  # as the user wrote it, for messages
+    assert str(as_path(absolute_path("runs/x")) / "y") == str(tmp_path / "runs/x/y")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert str(as_path("~/runs") / "y") == str(tmp_path / "home/runs/y")
+
+
+def test_stage_copies_a_remote_directory_once_and_again_when_it_changes(gcs, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staged"))
+    src = as_path(f"gs://{BUCKET}/models/m1")
+    (src / "config.json").write_text('{"model_type": "qwen2"}')
+    (src / "model.safetensors").write_bytes(b"\x00" * 1000)
+    (src / "sub" / "ignored.txt").write_text("x")  # subdirectories are not staged
+    local = stage(str(src), "model.path", quiet=True)
+    assert local.parent.parent == tmp_path / "staged"
+    assert sorted(p.name for p in local.iterdir() if not p.name.startswith(".")) == [
+        "config.json", "model.safetensors"]
+    assert (local / "config.json").read_text() == '{"model_type": "qwen2"}'
+    os.utime(local / "config.json", (0, 0))
+    before = (local / "config.json").stat().st_mtime
+    assert stage(str(src), "model.path", quiet=True) == local  # unchanged: nothing copied
+    assert (local / "config.json").stat().st_mtime == before
+    (src / "config.json").write_text('{"model_type": "llama"}')  # changed remotely
+    stage(str(src), "model.path", quiet=True)
+    assert (local / "config.json").read_text() == '{"model_type": "llama"}'
+
+
+def test_stage_of_a_missing_url_names_the_field(gcs, tmp_path, monkeypatch):
+    from controller.config import ConfigError
+
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path))
+    with pytest.raises(ConfigError, match=r"data.path='gs://tandem-test/nope.jsonl' does not "
+                                          r"exist \(fix: check the URL"):
+        stage(f"gs://{BUCKET}/nope.jsonl", "data.path")
+
+
+def test_staged_inputs_swaps_only_remote_paths(gcs, tmp_path, monkeypatch):
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staged"))
+    (as_path(f"gs://{BUCKET}/data/p.jsonl")).write_text('{"prompt": "1+1", "target": "2"}\n')
+    cfg = load_config(overrides=["data.task=jsonl", f"data.path=gs://{BUCKET}/data/p.jsonl",
+                                 "rewards.functions=[gsm8k]"])
+    local = staged_inputs(cfg)
+    assert cfg.data.path == f"gs://{BUCKET}/data/p.jsonl"  # the config is left as written
+    assert Path(local.data.path).read_text() == '{"prompt": "1+1", "target": "2"}\n'
+    plain = load_config()
+    assert staged_inputs(plain) is plain
+
+
+def test_append_and_upload_to_a_bucket(gcs, tmp_path):
+    log = as_path(f"gs://{BUCKET}/append/error.log")
+    append_text(log, "one\n")
+    append_text(log, "two\n")
+    assert log.read_text() == "one\ntwo\n"
+    (tmp_path / "hf" / "sub").mkdir(parents=True)
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "hf" / "sub" / "w.bin").write_bytes(b"\x01\x02")
+    upload_dir(tmp_path / "hf", as_path(f"gs://{BUCKET}/up"))
+    assert as_path(f"gs://{BUCKET}/up/config.json").read_text() == "{}"
+    assert as_path(f"gs://{BUCKET}/up/sub/w.bin").read_bytes() == b"\x01\x02"
+
+
+def test_metrics_in_a_bucket_are_uploaded_on_flush_and_trimmed_on_resume(gcs):
+    out = f"gs://{BUCKET}/metrics-run"
+    file = as_path(out) / "metrics.jsonl"
+    log = MetricsLog(out)
+    for step in (1, 2, 3):
+        log.append({"step": step, "reward/mean": step / 10})
+    log.flush()
+    assert [json.loads(x)["step"] for x in file.read_text().splitlines()] == [1, 2, 3]
+    log.append({"step": 4, "reward/mean": 0.4})
+    log.close()
+    assert [json.loads(x)["step"] for x in file.read_text().splitlines()] == [1, 2, 3, 4]
+    resumed = MetricsLog(out, resume_step=2)  # steps 3-4 will run again
+    assert [m["step"] for m in resumed.history] == [1, 2]
+    assert [json.loads(x)["step"] for x in file.read_text().splitlines()] == [1, 2]
+    resumed.append({"step": 3, "reward/mean": 0.3})
+    resumed.close()
+    assert [json.loads(x)["step"] for x in file.read_text().splitlines()] == [1, 2, 3]
