@@ -42,7 +42,8 @@ _NUMBER = re.compile(
 )
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)
 _BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
-_LATEX_MATH = re.compile(r"\\(?:d|t)?frac|\\sqrt|\\pi|\\cdot|\^")
+# LaTeX math in an answer segment: the gsm8k reward hands such a segment to math-verify.
+LATEX_MATH = re.compile(r"\\(?:d|t)?frac|\\sqrt|\\pi|\\cdot|\^")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)\s*(.*)", re.I | re.S)
 
 
@@ -101,7 +102,7 @@ def answers_match(predicted: str, reference: str, abs_tol: float = 1e-6,
         ref = parse_number(ref_text) if ref_text else None
     pred_text = last_number(predicted)
     pred = parse_number(pred_text) if pred_text else None
-    latex = bool(_LATEX_MATH.search(predicted))
+    latex = bool(LATEX_MATH.search(predicted))
     if ref is not None and pred is not None and not latex:
         return abs(pred - ref) <= max(abs_tol, rel_tol * abs(ref))
     if not latex and pred is None:

@@ -1,0 +1,1 @@
+"""Held-out evaluation: scores, the evaluator, sample logs."""
