@@ -4,6 +4,9 @@
     tandem status --address 127.0.0.1:50051 --watch    # follow every step as it completes
     tandem status --json                               # the same as JSON (JSON lines with --watch)
 
+The status line is followed by the latest held-out evaluation, once the job has run one
+(`--all` shows its every key; `--json` has them all under status.latest_eval).
+
 The address defaults to the env var TANDEM_STATUS_ADDRESS; the bearer token to
 TANDEM_STATUS_TOKEN (the job's `status.token_env`).
 """
@@ -13,10 +16,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
+import re
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 from controller.cli.args import fail
@@ -30,6 +36,10 @@ KEY_METRICS = (
     "time/reshard_s", "throughput/tokens_per_s", "reshard/bytes", "reshard/gbps",
     "sampler/logp_abs_diff",
 )
+# The evaluation line's headline: accuracy, then pass@k, maj@k and mean@k (each by k), then
+# the mean reward. Per-dataset and other eval keys are shown with --all (and are in --json).
+_EVAL_AT_K = re.compile(r"eval/(pass|maj|mean)@(\d+)")
+_EVAL_AT_K_ORDER = ("pass", "maj", "mean")
 
 
 class StatusClient:
@@ -133,6 +143,50 @@ def status_line(st: Any) -> str:
             f"{_duration(st.uptime_s)}{stop}{err}")
 
 
+def eval_line(step: int, values: Mapping[str, float], show_all: bool = False) -> str:
+    """One line for an evaluation: its headline keys that are present, in a fixed order.
+
+    For example `eval (step 50): accuracy 0.312  pass@4 0.500  maj@4 0.375  mean@4 0.290
+    reward 0.290  (64 prompts, 1.8 s)`. Reward failures are noted when there were any; with
+    `show_all`, every other key follows the headline, sorted.
+    """
+    def num(v: float) -> str:
+        return "nan" if v != v else f"{v:.3f}"
+
+    shown = {"eval/accuracy", "eval/reward/mean", "eval/prompts", "eval/time_s",
+             "eval/rewards/failures"}
+    parts = [f"accuracy {num(values['eval/accuracy'])}"] if "eval/accuracy" in values else []
+    at_k = sorted((_EVAL_AT_K_ORDER.index(m[1]), int(m[2]), k)
+                  for k in values if (m := _EVAL_AT_K.fullmatch(k)))
+    parts += [f"{k.removeprefix('eval/')} {num(values[k])}" for _, _, k in at_k]
+    shown.update(k for _, _, k in at_k)
+    if "eval/reward/mean" in values:
+        parts.append(f"reward {num(values['eval/reward/mean'])}")
+    if show_all:
+        parts += [f"{k.removeprefix('eval/')} {_fmt(values[k])}"
+                  for k in sorted(values) if k not in shown]
+    notes = []
+    prompts = values.get("eval/prompts", math.nan)
+    if math.isfinite(prompts):
+        notes.append(f"{int(prompts)} prompts")
+    if math.isfinite(values.get("eval/time_s", math.nan)):
+        notes.append(f"{values['eval/time_s']:.1f} s")
+    failures = values.get("eval/rewards/failures", 0.0)
+    if failures > 0 and math.isfinite(failures):  # a failed reward is reported, not hidden
+        notes.append(f"{int(failures)} reward failures")
+    line = f"eval (step {step}): " + "  ".join(parts)
+    if notes:
+        line += ("  " if parts else "") + f"({', '.join(notes)})"
+    return line
+
+
+def status_eval_line(st: Any, show_all: bool = False) -> str | None:
+    """eval_line of a StatusReply's latest evaluation; None before the first."""
+    if not st.HasField("latest_eval"):
+        return None
+    return eval_line(st.latest_eval.step, st.latest_eval.values, show_all)
+
+
 def metrics_table(latest: dict[str, float], latest_step: int, first_step: int, n: int,
                   stats: Any, show_all: bool = False) -> Any:
     """The latest value and window statistics of each metric, key metrics first.
@@ -223,20 +277,37 @@ def _watch(client: StatusClient, ns: argparse.Namespace) -> int:
         finally:
             state["done"] = True
 
+    def new_eval_line() -> str | None:
+        # A log prints each evaluation once, when a status poll first shows it.
+        st = state["status"]
+        if not st.HasField("latest_eval"):
+            return None
+        key = (st.latest_eval.step, st.latest_eval.time_unix)
+        if key == state["eval_shown"]:
+            return None
+        state["eval_shown"] = key
+        return status_eval_line(st, ns.all)
+
+    state["eval_shown"] = None
     t = threading.Thread(target=follow, daemon=True)
     if not console.is_terminal:  # a log, not a live view: say whom we follow first
         console.print(status_line(st), highlight=False)
+        if (line := new_eval_line()) is not None:
+            console.print(line, highlight=False)
     t.start()
+
+    def header() -> list[Any]:
+        line = status_eval_line(state["status"], ns.all)
+        return [Text(status_line(state["status"]))] + ([Text(line)] if line else [])
 
     def render() -> Any:
         rows = list(recent)
         if not rows:
-            return Group(Text(status_line(state["status"])),
-                         metrics_table({}, 0, 0, 0, {}, ns.all))
+            return Group(*header(), metrics_table({}, 0, 0, 0, {}, ns.all))
         stats = window_stats([_Rec(m.values) for m in rows])
         table = metrics_table(dict(rows[-1].values), rows[-1].step, rows[0].step, len(rows),
                               stats, ns.all)
-        return Group(Text(status_line(state["status"])), table)
+        return Group(*header(), table)
 
     last_status = 0.0
     with Live(render(), console=console, refresh_per_second=4, transient=False,
@@ -247,6 +318,8 @@ def _watch(client: StatusClient, ns: argparse.Namespace) -> int:
                 with contextlib.suppress(grpc.RpcError):  # the job may be ending
                     state["status"] = client.status()
                 last_status = time.monotonic()
+                if not console.is_terminal and (line := new_eval_line()) is not None:
+                    console.print(line, highlight=False)
             if console.is_terminal:
                 live.update(render())
         t.join()
@@ -316,6 +389,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
         console = Console()
         console.print(status_line(st), highlight=False)
+        if (line := status_eval_line(st, ns.all)) is not None:
+            console.print(line, highlight=False)
         if topo is not None:
             console.print(f"devices: {topo.summary}", highlight=False)
         console.print(reply_table(mr, ns.all))

@@ -5,6 +5,7 @@ that keeps the loop fast:
 
 - `set_phase` and `publish_step` build a new frozen `StatusSnapshot` and swap one reference.
   They never wait for a reader: the only lock they take guards an append and a notify.
+  `publish_eval` swaps one reference to a frozen `StepRecord` and takes no lock at all.
 - The loop's cost per step does not depend on how many readers there are. The records are one
   shared ring (a bounded deque) that every watcher reads; `publish_step` wakes at most one
   waiting reader, and each woken reader wakes the next (`wait_records`).
@@ -60,10 +61,10 @@ class StatusSnapshot:
 
 @dataclass(frozen=True, eq=False)  # identity hash: readers may cache per record
 class StepRecord:
-    """One completed step's metrics, as published."""
+    """One completed step's metrics (or one evaluation's), as published."""
 
     seq: int  # 0, 1, 2, ... in publish order (steps may start above 1 after a resume)
-    step: int
+    step: int  # for an evaluation: the training step whose policy was evaluated (0 = before)
     time_unix: float
     values: Mapping[str, float]
 
@@ -129,6 +130,8 @@ class StatusBoard:
         self._cond = threading.Condition()
         self._waiting = 0  # readers blocked in wait_records now
         self._closed = False
+        self._latest_eval: StepRecord | None = None
+        self._evals = 0  # evaluations ever published; the next one's seq
         # Readers woken by publish_step: at most one per step, however many wait (tests check).
         self.publisher_wakeups = 0
         # Orders the loop's "begin a step" against stop/checkpoint requests, so the step a
@@ -233,6 +236,22 @@ class StatusBoard:
             for fn in self._listeners:
                 fn(Phase.IDLE)
 
+    def publish_eval(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Publishes a held-out evaluation of the policy after `step` (0 = before training).
+
+        Args:
+            step: the training step whose policy was evaluated.
+            metrics: "eval/..." keys (e.g. eval/accuracy, eval/pass@4) -> value; each value
+                must convert with float().
+
+        Only the latest evaluation is kept; it replaces the previous one with a single
+        reference swap, so readers always see one whole evaluation and the loop never waits.
+        """
+        values = MappingProxyType({str(k): float(v) for k, v in metrics.items()})
+        record = StepRecord(self._evals, int(step), time.time(), values)
+        self._evals += 1  # only the loop's thread publishes, so no lock
+        self._latest_eval = record
+
     def close(self) -> None:
         """No more steps: open watch streams drain what is left and end."""
         with self._cond:
@@ -253,6 +272,10 @@ class StatusBoard:
     def latest(self) -> StepRecord | None:
         records = self._records
         return records[-1] if records else None
+
+    def latest_eval(self) -> StepRecord | None:
+        """The latest published evaluation, or None before the first."""
+        return self._latest_eval  # one reference read: a whole evaluation
 
     def window(self, n: int) -> list[StepRecord]:
         """The last `n` published records (fewer before `n` steps have completed)."""

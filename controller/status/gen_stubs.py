@@ -6,8 +6,9 @@
 The stubs are checked in so that a plain `pip install -e .` works without grpcio-tools. They
 were generated with grpcio-tools==GRPCIO_TOOLS_VERSION (pinned in the `dev` extra); the code
 they contain needs protobuf >= the version in status_pb2.py's header and grpcio >= the
-version in status_pb2_grpc.py (both pinned in pyproject.toml). `tests/unit/test_status.py`
-regenerates into a temp dir and fails if the checked-in files drift from the proto.
+version in status_pb2_grpc.py (both pinned in pyproject.toml).
+`tests/unit/controller/test_status.py` regenerates into a temp dir and fails if the
+checked-in files drift from the proto.
 """
 
 from __future__ import annotations

@@ -148,10 +148,12 @@ class StatusServicer(pb_grpc.TandemStatusServicer):
     What a client costs the controller: each step's `StepMetrics` and each (step, window)'s
     `MetricsReply` are built once, on the first request that needs them (not on the loop's
     thread), and the same message object is handed to every client that asks (serialising it
-    again per client costs ~1-3 us). What is left per client is gRPC's own work for each call
-    or streamed message, across its I/O threads, its poller thread and a handler thread: on a
-    2-core VM ~0.15 ms of CPU per streamed message and 0.3-1 ms per unary call (the less often
-    calls come, the more of it is waking idle threads; see bench/status_load.py).
+    again per client costs ~1-3 us). A `StatusReply` is built per call (its uptime moves), but
+    the latest evaluation in it is converted once per evaluation and copied in. What is left
+    per client is gRPC's own work for each call or streamed message, across its I/O threads,
+    its poller thread and a handler thread: on a 2-core VM ~0.15 ms of CPU per streamed
+    message and 0.3-1 ms per unary call (the less often calls come, the more of it is waking
+    idle threads; see bench/status_load.py).
     """
 
     def __init__(self, board: StatusBoard, max_watchers: int):
@@ -166,9 +168,13 @@ class StatusServicer(pb_grpc.TandemStatusServicer):
         # seq -> message, for watchers: the live steps of every stream share one message.
         self._step_cache: dict[int, pb.StepMetrics] = {}
         self._step_lock = threading.Lock()
+        # (the board's latest eval record, its message); swapped whole, so hits take no lock.
+        self._eval_msg: tuple[StepRecord, pb.StepMetrics] | None = None
+        self._eval_lock = threading.Lock()
         # Messages built so far; tests check they count steps, not clients.
         self.metrics_replies_built = 0
         self.step_messages_built = 0
+        self.eval_messages_built = 0
 
     def _step_msg(self, r: StepRecord) -> pb.StepMetrics:
         msg = self._step_cache.get(r.seq)
@@ -184,9 +190,24 @@ class StatusServicer(pb_grpc.TandemStatusServicer):
                 self._step_cache[r.seq] = msg
         return msg
 
+    def _latest_eval_msg(self) -> pb.StepMetrics | None:
+        ev = self.board.latest_eval()
+        if ev is None:
+            return None
+        cached = self._eval_msg
+        if cached is not None and cached[0] is ev:
+            return cached[1]
+        with self._eval_lock:
+            cached = self._eval_msg  # another caller may have built it meanwhile
+            if cached is None or cached[0] is not ev:
+                cached = (ev, step_message(ev))
+                self.eval_messages_built += 1
+                self._eval_msg = cached
+        return cached[1]
+
     def GetStatus(self, request, context):
         b, s = self.board, self.board.snapshot
-        return pb.StatusReply(
+        reply = pb.StatusReply(
             job_id=b.job_id, run_name=b.run_name, config_digest=b.config_digest,
             phase=pb.Phase.Value(s.phase.name), phase_name=s.phase.value, step=s.step,
             total_steps=b.total_steps, policy_version=s.policy_version,
@@ -194,6 +215,10 @@ class StatusServicer(pb_grpc.TandemStatusServicer):
             stop_requested=b.stop_event.is_set(),
             checkpoint_requested=b.checkpoint_event.is_set(),
             checkpointing_configured=b.checkpoint_hook is not None)
+        ev = self._latest_eval_msg()
+        if ev is not None:  # left unset before the first evaluation
+            reply.latest_eval.CopyFrom(ev)
+        return reply
 
     def GetMetrics(self, request, context):
         window = request.window or DEFAULT_WINDOW

@@ -46,7 +46,7 @@ def test_checked_in_stubs_match_the_proto(tmp_path):
     checked = (gen.ROOT / gen.STUBS[0]).read_text()
     checked_pb = checked.split("AddSerializedFile(", 1)[1].split(")\n", 1)[0]
     assert fresh_pb == checked_pb, (
-        "controller/status_pb2.py is stale: the proto changed (fix: python -m "
+        "controller/status/status_pb2.py is stale: the proto changed (fix: python -m "
         "controller.status.gen_stubs)")
     if gen.installed_tools_version() == gen.GRPCIO_TOOLS_VERSION:
         for fresh, name in zip(out, gen.STUBS, strict=True):
@@ -119,6 +119,24 @@ def test_wait_records_and_history_limit():
     assert board.first_seq_at(4) == 3
     board.close()
     assert board.wait_records(5, timeout=10) == []  # closed: returns at once
+
+
+def test_latest_eval_is_absent_then_the_latest_wins():
+    board = make_board()
+    assert board.latest_eval() is None
+    board.publish_eval(0, {"eval/accuracy": 0.125, "eval/prompts": 64})
+    _publish(board, 1, r=1.0)  # a training step leaves the evaluation alone
+    first = board.latest_eval()
+    assert (first.seq, first.step, dict(first.values)) == (
+        0, 0, {"eval/accuracy": 0.125, "eval/prompts": 64.0})
+    assert type(first.values["eval/prompts"]) is float  # what the proto's double map holds
+    board.publish_eval(50, {"eval/accuracy": 0.5, "eval/pass@4": 0.75})
+    latest = board.latest_eval()
+    assert (latest.seq, latest.step) == (1, 50) and latest.time_unix >= first.time_unix
+    assert dict(latest.values) == {"eval/accuracy": 0.5, "eval/pass@4": 0.75}  # replaced
+    with pytest.raises(TypeError):
+        latest.values["eval/accuracy"] = 1.0  # read-only: readers share it
+    assert dict(first.values)["eval/accuracy"] == 0.125  # a published record never changes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +272,116 @@ def _take(it, n):
             it.cancel()
             break
     return out
+
+
+def test_get_status_serves_the_latest_eval():
+    """GetStatus leaves latest_eval unset before the first evaluation, then carries the latest
+    one; its message is built once per evaluation, however many calls read it."""
+    board = make_board()
+    server = start_status_server(StatusConfig(), board)
+    client = StatusClient(server.address)
+    try:
+        assert not client.status().HasField("latest_eval")
+        board.publish_eval(10, {"eval/accuracy": 0.25, "eval/pass@4": 0.5,
+                                "eval/accuracy/gsm8k": 0.25, "eval/time_s": 1.75})
+        replies = [client.status() for _ in range(3)]
+        for st in replies:
+            assert st.HasField("latest_eval") and st.latest_eval.step == 10
+            assert dict(st.latest_eval.values) == {
+                "eval/accuracy": 0.25, "eval/pass@4": 0.5, "eval/accuracy/gsm8k": 0.25,
+                "eval/time_s": 1.75}
+            assert st.latest_eval.time_unix == board.latest_eval().time_unix
+        assert server.servicer.eval_messages_built == 1
+        board.publish_eval(20, {"eval/accuracy": 0.5})
+        st = client.status()
+        assert st.latest_eval.step == 20 and dict(st.latest_eval.values) == {
+            "eval/accuracy": 0.5}
+        assert server.servicer.eval_messages_built == 2
+    finally:
+        client.close()
+        server.stop(0)
+
+
+def test_eval_line_headline_order_and_notes():
+    from controller.cli.status import eval_line
+
+    values = {
+        "eval/mean@4": 0.29, "eval/maj@4": 0.375, "eval/pass@16": 0.625, "eval/pass@4": 0.5,
+        "eval/reward/mean": 0.29, "eval/accuracy": 0.3125, "eval/accuracy/gsm8k": 0.3125,
+        "eval/reward/gsm8k": 0.29, "eval/time_s": 1.84, "eval/prompts": 64.0,
+        "eval/samples": 256.0, "eval/rewards/failures": 0.0,
+    }
+    # pass@k sorts by k as a number (4 before 16); per-dataset keys, samples and zero
+    # failures stay out of the line.
+    assert eval_line(50, values) == (
+        "eval (step 50): accuracy 0.312  pass@4 0.500  pass@16 0.625  maj@4 0.375  "
+        "mean@4 0.290  reward 0.290  (64 prompts, 1.8 s)")
+    values["eval/rewards/failures"] = 3.0
+    assert eval_line(50, values).endswith("(64 prompts, 1.8 s, 3 reward failures)")
+    # --all: the other keys follow the headline, sorted.
+    assert eval_line(50, values, show_all=True) == (
+        "eval (step 50): accuracy 0.312  pass@4 0.500  pass@16 0.625  maj@4 0.375  "
+        "mean@4 0.290  reward 0.290  accuracy/gsm8k 0.3125  reward/gsm8k 0.2900  "
+        "samples 256.0000  (64 prompts, 1.8 s, 3 reward failures)")
+    assert eval_line(0, {"eval/accuracy": float("nan")}) == "eval (step 0): accuracy nan"
+
+
+def test_cli_shows_the_latest_eval(capsys, monkeypatch):
+    """`tandem status` prints the eval line under the status line (none before the first
+    evaluation), --json carries every key, and --watch logs each new evaluation once."""
+    import json
+
+    from controller.cli import main
+
+    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.delenv("TANDEM_STATUS_TOKEN", raising=False)
+    board = make_board()
+    board.set_phase(Phase.IDLE)
+    server = start_status_server(StatusConfig(), board)
+    base = ["status", "--address", server.address]
+    try:
+        assert main(base) == 0
+        assert "eval (" not in capsys.readouterr().out
+        assert main([*base, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["status"]["latest_eval"] is None
+        board.publish_eval(0, {"eval/accuracy": 0.125, "eval/accuracy/gsm8k": 0.125,
+                               "eval/prompts": 64, "eval/time_s": 2.0})
+        assert main(base) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith("job j-1 (config abc) | idle | step 0/100")
+        assert lines[1] == "eval (step 0): accuracy 0.125  (64 prompts, 2.0 s)"
+        assert main([*base, "--json"]) == 0
+        ev = json.loads(capsys.readouterr().out)["status"]["latest_eval"]
+        assert ev["step"] == 0 and ev["values"] == {
+            "eval/accuracy": 0.125, "eval/accuracy/gsm8k": 0.125, "eval/prompts": 64.0,
+            "eval/time_s": 2.0}
+
+        # --watch to a log (not a terminal): the eval so far under the status line, then each
+        # new one as a status poll (about once a second) first sees it.
+        rc, out = [], []
+        t = threading.Thread(target=lambda: rc.append(main([*base, "--watch"])))
+        t.start()
+        while server.servicer.open_watchers < 1:
+            threading.Event().wait(0.01)
+        _publish(board, 1, **{"reward/mean": 0.5})
+        board.publish_eval(1, {"eval/accuracy": 0.25, "eval/prompts": 64, "eval/time_s": 2.0})
+        deadline = time.monotonic() + 20
+        while not any("eval (step 1)" in x for x in out) and time.monotonic() < deadline:
+            out += capsys.readouterr().out.splitlines()
+            threading.Event().wait(0.05)
+    finally:
+        server.stop(5)  # closes the board: the watch drains and ends
+    t.join(30)
+    out += capsys.readouterr().out.splitlines()
+    assert rc == [0]
+    assert out[0].startswith("job j-1") and out[1] == (
+        "eval (step 0): accuracy 0.125  (64 prompts, 2.0 s)")
+    # The log, then the final frame, whose header is the status line and the latest eval.
+    final = max(i for i, x in enumerate(out) if x.startswith("job j-1"))
+    assert final > 1 and out[final + 1] == "eval (step 1): accuracy 0.250  (64 prompts, 2.0 s)"
+    logged = [x for x in out[:final] if x.startswith("eval (")]
+    assert logged == ["eval (step 0): accuracy 0.125  (64 prompts, 2.0 s)",
+                      "eval (step 1): accuracy 0.250  (64 prompts, 2.0 s)"]  # each once
 
 
 def test_json_has_numbers_enum_names_and_every_field():
