@@ -27,7 +27,7 @@ def run(overrides: list[str], steps: int, every: int, mode: str) -> dict[str, fl
     from controller.api import Job
 
     with tempfile.TemporaryDirectory() as out:
-        extra = [f"run.steps={steps}", "run.progress=false"]
+        extra = [f"run.steps={steps}", "run.progress=false", "eval.enabled=false"]
         if mode != "none":
             extra += [f"run.output_dir={out}", f"checkpoint.every_steps={every}",
                       f"checkpoint.async_save={'true' if mode == 'async' else 'false'}"]

@@ -33,7 +33,7 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict[str, float]:
     from controller.api import Job
 
     cfg = load_config(overrides=[*overrides, f"run.steps={steps + warmup}",
-                                 "run.progress=false"])
+                                 "run.progress=false", "eval.enabled=false"])
     with Job(cfg) as job:
         job.run(warmup)  # compilation and first steps
         t0 = time.perf_counter()

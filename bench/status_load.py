@@ -241,7 +241,8 @@ def main() -> int:
     from controller.config import load_config
 
     steps = ns.warmup + 2 * ns.rounds * ns.block
-    cfg = load_config(overrides=["run.progress=false", f"run.steps={steps}", *ns.overrides,
+    cfg = load_config(overrides=["run.progress=false", f"run.steps={steps}", "eval.enabled=false",
+                                 *ns.overrides,
                                  "status.enabled=true", "status.port=0"])
     job = Job(cfg)
     servicer = job.status_server.servicer

@@ -146,6 +146,16 @@ class Job:
                                      stop_ids=tuple(self.tokenizer.stop_ids),
                                      param_dtype=cfg.reshard.dtype,
                                      hf_model_dir=hf_dir, to_hf=to_hf)
+        self.evaluator = None
+        if cfg.eval_enabled:
+            from controller.eval.evaluator import Evaluator
+
+            # Its own sampler on the sampler mesh, fed the training sampler's weights.
+            self.evaluator = Evaluator(local, self.tokenizer, self.rewards, self.model_def,
+                                       self.meshes.sampler, param_dtype=cfg.reshard.dtype)
+        # (step evaluated, metrics) of every evaluation so far; listeners hear each one.
+        self.evals: list[tuple[int, dict[str, float]]] = []
+        self.eval_listeners: list[Callable[[int, dict[str, float]], Any]] = []
         self.timeline = Timeline()
         resharder = Resharder(dtype=cfg.reshard.dtype, chunk_bytes=cfg.reshard.chunk_bytes,
                               donate=cfg.reshard.donate, method=cfg.reshard.method)
@@ -361,10 +371,41 @@ class Job:
         assert m is not None
         return m
 
+    def evaluate(self) -> dict[str, float]:
+        """Evaluates the weights the sampler holds now on the held-out prompts (see
+        controller/eval/evaluator.py) and returns the `eval/...` metrics. Also publishes them
+        to the status service and the listeners, and appends the completions to
+        <run.output_dir>/eval_samples.jsonl. Training's state and randomness are untouched."""
+        if self.evaluator is None:
+            raise ConfigError("evaluation is off (fix: eval.enabled=true)")
+        params, version = self.loop.sampler_weights()
+        step = self.steps_done
+        with self.timeline.span("eval", "sampler", step):
+            result = self.evaluator.run(params)
+        m = {**result.metrics, "eval/policy_version": float(version)}
+        self.evals.append((step, m))
+        self.log.write_records("eval_samples.jsonl", [{"step": step, **r}
+                                                      for r in result.records])
+        self.board.publish_eval(step, m)
+        for listener in self.eval_listeners:
+            listener(step, m)
+        return m
+
+    def _eval_due(self) -> bool:
+        """After this step: every eval.every_steps, and after the last step of the run."""
+        if self.evaluator is None:
+            return False
+        every = self.config.eval.every_steps
+        return (bool(every) and self.steps_done % every == 0) or (
+            self.steps_done == self.config.run.steps)
+
     def _step(self, honor_stop: bool) -> dict[str, float] | None:
         go, checkpoint_first = self.board.begin_step(honor_stop)
         if not go:
             return None
+        if self.evaluator is not None and self.steps_done == 0 and not self.evals:
+            # The baseline, before any update: a row of its own at step 0.
+            self.log.append_eval(0, self.evaluate())
         if checkpoint_first:
             self._checkpoint(raise_errors=False)
             self.board.set_phase(Phase.SAMPLING)
@@ -380,7 +421,12 @@ class Job:
         if m.get("time/step_s", 0) > 0 and "completion/tokens" in m:
             m["throughput/tokens_per_s"] = m["completion/tokens"] / m["time/step_s"]
         self.steps_done += 1
+        if self._eval_due():  # before the row is logged and the checkpoint saved: a resume
+            m.update(self.evaluate())  # repeats a step together with its evaluation
         self.log.append(m)
+        if self.loop.sample_log:
+            self.log.write_records("samples.jsonl", self.loop.sample_log)
+            self.loop.sample_log = []
         every = self.config.checkpoint.every_steps
         if every and self.steps_done % every == 0:
             self.save_checkpoint()  # asynchronous: returns once the arrays are off the devices

@@ -510,7 +510,8 @@ class DataConfig(_Section):
     """The data file, local or gs:// (copied once to the local staging cache); gsm8k: None =
     the bundled split."""
     split: Literal["train", "test"] = "train"
-    """gsm8k: which bundled split."""
+    """gsm8k: which bundled split; reverse_digits: "train" never draws a number of the
+    held-out "test" split that evaluation uses."""
     columns: dict[str, str] = Field(default_factory=dict)
     """Row field -> file column, for "prompt" and "target" (e.g. {prompt: question})."""
     prompt_template: str | None = None
@@ -575,6 +576,11 @@ class RunConfig(_Section):
     resume: bool = False
     """Continue from the newest checkpoint in the checkpoint directory. Without it, a directory
     that already holds checkpoints is an error rather than silently overwritten."""
+
+    log_samples: int = Field(0, ge=0)
+    """N: write N rollouts of each step (prompt, completion, reward per function, advantage,
+    length, truncation, policy version) to <output_dir>/samples.jsonl and, with
+    run.tensorboard, to TensorBoard as text. 0: none."""
 
     export_hf_dir: str | None = None
     """After the last step, write the policy here as a Hugging Face model directory (config,
@@ -696,6 +702,53 @@ class StatusConfig(_Section):
         return self
 
 
+class EvalConfig(_Section):
+    """Held-out evaluation: before training, every `every_steps` steps and at the end, on the
+    sampler mesh with the sampler's current weights (see controller/eval/)."""
+
+    enabled: bool | None = None
+    """None: on where the task has a held-out split (reverse_digits, synthetic, gsm8k) or
+    `path` is set, and the sampler is JAX's (vllm is not supported yet)."""
+    every_steps: int = Field(50, ge=0)
+    """Evaluate after every this many steps; 0: only before training and at the end."""
+    split: Literal["train", "test"] = "test"
+    """The task's held-out split: gsm8k's bundled test split; for reverse_digits, numbers the
+    training split never draws. Ignored when `path` is set."""
+    path: str | None = None
+    """A held-out file (local or gs://) in data.task's format, read with data.columns and
+    data.prompt_template; required for data.task=jsonl or parquet."""
+    num_prompts: int = Field(64, ge=1)
+    """How many held-out prompts (the first ones of the split or file, in order)."""
+    samples_per_prompt: int = Field(1, ge=1)
+    """n: completions per prompt."""
+    k: int = Field(1, ge=1)
+    """pass@k, maj@k and mean@k over each prompt's samples (n >= k)."""
+    temperature: float = Field(0.0, ge=0)
+    """τ for evaluation; 0 = greedy."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """None: sampling.max_new_tokens."""
+    seed: int = 0
+    """The evaluation's own random stream (training never draws from it): every evaluation of
+    a run uses the same noise, so two evaluations differ only by the policy."""
+    batch_rows: int = Field(256, ge=1)
+    """Completions per sampler call (whole prompts' groups of n); with the other eval fields
+    and the policy, it fixes what an evaluation samples."""
+
+    @field_validator("path")
+    @classmethod
+    def _expand_path(cls, v: str | None) -> str | None:
+        return expand_path(v)
+
+    @model_validator(mode="after")
+    def _check_k(self) -> EvalConfig:
+        if self.k > self.samples_per_prompt:
+            raise ValueError(
+                f"eval.samples_per_prompt={self.samples_per_prompt} < eval.k={self.k}: pass@k "
+                f"needs at least k samples per prompt (fix: eval.samples_per_prompt={self.k}, "
+                f"or eval.k={self.samples_per_prompt})")
+        return self
+
+
 class JobConfig(_Section):
     """Everything a Tandem job needs; the only validator."""
 
@@ -723,6 +776,38 @@ class JobConfig(_Section):
     """Weight sync from the trainer layout to the sampler layout."""
     status: StatusConfig = StatusConfig()
     """The gRPC status service."""
+    eval: EvalConfig = EvalConfig()
+    """Held-out evaluation during training."""
+
+    @property
+    def eval_enabled(self) -> bool:
+        """Whether the job evaluates (eval.enabled, or its default for the sampler backend)."""
+        if self.eval.enabled is None:
+            return self.sampling.backend != "vllm" and (
+                self.eval.path is not None or self.data.task not in ("jsonl", "parquet"))
+        return self.eval.enabled
+
+    @model_validator(mode="after")
+    def _check_eval(self) -> JobConfig:
+        e = self.eval
+        if e.enabled and self.sampling.backend == "vllm":
+            raise ValueError(
+                "eval.enabled=true with sampling.backend=vllm: evaluation runs on the JAX "
+                "sampler only (fix: eval.enabled=false, or sampling.backend=jax)")
+        if not self.eval_enabled:
+            return self
+        if e.path is None and self.data.task in ("jsonl", "parquet"):
+            raise ValueError(
+                f"data.task={self.data.task} has no held-out split: evaluation needs a file "
+                f"(fix: eval.path=held_out.{self.data.task}, or eval.enabled=false)")
+        longest = self.data.max_digits + 1
+        if (self.data.task == "reverse_digits" and e.max_new_tokens is not None
+                and e.max_new_tokens < longest):
+            raise ValueError(
+                f"eval.max_new_tokens={e.max_new_tokens} is shorter than the longest answer of "
+                f"the reverse_digits task ({longest} tokens with the stop token) (fix: "
+                f"eval.max_new_tokens={longest})")
+        return self
 
     @model_validator(mode="after")
     def _check_lengths(self) -> JobConfig:

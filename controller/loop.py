@@ -57,6 +57,7 @@ class Samples:
     truncated_B: np.ndarray  # no stop token within max_new_tokens
     scores_B: np.ndarray  # the reward functions' weighted sum
     rewards_B: np.ndarray  # scores + the soft overlong penalty: what advantages see
+    parts_BxF: np.ndarray  # each reward function's r_k (RewardSet.names order)
 
     def groups(self, index_P: np.ndarray, g: int) -> Samples:
         """The samples restricted to the groups `index_P` (in that order)."""
@@ -65,7 +66,7 @@ class Samples:
                        *(x[rows_B] for x in (
                            self.prompt_tokens_BxP, self.prompt_mask_BxP, self.tokens_BxT,
                            self.mask_BxT, self.logps_BxT, self.truncated_B, self.scores_B,
-                           self.rewards_B)))
+                           self.rewards_B, self.parts_BxF)))
 
 
 def concat_samples(parts: list[Samples], pad_id: int) -> Samples:
@@ -77,7 +78,8 @@ def concat_samples(parts: list[Samples], pad_id: int) -> Samples:
         np.concatenate([t for t, _ in prompts]),
         np.concatenate([m for _, m in prompts]),
         *(np.concatenate([getattr(p, f) for p in parts]) for f in (
-            "tokens_BxT", "mask_BxT", "logps_BxT", "truncated_B", "scores_B", "rewards_B")))
+            "tokens_BxT", "mask_BxT", "logps_BxT", "truncated_B", "scores_B", "rewards_B",
+            "parts_BxF")))
 
 
 def merge_reward_metrics(rounds: list[dict[str, float]]) -> dict[str, float]:
@@ -127,6 +129,7 @@ class Loop:
         self.consumed_position = dataset.position  # rows behind the last *trained* batch
         self._sampler_lock = threading.Lock()  # weight swaps vs. generate() in async mode
         self._pretraced = False  # the trainer was asked to trace its update ahead (step 1)
+        self.sample_log: list[dict[str, Any]] = []  # the last trained batch's, run.log_samples
         # Rows are built G at a time from one prompt each (np.repeat in `_sample_and_score`);
         # dynamic sampling and concatenation keep whole groups. So with sampling.share_prompt
         # the sampler and the trainer may run each prompt once per group: decided here, once,
@@ -139,6 +142,20 @@ class Loop:
         self.policy_version = self.sampler_version = resumed_version
         self.consumed_position = self.dataset.position
         return self.push_weights(step=resumed_version)
+
+    def sampler_weights(self) -> tuple[Any, int]:
+        """The weights the sampler holds now and their policy version, read together (for
+        evaluation, which runs its own sampler on them: nothing is copied)."""
+        with self._sampler_lock:
+            return self.sampler.params, self.sampler_version
+
+    def load_sampler_weights(self, params: Any) -> None:
+        """Puts `params` (any layout, e.g. a checkpoint's, restored onto one device) into the
+        sampler's layout and dtype and loads them: how `tandem eval` evaluates a policy the
+        trainer does not hold."""
+        moved, _ = self.resharder.transfer(params, self.sampler.shardings)
+        with self._sampler_lock:
+            self.sampler.load_weights(moved)
 
     def push_weights(self, step: int = 0) -> Any:
         """Trainer params -> sampler layout -> sampler.load_weights. Returns TransferStats."""
@@ -177,9 +194,11 @@ class Loop:
             texts = [self.tokenizer.decode(t) for t in tokens]
             ids = [t[m].tolist() for t, m in zip(tokens, mask, strict=True)]
             # reward/<label>[/<component>] and rewards/failures_<kind> metrics come back too.
-            scores, reward_metrics = self.rewards.score(
-                [r["prompt"] for r in rows], texts, rows, ids)
-            scores_B = np.asarray(scores, np.float32)
+            scored = self.rewards.score_each([r["prompt"] for r in rows], texts, rows, ids)
+            reward_metrics = scored.metrics
+            scores_B = np.asarray(scored.totals, np.float32)
+            parts_BxF = np.asarray(list(scored.each.values()), np.float32).T.reshape(
+                len(rows), len(scored.each))
             # Truncated: no stop id within max_new_tokens, where the stop ids are the ones the
             # sampler stops on (the tokenizer's and sampling.stop_tokens).
             truncated_B = ~np.isin(tokens, self.stop_ids).any(axis=1)
@@ -192,7 +211,7 @@ class Loop:
         totals["sample"] += sample_span.seconds
         totals["reward"] += score_span.seconds
         samples = Samples(rows, prompt_tokens, prompt_mask, tokens, mask, logps, truncated_B,
-                          scores_B, rewards_B)
+                          scores_B, rewards_B, parts_BxF)
         return samples, reward_metrics, version
 
     def produce(self, step: int) -> Rollout:
@@ -299,7 +318,8 @@ class Loop:
         b, t = len(prompt_tokens), self.cfg.sampling.max_new_tokens
         placeholder = Samples([{}] * b, prompt_tokens, prompt_mask, np.zeros((b, t), np.int32),
                               np.ones((b, t), bool), np.zeros((b, t), np.float32),
-                              np.zeros(b, bool), np.zeros(b, np.float32), np.zeros(b, np.float32))
+                              np.zeros(b, bool), np.zeros(b, np.float32), np.zeros(b, np.float32),
+                              np.zeros((b, 0), np.float32))
         self.trainer.pretrace(self._train_batch(placeholder))
 
     def consume(self, r: Rollout) -> dict[str, float]:
@@ -320,6 +340,8 @@ class Loop:
         adv_PxG = compute_advantages(rewards_B.reshape(-1, g), algo.advantage_estimator,
                                      algo.advantage_eps, algo.advantage_normalization)
         train = dataclasses.replace(train, advantages_B=adv_PxG.reshape(-1))
+        if self.cfg.run.log_samples:
+            self.sample_log = self._sample_records(r, adv_PxG.reshape(-1))
 
         # UPDATE: μ × minibatches optimizer steps, one jitted, sharded call on the trainer
         # mesh (the reference model's forward pass runs inside the same program). Off-policy
@@ -350,6 +372,26 @@ class Loop:
             "policy/version": float(self.policy_version),
             "policy/staleness": float(staleness),
         }
+
+    def _sample_records(self, r: Rollout, advantages_B: np.ndarray) -> list[dict[str, Any]]:
+        """The first run.log_samples rollouts of a batch, as samples.jsonl lines."""
+        b = r.batch
+        out = []
+        for i in range(min(self.cfg.run.log_samples, len(b.rows))):
+            row = b.rows[i]
+            out.append({
+                "step": r.step,
+                "prompt": row["prompt"] if isinstance(row.get("prompt"), str) else row,
+                "completion": self.tokenizer.decode(b.tokens_BxT[i]),
+                "reward": float(b.rewards_B[i]),
+                "rewards": dict(zip(self.rewards.names, map(float, b.parts_BxF[i]),
+                                    strict=True)),
+                "advantage": float(advantages_B[i]),
+                "length": int(np.asarray(b.mask_BxT[i]).sum()),
+                "truncated": bool(b.truncated_B[i]),
+                "policy_version": r.policy_version,
+            })
+        return out
 
     # -- schedule interface ------------------------------------------------------------------
 

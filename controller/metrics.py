@@ -96,6 +96,9 @@ class TensorBoardSink:
                 time.monotonic() - self._uploaded_at >= self._upload_every_s):
             self.flush()
 
+    def write_text(self, tag: str, text: str, step: int) -> None:
+        self._writer.add_text(tag, text, step)
+
     def flush(self) -> None:
         if self._remote is not None:
             self._writer.flush()
@@ -135,26 +138,19 @@ class MetricsLog:
         """With `resume_step`, keeps the logged steps <= resume_step and drops the rest (they
         will be run again), so the JSONL log has every step exactly once."""
         self.history: list[dict[str, float]] = []
+        # Rows of evaluations logged on their own (the baseline before step 1, at step 0).
+        self.eval_rows: list[dict[str, float]] = []
         self.sinks: list[Sink] = list(sinks or [])
-        if output_dir:
-            path = as_path(output_dir)
-            path.mkdir(parents=True, exist_ok=True)
-            file = path / "metrics.jsonl"
-            if resume_step is not None and file.exists():
-                for line in file.read_text().splitlines():
-                    try:
-                        m = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut off by a kill
-                    if m.get("step", 0) <= resume_step:
-                        self.history.append(m)
-                kept = "".join(json.dumps(m) + "\n" for m in self.history)
-                if is_url(file):
-                    file.write_text(kept)  # an object is replaced whole: old or new, never half
-                else:
-                    tmp = file.with_suffix(".jsonl.tmp")
-                    tmp.write_text(kept)
-                    tmp.replace(file)  # atomic: a kill here leaves the old or the new log
+        self._dir = as_path(output_dir) if output_dir else None
+        self._records: dict[str, JsonlSink] = {}  # RECORD_FILES, opened on first write
+        if self._dir is not None:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            file = self._dir / "metrics.jsonl"
+            if resume_step is not None:
+                for m in _trim(file, resume_step):
+                    (self.eval_rows if is_eval_row(m) else self.history).append(m)
+                for name in RECORD_FILES:
+                    _trim(self._dir / name, resume_step)
             self.sinks.insert(0, JsonlSink(file))
 
     def append(self, metrics: dict[str, float]) -> None:
@@ -162,17 +158,41 @@ class MetricsLog:
         for sink in self.sinks:
             sink.write(int(metrics.get("step", len(self.history))), metrics)
 
+    def write_records(self, name: str, records: list[dict[str, Any]]) -> None:
+        """Appends JSON lines (each with its "step") to <output_dir>/<name>, one of
+        RECORD_FILES (nothing without an output_dir); rollouts also go to TensorBoard as
+        text."""
+        assert name in RECORD_FILES, name
+        if self._dir is not None and records:
+            if name not in self._records:
+                self._records[name] = JsonlSink(self._dir / name)
+            for r in records:
+                self._records[name].write(int(r["step"]), r)
+        if name == "samples.jsonl":
+            for sink in self.sinks:
+                if isinstance(sink, TensorBoardSink):
+                    for i, r in enumerate(records):
+                        sink.write_text(f"samples/{i}", json.dumps(r, indent=1), int(r["step"]))
+
+    def append_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """An evaluation with no training step of its own (the baseline, step 0): a row of
+        its own in the sinks, kept out of `history`."""
+        row = {"step": step, **metrics}
+        self.eval_rows.append(row)
+        for sink in self.sinks:
+            sink.write(step, row)
+
     def flush(self) -> None:
         """Makes every step logged so far durable in the sinks that batch their writes."""
-        for sink in self.sinks:
+        for sink in [*self.sinks, *self._records.values()]:
             flush = getattr(sink, "flush", None)
             if flush is not None:
                 flush()
 
     def close(self) -> None:
-        for sink in self.sinks:
+        for sink in [*self.sinks, *self._records.values()]:
             sink.close()
-        self.sinks = []
+        self.sinks, self._records = [], {}
 
     def summary(self, window: int = 10) -> dict[str, Any]:
         """First vs last `window` steps' reward, step time (compile excluded), sync bandwidth."""
@@ -191,6 +211,39 @@ class MetricsLog:
             "reshard_gbps": mean(m["reshard/gbps"] for m in steady),
             "reshard_bytes": h[-1]["reshard/bytes"],
         }
+
+
+# JSON-lines files beside metrics.jsonl, a line per record, each with the step it belongs to:
+# rollouts (run.log_samples) and evaluation completions.
+RECORD_FILES = ("samples.jsonl", "eval_samples.jsonl")
+
+
+def _trim(file: epath.Path, resume_step: int) -> list[dict[str, Any]]:
+    """Keeps the lines of `file` with step <= resume_step (they will not run again) and
+    returns them; a line cut off by a kill is dropped."""
+    if not file.exists():
+        return []
+    kept = []
+    for line in file.read_text().splitlines():
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if m.get("step", 0) <= resume_step:
+            kept.append(m)
+    text = "".join(json.dumps(m) + "\n" for m in kept)
+    if is_url(file):
+        file.write_text(text)  # an object is replaced whole: old or new, never half
+    else:
+        tmp = file.with_suffix(".jsonl.tmp")
+        tmp.write_text(text)
+        tmp.replace(file)  # atomic: a kill here leaves the old or the new file
+    return kept
+
+
+def is_eval_row(row: dict[str, Any]) -> bool:
+    """A logged row that holds an evaluation only (MetricsLog.append_eval)."""
+    return all(k == "step" or k.startswith("eval/") for k in row)
 
 
 def to_float(value: Any) -> float:

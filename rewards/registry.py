@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rewards.base import (
@@ -111,6 +112,15 @@ def build_backend(cfg: RewardsConfig, specs: Sequence[RewardSpec]) -> Backend:
                       address=cfg.ray_address, num_cpus=cfg.ray_num_cpus)
 
 
+@dataclass(frozen=True)
+class Scores:
+    """What `RewardSet.score_each` returns for N completions."""
+
+    totals: list[float]  # r = Σ_k w_k r_k per completion
+    each: dict[str, list[float]]  # label -> r_k per completion (fallback_score where it failed)
+    metrics: dict[str, float]  # as `RewardSet.score` describes
+
+
 class RewardSet:
     """Several rewards combined with weights, r = Σ_k w_k r_k, scored on a backend.
 
@@ -174,6 +184,16 @@ class RewardSet:
         Raises:
           RewardFailureError: more than `max_failure_fraction` of the calls failed.
         """
+        s = self.score_each(prompts, completions, rows, completion_ids)
+        return s.totals, s.metrics
+
+    def score_each(self, prompts: Sequence[str], completions: Sequence[str],
+                   rows: Sequence[Mapping[str, Any]],
+                   completion_ids: Sequence[Sequence[int]] | None = None, *,
+                   tolerate_failures: bool = False) -> Scores:
+        """As `score`, with each function's r_k per completion too. With `tolerate_failures`
+        (evaluation), failed calls are counted in the metrics and score `fallback_score`, and
+        nothing is raised."""
         n = len(completions)
         if not (len(prompts) == len(rows) == n) or (
                 completion_ids is not None and len(completion_ids) != n):
@@ -187,12 +207,14 @@ class RewardSet:
         outcomes = self.backend.run(calls) if calls else []
 
         totals = [0.0] * n
+        each: dict[str, list[float]] = {}
         metrics: dict[str, float] = {}
         failures = dict.fromkeys(FAILURE_KINDS, 0)
         example: tuple[Call, Outcome] | None = None
         for k, spec in enumerate(self.specs):
             ok_values: list[float] = []
             comps: dict[str, list[float]] = {}
+            values = each[spec.label] = []
             for i in range(n):
                 call, out = calls[k * n + i], outcomes[k * n + i]
                 if out.kind == "ok":
@@ -206,6 +228,7 @@ class RewardSet:
                     r = self.fallback_score
                     failures[out.kind] += 1
                     example = example or (call, out)
+                values.append(r)
                 totals[i] += spec.weight * r
             metrics[f"reward/{spec.label}"] = _mean(ok_values)
             for c, vs in comps.items():
@@ -216,10 +239,11 @@ class RewardSet:
         metrics["rewards/failures"] = float(n_failed)
         metrics["rewards/failure_frac"] = n_failed / max(len(calls), 1)
         metrics["rewards/call_s_max"] = max((o.elapsed_s for o in outcomes), default=0.0)
-        if calls and n_failed / len(calls) > self.max_failure_fraction:
+        if (not tolerate_failures and calls
+                and n_failed / len(calls) > self.max_failure_fraction):
             assert example is not None
             raise RewardFailureError(self._failure_message(failures, len(calls), *example))
-        return totals, metrics
+        return Scores(totals, each, metrics)
 
     def _failure_message(self, failures: dict[str, int], n_calls: int, call: Call,
                          out: Outcome) -> str:

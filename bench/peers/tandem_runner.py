@@ -28,6 +28,7 @@ def job_overrides(spec: dict) -> list[str]:
     m = spec["model"]
     return [
         "data.task=synthetic",
+        "eval.enabled=false",  # the peers' steps do not evaluate either
         f"data.prompt_tokens={spec['prompt_tokens']}",
         f"data.prompts_per_step={spec['prompts_per_step']}",
         f"data.seed={spec['seed']}",

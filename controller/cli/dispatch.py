@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 
+from controller.cli.eval import add_eval_parser
 from controller.cli.export import add_export_parser
 from controller.cli.plan import add_plan_parser
 from controller.cli.run import add_run_parser
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)
     add_status_parser(sub)
     add_export_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -105,7 +105,7 @@ def find_step_dirs(checkpoint: str | os.PathLike, step: int | None = None
     return steps
 
 
-def _read_meta(step_dir: epath.Path) -> dict[str, Any]:
+def read_meta(step_dir: epath.Path) -> dict[str, Any]:
     file = step_dir / "meta" / "metadata"
     try:
         meta = json.loads(file.read_text())
@@ -231,7 +231,7 @@ def _export_step(step_dir: epath.Path, out: epath.Path, model_path: str | None,
     from controller.config import ConfigError, validate_config
     from trainer.hf import save_hf_model
 
-    meta = _read_meta(step_dir)
+    meta = read_meta(step_dir)
     data = dict(meta["config"])
     # The run's own export target is checked to be empty on validation, and was filled by the
     # run itself: it has nothing to do with this export.

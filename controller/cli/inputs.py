@@ -68,24 +68,30 @@ def _relative_note() -> str:
 
 def _check_data(cfg: JobConfig) -> None:
     data = cfg.data
-    if data.path is None or data.task not in ("gsm8k", "jsonl", "parquet"):
+    if data.task not in ("gsm8k", "jsonl", "parquet"):
         return
-    path = data.path
-    p = stage(path, "data.path")  # a gs:// file is copied to the local cache and read there
+    if data.path is not None:
+        _check_data_file("data.path", data.path, data.task)
+    if cfg.eval_enabled and cfg.eval.path is not None:
+        _check_data_file("eval.path", cfg.eval.path, data.task)
+
+
+def _check_data_file(field: str, path: str, task: str) -> None:
+    p = stage(path, field)  # a gs:// file is copied to the local cache and read there
     if p.is_dir():
-        raise ConfigError(f"data.path={path!r} is a directory (fix: point it at the "
-                          f"{data.task if data.task != 'gsm8k' else 'jsonl'} file itself)")
+        raise ConfigError(f"{field}={path!r} is a directory (fix: point it at the "
+                          f"{task if task != 'gsm8k' else 'jsonl'} file itself)")
     if not p.is_file():
-        raise ConfigError(f"data.path={path!r} does not exist (fix: check the path; "
+        raise ConfigError(f"{field}={path!r} does not exist (fix: check the path; "
                           f"{_relative_note()})")
     try:
         with open(p, "rb") as f:
             head = f.read(1 << 16)
     except OSError as e:
-        raise ConfigError(f"data.path={path!r} cannot be read ({e.strerror}) (fix: make it "
+        raise ConfigError(f"{field}={path!r} cannot be read ({e.strerror}) (fix: make it "
                           f"readable)") from None
     if not head.strip() and p.stat().st_size <= len(head):
-        raise ConfigError(f"data.path={path!r} is empty: it has no rows (fix: point it at a "
+        raise ConfigError(f"{field}={path!r} is empty: it has no rows (fix: point it at a "
                           f"file with one JSON object per line, e.g. "
                           f'{{"prompt": "...", "target": "..."}})')
 

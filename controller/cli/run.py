@@ -23,7 +23,7 @@ examples:
 
 Any field of the config can be overridden as section.field=value (values are YAML).
 Sections: model, topology, sampling, algorithm, optimizer, rewards, data, run, schedule,
-checkpoint, reshard, status. Every field: docs/configuration.md.
+checkpoint, reshard, status, eval. Every field: docs/configuration.md.
 """
 
 
@@ -50,6 +50,7 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from controller.api import Job
+    from controller.eval.evaluator import format_eval
     from controller.startup import cache_hits
 
     console = Console(stderr=False)
@@ -101,7 +102,15 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
                         f"step {s:>4}  reward {m['reward/mean']:.3f}  loss "
                         f"{m['loss/total']:+.4f}  kl {m.get('kl/mean', 0.0):.4f}  len "
                         f"{m['completion/len_mean']:.1f}  {m['time/step_s']:.2f}s")
+                if "eval/accuracy" in m:  # this step's policy was evaluated
+                    progress.console.print(format_eval(s, m), highlight=False, soft_wrap=True)
 
+            def on_baseline(step: int, m: dict[str, float]) -> None:
+                if step == 0:  # later evaluations come with their step's metrics
+                    progress.console.print(format_eval(step, m), highlight=False,
+                                           soft_wrap=True)
+
+            job.eval_listeners.append(on_baseline)
             job.run(on_step=on_step)
             s = job.summary()
     except Exception as e:
@@ -124,6 +133,11 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
             f"timeline: sampler busy {s['timeline/sampler_busy_frac']:.0%}, trainer busy "
             f"{s['timeline/trainer_busy_frac']:.0%}, both at once "
             f"{s['timeline/overlap_frac']:.0%} of the wall time")
+    if len(job.evals) >= 2:
+        (s0, first), (s1, last) = job.evals[0], job.evals[-1]
+        console.print(f"eval: held-out accuracy {first['eval/accuracy']:.3f} at step {s0} -> "
+                      f"{last['eval/accuracy']:.3f} at step {s1} ({int(last['eval/prompts'])} "
+                      f"prompts of {_held_out(cfg)})", soft_wrap=True)
     if cfg.run.output_dir:
         out = as_path(cfg.run.output_dir)
         console.print(f"metrics: {out / 'metrics.jsonl'} | trace: {out / 'trace.json'} "
@@ -141,6 +155,10 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
                         f"{describe(e)}; {kept}", code=1)
         console.print(f"saved Hugging Face model: {path}")
     return 0
+
+
+def _held_out(cfg: JobConfig) -> str:
+    return cfg.eval.path if cfg.eval.path else f"the {cfg.eval.split} split"
 
 
 def _report_stop(job: Any, cfg: JobConfig, e: Exception) -> int:

@@ -1,12 +1,14 @@
 """The built-in tasks, whose rows are generated rather than read from a file.
 
 `reverse_digits`: the prompt is a digit string and "=", the answer is the digits reversed, then
-"." (the stop token). `synthetic`: random prompt ids of a fixed length (benchmarks). Rows are a
+"." (the stop token); a fixed tenth of the numbers is the held-out test split, which the train
+split never draws. `synthetic`: random prompt ids of a fixed length (benchmarks). Rows are a
 pure function of (seed, index), so a run is reproducible and its data position is one integer.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import numpy as np
@@ -19,18 +21,28 @@ from controller.data.tokenizer import CharTokenizer, Tokenizer
 
 DIGITS_ALPHABET = "0123456789=."
 SYNTHETIC_VOCAB = 1024  # the synthetic task's vocabulary when model.vocab_size is unset
+SYNTHETIC_TEST_SEED = 1_000_003  # added to data.seed for the synthetic task's test split
 
 
 def digits_tokenizer() -> CharTokenizer:
     return CharTokenizer(DIGITS_ALPHABET, stop=".")
 
 
-def reverse_digits_row(seed: int, index: int, min_digits: int, max_digits: int
-                       ) -> dict[str, Any]:
+def held_out(digits: str) -> bool:
+    """Whether a digit string belongs to reverse_digits' held-out split (about 1 in 10, fixed
+    by a hash of the string, so the two splits never share a prompt)."""
+    return zlib.crc32(digits.encode()) % 10 == 0
+
+
+def reverse_digits_row(seed: int, index: int, min_digits: int, max_digits: int,
+                       split: str = "train") -> dict[str, Any]:
+    """Row `index` of a split: draws from (seed, index) until the number is in the split."""
     rng = np.random.default_rng([seed, index])
-    n = int(rng.integers(min_digits, max_digits + 1))
-    digits = "".join(str(d) for d in rng.integers(0, 10, size=n))
-    return {"index": index, "prompt": f"{digits}=", "target": digits[::-1]}
+    while True:
+        n = int(rng.integers(min_digits, max_digits + 1))
+        digits = "".join(str(d) for d in rng.integers(0, 10, size=n))
+        if held_out(digits) == (split == "test"):
+            return {"index": index, "prompt": f"{digits}=", "target": digits[::-1]}
 
 
 class TaskDataset:
@@ -59,9 +71,10 @@ class TaskDataset:
 
     def row(self, index: int) -> dict[str, Any]:
         c = self.cfg
-        if c.task == "synthetic":
-            return synthetic_row(c.seed, index, c.prompt_tokens, self.tokenizer.vocab_size)
-        return reverse_digits_row(c.seed, index, c.min_digits, c.max_digits)
+        if c.task == "synthetic":  # random ids: the test split is another seed's rows
+            seed = c.seed if c.split == "train" else c.seed + SYNTHETIC_TEST_SEED
+            return synthetic_row(seed, index, c.prompt_tokens, self.tokenizer.vocab_size)
+        return reverse_digits_row(c.seed, index, c.min_digits, c.max_digits, c.split)
 
     def next_batch(self, n: int | None = None) -> PromptBatch:
         n = n or self.cfg.prompts_per_step

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from controller.metrics import is_eval_row
 from controller.topology import simulation_env
 
 pytestmark = pytest.mark.e2e  # some cases run whole jobs
@@ -95,10 +96,16 @@ calls = 0
 def reward(prompt, completion, row):
     global calls
     calls += 1
-    if calls > 4:  # step 1 (2 prompts x G=2 calls) scores; step 2 does not
+    if calls > 4:  # step 1 (2 prompts x G=2 calls) scores; step 2 does not (no evaluation)
         raise ValueError(f"cannot score {completion!r}")
     return 1.0
 """
+
+
+def _training_steps(path: Path) -> list[int]:
+    """The steps logged in a metrics.jsonl, without the baseline evaluation's row (step 0)."""
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    return [int(r["step"]) for r in rows if not is_eval_row(r)]
 
 
 def check_reward_stop(cwd: Path, out: subprocess.CompletedProcess) -> None:
@@ -107,8 +114,7 @@ def check_reward_stop(cwd: Path, out: subprocess.CompletedProcess) -> None:
     frames = [x for x in out.stderr.splitlines() if x.strip().startswith('File "')]
     assert frames and all("flaky.py" in x for x in frames), frames
     # Nothing lost: step 1's metrics and its checkpoint, saved when step 2 failed.
-    lines = (cwd / "runs/exp1/metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == [1]
+    assert _training_steps(cwd / "runs/exp1/metrics.jsonl") == [1]
     assert sorted(p.name for p in (cwd / "runs/exp1/checkpoints").iterdir()) == ["1"]
 
 
@@ -135,8 +141,7 @@ t.Trainer.update = update
 def check_internal_stop(cwd: Path, out: subprocess.CompletedProcess) -> None:
     assert "Traceback" not in out.stderr, out.stderr
     assert "Traceback" in (cwd / "runs/exp1/error.log").read_text()  # kept for a bug report
-    lines = (cwd / "runs/exp1/metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == [1]
+    assert _training_steps(cwd / "runs/exp1/metrics.jsonl") == [1]
     assert sorted(p.name for p in (cwd / "runs/exp1/checkpoints").iterdir()) == ["1"]
 
 
@@ -218,6 +223,21 @@ CASES = [
          ("data.path='broken.jsonl'", "line 1: not valid JSON", "line 2: not valid JSON"),
          files(**{"broken.jsonl": "{prompt: 1}\nnot json\n"}), jax=True),
 
+    # -- evaluation ----------------------------------------------------------------------------
+    Case("eval-k-over-samples", run("eval.samples_per_prompt=2", "eval.k=4"),
+         ("eval.samples_per_prompt=2 < eval.k=4", "eval.samples_per_prompt=4")),
+    Case("eval-k-zero", run("eval.k=0"), ("eval.k=0", "greater than or equal to 1")),
+    Case("eval-split-unknown", run("eval.split=validation"), ("eval.split='validation'",)),
+    Case("eval-file-missing", run(*TEXT, "data.path=p.jsonl", "eval.path=held/out.jsonl"),
+         ("eval.path='held/out.jsonl'", "does not exist", "{cwd}"),
+         files(**{"p.jsonl": '{"prompt": "1+1=", "target": "2"}\n'})),
+    Case("eval-file-empty", run(*TEXT, "data.path=p.jsonl", "eval.path=e.jsonl"),
+         ("eval.path='e.jsonl'", "empty"),
+         files(**{"p.jsonl": '{"prompt": "1+1=", "target": "2"}\n', "e.jsonl": "\n"})),
+    Case("eval-no-held-out-split", run(*TEXT, "data.path=p.jsonl", "eval.enabled=true"),
+         ("data.task=jsonl has no held-out split", "eval.path="),
+         files(**{"p.jsonl": '{"prompt": "1+1=", "target": "2"}\n'})),
+
     # -- reward names -------------------------------------------------------------------------
     Case("reward-unknown", run("rewards.functions=[no_such]"), ("'no_such'", "unknown reward")),
     Case("reward-typo", run("rewards.functions=[gsm8kk]"), ("'gsm8kk'", "did you mean 'gsm8k'")),
@@ -295,6 +315,7 @@ CASES = [
     # -- a run that has to stop -----------------------------------------------------------------
     Case("reward-fails-after-step-1",
          run(*SMALL, "run.steps=3", "run.output_dir=runs/exp1", "rewards.functions=[flaky.py]",
+             "eval.enabled=false",
              "checkpoint.every_steps=0"),
          ("step 2 failed", "rewards.max_failure_fraction", "cannot score",
           "kept: the checkpoint of step 1 in runs/exp1/checkpoints",
@@ -425,5 +446,4 @@ def test_corrupt_checkpoint_falls_back_with_a_short_warning(trained, tmp_path):
     assert len(out.stderr.splitlines()) <= 3, out.stderr
     assert "resumed from the checkpoint of step 1" in out.stdout
     assert (ckpts / "corrupt-2/state").is_dir()  # set aside, not deleted
-    lines = (tmp_path / "runs/exp1/metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+    assert _training_steps(tmp_path / "runs/exp1/metrics.jsonl") == [1, 2, 3]

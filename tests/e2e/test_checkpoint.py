@@ -14,6 +14,7 @@ import pytest
 
 from controller.api import Job
 from controller.config import ConfigError, load_config
+from controller.metrics import is_eval_row
 from controller.topology import simulation_env
 
 pytestmark = pytest.mark.e2e  # each test runs whole jobs
@@ -29,7 +30,8 @@ def _steps_logged(out: Path) -> list[int]:
     path = out / "metrics.jsonl"
     if not path.exists():
         return []
-    return [int(json.loads(x)["step"]) for x in path.read_text().splitlines() if x.strip()]
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [int(r["step"]) for r in rows if not is_eval_row(r)]  # training steps
 
 
 def _cli(out: Path, *extra: str) -> subprocess.Popen:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from controller.metrics import is_eval_row
 from controller.startup import JAX_CACHE_ENV
 from controller.topology import simulation_env
 
@@ -30,7 +31,7 @@ def _run(out: Path, cache: Path) -> tuple[str, list[dict]]:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = re.sub(r"\s+", " ", proc.stdout)  # the console wraps long lines
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
-    return text, rows
+    return text, [r for r in rows if not is_eval_row(r)]  # the training steps
 
 
 def test_second_run_reuses_compiled_programs_and_matches_the_first(tmp_path):

@@ -88,7 +88,8 @@ def test_run_in_a_bucket_killed_resumes_exactly_and_exports_bucket_to_bucket(gcs
     bucket = as_path(url)
     want = _untimed(_rows((local / "metrics.jsonl").read_text()))
     got = _untimed(_rows((bucket / "metrics.jsonl").read_text()))
-    assert [r["step"] for r in got] == list(range(1, n + 1))  # every step exactly once
+    assert [r["step"] for r in got] == list(range(0, n + 1))  # the baseline eval, every step
+    # exactly once
     assert got == want  # the resumed trajectory is the uninterrupted one, bit for bit
     assert json.loads((bucket / "trace.json").read_text())["traceEvents"]
     assert "output_dir: gs://" in (bucket / "config.yaml").read_text()

@@ -36,8 +36,12 @@ def test_short_run_reward_rises(tmp_path):
     assert rewards[-20:].mean() > rewards[:20].mean() + 0.08, rewards
     # The sampler scored with the weights the trainer had: same logprobs up to float rounding.
     assert max(m["sampler/logp_abs_diff"] for m in history) < 1e-4
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == list(range(1, 151))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # The baseline evaluation (step 0, before any update), then a row per step; the held-out
+    # evaluations at 50, 100 and 150 are in their steps' rows.
+    assert [r["step"] for r in rows] == [0, *range(1, 151)]
+    assert set(rows[0]) - {"step"} and all(k.startswith("eval/") for k in rows[0] if k != "step")
+    assert [int(r["step"]) for r in rows if "eval/accuracy" in r] == [0, 50, 100, 150]
 
 
 def test_cli_run_smoke(tmp_path):
@@ -48,7 +52,10 @@ def test_cli_run_smoke(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "trainer: 4 devices [0, 1, 2, 3]" in out.stdout
     assert "done: 3 steps" in out.stdout
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    assert "eval  step    0  accuracy" in out.stdout and "eval  step    3  accuracy" in out.stdout
+    assert "eval: held-out accuracy" in out.stdout
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]  # the baseline evaluation's row, then one per step
 
 
 def test_cli_rejects_bad_config_before_jax():

@@ -69,3 +69,14 @@ def hang_with_heartbeat(prompt, completion, row):
             f.write(f"{time.monotonic()}\n")
             f.flush()
             time.sleep(0.01)
+
+
+def fails_on_held_out(prompt, completion, row):
+    """reverse_digits' reward, raising on the held-out split's numbers (which only evaluation
+    draws)."""
+    from controller.data.tasks import held_out
+    from rewards.builtin import reverse_digits
+
+    if held_out(row["target"][::-1]):
+        raise RuntimeError("this reward cannot score held-out prompts")
+    return reverse_digits(prompt, completion, row)

@@ -75,7 +75,7 @@ def _samples(rewards_B, truncated_B):
     return Samples([{} for _ in range(b)], np.full((b, 2), 5, np.int32), np.ones((b, 2), bool),
                    rng.integers(2, 9, (b, T)).astype(np.int32), mask,
                    rng.normal(-1.0, 0.2, (b, T)).astype(np.float32),
-                   np.asarray(truncated_B, bool), rewards, rewards)
+                   np.asarray(truncated_B, bool), rewards, rewards, rewards[:, None])
 
 
 def _rollout(samples, policy_version=0):
@@ -269,7 +269,8 @@ def _part(prompts, prompt_mask, tokens, mask, first_row):
     return Samples([{"row": first_row + i} for i in range(n)], np.array(prompts, np.int32),
                    np.array(prompt_mask, bool), np.array(tokens, np.int32), np.array(mask, bool),
                    -np.array(tokens, f), np.arange(n) % 2 == 1,
-                   (first_row + np.arange(n)).astype(f), (first_row + np.arange(n) + 10).astype(f))
+                   (first_row + np.arange(n)).astype(f), (first_row + np.arange(n) + 10).astype(f),
+                   (first_row + np.arange(n)).astype(f)[:, None])
 
 
 def test_concat_samples_left_pads_prompts_to_the_widest_part():
@@ -287,6 +288,7 @@ def test_concat_samples_left_pads_prompts_to_the_widest_part():
     np.testing.assert_array_equal(out.truncated_B, [False, True, False])
     np.testing.assert_array_equal(out.scores_B, [0, 1, 2])
     np.testing.assert_array_equal(out.rewards_B, [10, 11, 12])
+    np.testing.assert_array_equal(out.parts_BxF, [[0], [1], [2]])
 
 
 def test_merge_reward_metrics_of_two_rounds():

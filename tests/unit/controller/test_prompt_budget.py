@@ -106,8 +106,12 @@ class _Trainer:
 
 
 class _Rewards:
-    def score(self, prompts, texts, rows, ids):
-        return [0.0] * len(texts), {}
+    names = ("zero",)
+
+    def score_each(self, prompts, texts, rows, ids):
+        from rewards.registry import Scores
+
+        return Scores([0.0] * len(texts), {"zero": [0.0] * len(texts)}, {})
 
 
 def _produce(cfg, tokenizer):
