@@ -96,3 +96,22 @@ def test_metrics_in_a_bucket_are_uploaded_on_flush_and_trimmed_on_resume(gcs):
     resumed.append({"step": 3, "reward/mean": 0.3})
     resumed.close()
     assert [json.loads(x)["step"] for x in file.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_tensorboard_events_with_rollout_text_locally_and_in_a_bucket(gcs, tmp_path):
+    from controller.metrics import TensorBoardSink
+
+    def run(out: str) -> bytes:
+        log = MetricsLog(out, sinks=[TensorBoardSink(as_path(out) / "tensorboard")])
+        log.append({"step": 1, "reward/mean": 0.25})
+        log.write_records("samples.jsonl", [{"step": 1, "prompt": "12=", "completion": "21."}])
+        log.close()
+        files = list((as_path(out) / "tensorboard").iterdir())
+        assert len(files) == 1 and files[0].name.startswith("events.out.tfevents")
+        return files[0].read_bytes()
+
+    local = run(str(tmp_path / "run"))
+    remote = run(f"gs://{BUCKET}/tb-run")  # written locally, uploaded on close
+    for events in (local, remote):
+        assert b"reward/mean" in events and b"samples/0" in events and b"21." in events
+    assert json.loads((tmp_path / "run" / "samples.jsonl").read_text())["completion"] == "21."
