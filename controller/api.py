@@ -24,18 +24,16 @@ import dataclasses
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, ClassVar
 
 from controller.config import ConfigError, JobConfig, absolute_path, as_path, is_url
 from controller.metrics import MetricsLog
 from controller.startup import cache_dir_for, configure_compile_cache, initialize_pathways
 from controller.status.board import Phase, StatusBoard
-from controller.storage import staged_inputs, upload_dir, write_text
+from controller.storage import save_hf_model_at, staged_inputs, write_text
 from controller.topology import configure_devices
 
 log = logging.getLogger(__name__)
@@ -457,20 +455,9 @@ class Job:
                       overwrite: bool = False) -> Any:
         """Writes the current policy as a Hugging Face directory (config, safetensors shards,
         and, when the job started from model.path, its tokenizer and generation files)."""
-        from trainer.hf import save_hf_model
-
-        if not is_url(path):
-            return save_hf_model(path, self.model_def.spec, self.trainer.params,
-                                 source_dir=self.model_dir, max_shard_bytes=max_shard_bytes,
-                                 overwrite=overwrite)
-        dest = as_path(path)
-        if not overwrite and dest.exists() and any(dest.iterdir()):
-            raise FileExistsError(f"{path} already holds files (fix: choose a new directory)")
-        with tempfile.TemporaryDirectory(prefix="tandem-export-") as tmp:
-            local = save_hf_model(Path(tmp) / "model", self.model_def.spec, self.trainer.params,
-                                  source_dir=self.model_dir, max_shard_bytes=max_shard_bytes)
-            upload_dir(Path(local), dest)
-        return dest
+        return save_hf_model_at(path, self.model_def.spec, self.trainer.params,
+                                source_dir=self.model_dir, max_shard_bytes=max_shard_bytes,
+                                overwrite=overwrite)
 
     def summary(self) -> dict[str, Any]:
         """First vs last reward, step time, sync bandwidth, and the timeline's busy/idle/overlap

@@ -870,13 +870,23 @@ class JobConfig(_Section):
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:
-        """The config as YAML that `load_config` reads back to an equal config. With
-        model.path set, the model section is path and dtype only: config.json defines the
-        rest, and setting it too is an error."""
+        """The config as YAML that `load_config` reads back to an equal config (what `tandem
+        submit` ships to the pod too). With model.path set, the model section is path and dtype
+        only: config.json defines the rest, and setting it too is an error."""
         data = self.model_dump(mode="json")
-        if self.model.path is not None:
-            data["model"] = {k: data["model"][k] for k in ("path", "dtype")}
+        if self.model.path is not None:  # what was set: path, and dtype unless the default
+            data["model"] = model_section(self.model.model_dump(mode="json",
+                                                                exclude_defaults=True))
         return yaml.safe_dump(data, sort_keys=False)
+
+
+def model_section(model: dict[str, Any]) -> dict[str, Any]:
+    """A model section as a config may give it: with model.path, config.json defines the shape,
+    so only path and dtype stay (setting a shape field too is an error); otherwise unchanged.
+    Used for configs written out (config.yaml) and read back from checkpoints."""
+    if not model.get("path"):
+        return model
+    return {k: model[k] for k in ("path", "dtype") if k in model}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ system does is handled here:
   the safetensors, tokenizer and Parquet readers want local files. The copy is kept and reused
   while the remote files keep their sizes and versions (GCS object generations).
 - `append_text`: an object cannot be appended to, so a remote file is rewritten whole.
-- `upload_dir`: a directory written locally (a Hugging Face export) is copied into a bucket.
+- `upload_dir`: a directory written locally is copied into a bucket; `save_hf_model_at` writes
+  a Hugging Face export that way.
 
 Credentials are gcsfs's: Application Default Credentials, a service account's metadata
 server on GCE/GKE, or `STORAGE_EMULATOR_HOST` for an emulator.
@@ -20,8 +21,10 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from etils import epath
 
@@ -164,3 +167,23 @@ def staged_inputs(cfg: JobConfig) -> JobConfig:
             update[section] = getattr(cfg, section).model_copy(
                 update={field: str(stage(value, f"{section}.{field}"))})
     return cfg.model_copy(update=update) if update else cfg
+
+
+def save_hf_model_at(path: str | os.PathLike, spec: Any, params: Any, *,
+                     source_dir: str | os.PathLike | None = None,
+                     max_shard_bytes: int = 4 * 1024**3, overwrite: bool = False) -> Any:
+    """`trainer.hf.save_hf_model` to a local directory (its path is returned) or a bucket
+    (written to a local temporary directory, then uploaded; the URL's path is returned)."""
+    from trainer.hf import save_hf_model
+
+    if not is_url(path):
+        return save_hf_model(path, spec, params, source_dir=source_dir,
+                             max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    dest = as_path(path)
+    if not overwrite and dest.exists() and any(dest.iterdir()):
+        raise FileExistsError(f"{path} already holds files (fix: choose a new directory)")
+    with tempfile.TemporaryDirectory(prefix="tandem-export-") as tmp:
+        local = save_hf_model(Path(tmp) / "model", spec, params, source_dir=source_dir,
+                              max_shard_bytes=max_shard_bytes)
+        upload_dir(Path(local), dest)
+    return dest

@@ -35,8 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-import yaml
-
 from controller.config import (
     ConfigError,
     JobConfig,
@@ -318,19 +316,6 @@ def config_path_in_container(workload: str) -> str:
     return f"{CONFIG_DIR}/{workload}/config.yaml"
 
 
-def shipped_yaml(cfg: JobConfig) -> str:
-    """The config as the pod's `tandem run` reads it: the full resolved config, except that
-    with model.path set the model section holds only what differs from the defaults, because
-    the model validator refuses shape fields set beside model.path (and a full dump sets them
-    all)."""
-    if cfg.model.path is None:
-        return cfg.to_yaml()
-    data = cfg.model_dump(mode="json")
-    data["model"] = {**cfg.model.model_dump(mode="json", exclude_defaults=True),
-                     "path": cfg.model.path}
-    return yaml.safe_dump(data, sort_keys=False)
-
-
 def container_command(cfg: JobConfig, workload: str, *, backend_target: str,
                       persistence: bool) -> str:
     """The shell command for xpk's `--command`: unpack the resolved config, run it on Pathways.
@@ -338,7 +323,9 @@ def container_command(cfg: JobConfig, workload: str, *, backend_target: str,
     The YAML is base64-encoded so that it survives xpk's templating (the command is pasted into
     a YAML block and run by `bash -c`) byte for byte.
     """
-    blob = base64.b64encode(shipped_yaml(cfg).encode()).decode()
+    # to_yaml reads back to the same config; with model.path its model section is path and
+    # dtype only, which the pod's validator accepts.
+    blob = base64.b64encode(cfg.to_yaml().encode()).decode()
     path = config_path_in_container(workload)
     env = ["JAX_PLATFORMS=proxy", f"JAX_BACKEND_TARGET={backend_target}",
            f"ENABLE_PATHWAYS_PERSISTENCE={1 if persistence else 0}"]

@@ -27,7 +27,7 @@ EVAL_EPILOG = __doc__.split("\n\n")[1]
 
 def _config(ns: argparse.Namespace) -> tuple[Any, Any]:
     """The config to evaluate with and the checkpoint step directory (or None)."""
-    from controller.config import apply_overrides, load_config, validate_config
+    from controller.config import apply_overrides, load_config, model_section, validate_config
 
     config_path, overrides = split_args(ns.args)
     # Evaluation only: no run directory, checkpoints or status server of its own.
@@ -45,9 +45,7 @@ def _config(ns: argparse.Namespace) -> tuple[Any, Any]:
 
     step_dir = find_step_dirs(ns.checkpoint, ns.step)[0]
     data = dict(read_meta(step_dir)["config"])
-    model = dict(data.get("model", {}))
-    if model.get("path"):  # config.json defines the shape, as the run was configured
-        data["model"] = {k: model[k] for k in ("path", "dtype") if k in model}
+    data["model"] = model_section(dict(data.get("model", {})))  # as the run was configured
     return validate_config(apply_overrides(data, [*overrides, *forced])), step_dir
 
 

@@ -18,15 +18,14 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from etils import epath
 
-from controller.config import absolute_path, as_path, expand_path, is_url
-from controller.storage import stage, upload_dir
+from controller.config import absolute_path, as_path, expand_path, is_url, model_section
+from controller.storage import save_hf_model_at, stage
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +228,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
 def _export_step(step_dir: epath.Path, out: epath.Path, model_path: str | None,
                  overwrite: bool) -> tuple[epath.Path, int]:
     from controller.config import ConfigError, validate_config
-    from trainer.hf import save_hf_model
 
     meta = read_meta(step_dir)
     data = dict(meta["config"])
@@ -244,9 +242,7 @@ def _export_step(step_dir: epath.Path, out: epath.Path, model_path: str | None,
             f"{step_dir} was trained from model.path={model['path']!r}, which no longer holds "
             f"a Hugging Face model; its config.json and tokenizer are needed (fix: pass "
             f"--model-path with a copy of that directory)")
-    if model.get("path"):  # the HF config.json defines the shape: as the run was configured
-        model = {k: model[k] for k in ("path", "dtype") if k in model}
-    data["model"] = model
+    data["model"] = model_section(model)  # as the run was configured
     try:
         cfg = validate_config(data)
     except ConfigError as e:
@@ -262,13 +258,8 @@ def _export_step(step_dir: epath.Path, out: epath.Path, model_path: str | None,
 
         raise _Unreadable(f"{step_dir / 'state'} is incomplete or corrupt: it does not restore "
                           f"({short_reason(e)})", "pass --step with an earlier checkpoint") from e
-    if not is_url(out):
-        path = save_hf_model(out, mdef.spec, params, source_dir=model_dir, overwrite=overwrite)
-        return epath.Path(path), int(step_dir.name)
-    with tempfile.TemporaryDirectory(prefix="tandem-export-") as tmp:
-        local = save_hf_model(Path(tmp) / "model", mdef.spec, params, source_dir=model_dir)
-        upload_dir(Path(local), out)
-    return out, int(step_dir.name)
+    path = save_hf_model_at(out, mdef.spec, params, source_dir=model_dir, overwrite=overwrite)
+    return epath.Path(path), int(step_dir.name)
 
 
 def cmd_export(ns: argparse.Namespace) -> int:

@@ -72,7 +72,6 @@ class Evaluator:
         from controller.data import build_dataset
         from sampler.jax_sampler import JaxSampler
 
-        self.cfg = cfg
         self.tokenizer = tokenizer
         self.rewards = rewards
         local = eval_data_config(cfg)
@@ -80,7 +79,6 @@ class Evaluator:
         n_prompts = min(cfg.eval.num_prompts, len(dataset)) if hasattr(dataset, "__len__") \
             else cfg.eval.num_prompts
         self.prompts = dataset.next_batch(n_prompts)
-        self.bad_rows = len(getattr(dataset, "bad_rows", ()) or ())
         self.n = cfg.eval.samples_per_prompt
         self.k = cfg.eval.k
         self.group = self.n if cfg.sampling.share_prompt else 1

@@ -133,12 +133,18 @@ def test_shipped_config_reloads_to_the_same_config(tmp_path):
     (model / "config.json").write_text("{}")
     cfg = load_config(None, ["topology.backend=native", f"model.path={model}",
                              "model.dtype=bfloat16", "run.steps=7"])
-    shipped = yaml.safe_load(X.shipped_yaml(cfg))
+    shipped = yaml.safe_load(_shipped(cfg))
     assert shipped["model"] == {"dtype": "bfloat16", "path": str(model)}
     assert validate_config(shipped) == cfg
     # Without model.path the full resolved config is shipped, as before.
     plain = load_config(None, ["topology.backend=native"])
-    assert X.shipped_yaml(plain) == plain.to_yaml()
+    assert _shipped(plain) == plain.to_yaml()
+
+
+def _shipped(cfg) -> str:
+    """The config YAML inside the command xpk runs in the pod."""
+    return X.decode_shipped_config(X.container_command(
+        cfg, "w", backend_target=X.DEFAULT_BACKEND_TARGET, persistence=False))
 
 
 def test_build_spec_refuses_a_local_model_path(tmp_path):
