@@ -11,9 +11,9 @@ and 10 channels that each follow WatchMetrics. Blocks alternate A B B A ... so t
 machine's load hits both conditions alike. Each step is timed around `job.step()` (so the
 snapshot publishing is inside the measurement), and the controller process's CPU time per step
 is reported beside it (on a shared machine the client process competes for the same cores, so
-wall time also shows the clients' own cost). On Linux the CPU of the status server's own
-threads (gRPC's I/O threads, its poller and its handlers) is reported too: what the clients
-cost the controller, without what they cost the machine.
+wall time also shows the clients' own cost). On Linux the CPU of the status server's process
+(a child of the controller, where gRPC's I/O threads, its poller and its handlers run) is
+reported too: what the clients cost the machine, none of which is the controller's own CPU.
 
 The verdict compares the ratio of the median step time loaded / baseline with `--max-ratio`
 (default 1.05) through a bootstrap confidence interval: the unit resampled is a *round*, two
@@ -172,13 +172,7 @@ def verdict(lo: float, hi: float, target: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The status server's threads (Linux): their CPU is what the clients cost the controller.
-
-
-def _is_server_thread(python_name: str | None, comm: str) -> bool:
-    if python_name is not None:  # the server's handler pool, and grpc's completion-queue poller
-        return python_name.startswith("tandem-status") or python_name.endswith("(_serve)")
-    return comm.startswith(("event_engine", "grpc_", "lifeguard"))  # gRPC core's own threads
+# CPU of a process (Linux): the status server's is what the clients cost the machine.
 
 
 def process_cpu(pid: int) -> float | None:
@@ -188,28 +182,6 @@ def process_cpu(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def server_thread_cpu() -> float | None:
-    """CPU seconds used so far by the status server's threads; None off Linux."""
-    tasks = Path("/proc/self/task")
-    if not tasks.is_dir():
-        return None
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    total = 0.0
-    for tid in os.listdir(tasks):
-        try:
-            comm = (tasks / tid / "comm").read_text().strip()
-            if not _is_server_thread(names.get(int(tid)), comm):
-                continue
-            try:  # nanoseconds on CPU
-                total += int((tasks / tid / "schedstat").read_text().split()[0]) / 1e9
-            except (OSError, ValueError, IndexError):  # no schedstats: clock ticks
-                fields = (tasks / tid / "stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except OSError:  # the thread ended meanwhile
-            continue
-    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +217,7 @@ def main() -> int:
                                  *ns.overrides,
                                  "status.enabled=true", "status.port=0"])
     job = Job(cfg)
-    servicer = job.status_server.servicer
+    server = job.status_server
     print(f"job: {job.meshes.describe()} | status {job.status_address}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for _ in range(ns.warmup):
@@ -266,10 +238,10 @@ def main() -> int:
         return json.loads(line)
 
     # Per block: (condition, step times, controller CPU per step). The controller process's
-    # CPU (all its threads: loop, XLA, gRPC server) is what the server costs the controller,
-    # plus what contention for the cores costs the job's own threads.
+    # CPU (all its threads: loop, XLA, the link to the status server's process) is what the
+    # clients cost the controller, plus what contention for the cores costs the job's threads.
     blocks: list[tuple[str, list[float], list[float]]] = []
-    server_cpu = {"baseline": 0.0, "loaded": 0.0}  # the status server's threads
+    server_cpu = {"baseline": 0.0, "loaded": 0.0}  # the status server's process
     client_cpu = {"baseline": 0.0, "loaded": 0.0}  # the client process
     polls, stream_msgs, bad = 0, 0, []
     loaded_wall = 0.0
@@ -282,18 +254,18 @@ def main() -> int:
             # The client has opened its streams; wait until the server runs them too, so that
             # no connection set-up falls inside the timed block.
             deadline = time.monotonic() + 60
-            while servicer.open_watchers < ns.watchers and time.monotonic() < deadline:
+            while server.stats().open_watchers < ns.watchers and time.monotonic() < deadline:
                 time.sleep(0.01)
         times, cpus = [], []
-        t_block, s_block, c_block = time.perf_counter(), server_thread_cpu(), process_cpu(
-            client.pid)
+        t_block, s_block, c_block = (time.perf_counter(), process_cpu(server.pid),
+                                     process_cpu(client.pid))
         for _ in range(ns.block):
             t0, c0 = time.perf_counter(), time.process_time()
             job.step()
             times.append(time.perf_counter() - t0)
             cpus.append(time.process_time() - c0)
         if s_block is not None:
-            server_cpu[cond] += server_thread_cpu() - s_block
+            server_cpu[cond] += process_cpu(server.pid) - s_block
         if c_block is not None:
             client_cpu[cond] += process_cpu(client.pid) - c_block
         blocks.append((cond, times, cpus))
@@ -302,7 +274,7 @@ def main() -> int:
             send({"op": "stop"})
             done = recv()
             deadline = time.monotonic() + 60  # and the streams' ends too, before the next block
-            while servicer.open_watchers and time.monotonic() < deadline:
+            while server.stats().open_watchers and time.monotonic() < deadline:
                 time.sleep(0.01)
             polls += done["polls"]
             want = list(range(first, last + 1))
@@ -313,6 +285,7 @@ def main() -> int:
             bad += done["errors"]
     send({"op": "quit"})
     client.wait(60)
+    server_cpu_measured = process_cpu(server.pid) is not None  # before it exits
     job.close()
     load_after = os.getloadavg()
 
@@ -355,13 +328,13 @@ def main() -> int:
     print(f"every watcher saw every step of its block once, in order: {not bad}")
     for b in bad[:10]:
         print(f"  {b}")
-    if server_thread_cpu() is not None:
+    if server_cpu_measured:
         served = polls + stream_msgs
         per_call = (server_cpu["loaded"] - server_cpu["baseline"]) / max(served, 1)
         srv, srv_base = server_cpu["loaded"] / len(load), server_cpu["baseline"] / len(base)
-        print(f"CPU per loaded step: status server threads {srv * 1e3:.2f} ms ({srv_base * 1e3:.2f}"
-              f" ms baseline; {per_call * 1e6:.0f} us per call or stream message), client "
-              f"process {client_cpu['loaded'] / len(load) * 1e3:.2f} ms")
+        print(f"CPU per loaded step: status server process {srv * 1e3:.2f} ms ("
+              f"{srv_base * 1e3:.2f} ms baseline; {per_call * 1e6:.0f} us per call or stream "
+              f"message), client process {client_cpu['loaded'] / len(load) * 1e3:.2f} ms")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in load_after)}")
     level = f"{ns.confidence:.0%} CI"
     print(f"controller CPU per step loaded / baseline: {cpu_ratio:.3f} "

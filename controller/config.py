@@ -661,7 +661,7 @@ class ReshardConfig(_Section):
 
 
 class StatusConfig(_Section):
-    """The gRPC status service (controller/status/status.proto) that runs inside the controller."""
+    """The gRPC status service (controller/status/status.proto), served by a child process."""
 
     enabled: bool = True
     """Serve from Job construction to Job.close()."""

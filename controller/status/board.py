@@ -1,7 +1,9 @@
 """What the training loop publishes and the status server reads.
 
-The loop (one thread) writes; the gRPC status server (its own thread pool) reads. The contract
-that keeps the loop fast:
+The loop (one thread) writes; the gRPC status server reads. The server runs in its own process
+(controller/status/process.py) and answers from a mirror of this board, a second `StatusBoard`
+that `apply` keeps up to date from the updates `attach_mirror` sends. The contract that keeps
+the loop fast:
 
 - `set_phase` and `publish_step` build a new frozen `StatusSnapshot` and swap one reference.
   They never wait for a reader: the only lock they take guards an append and a notify.
@@ -12,6 +14,11 @@ that keeps the loop fast:
 - Readers get immutable objects (`StatusSnapshot`, `StepRecord`), so they can format replies
   at leisure while the loop moves on.
 - Requests from outside (stop, checkpoint) are `threading.Event`s the loop polls between steps.
+- With a mirror attached, every change also queues one small update, sent by whichever thread
+  holds the mirror's lock (`_changed`): a thread that finds it held leaves its update to the
+  holder, so no writer waits, not even a signal handler that interrupts a send on its own
+  thread. An update carries the board's state when it is sent, so the mirror ends at the latest
+  state whatever order concurrent writers queue in.
 
 This module imports neither JAX nor gRPC, so the Job can keep a board even without a server.
 """
@@ -140,8 +147,12 @@ class StatusBoard:
         self.stop_event = threading.Event()
         self.stop_reason = ""
         self.checkpoint_event = threading.Event()
-        self.checkpoint_hook: Callable[[int], Any] | None = None
+        self._checkpoint_hook: Callable[[int], Any] | None = None
         self._listeners: list[Callable[[Phase], Any]] = []
+        # The mirror: `send(update)`, the updates queued for it, and the lock its sender holds.
+        self._mirror: Callable[[tuple], Any] | None = None
+        self._outbox: deque[tuple[str, StepRecord | None]] = deque()
+        self._mirror_lock = threading.Lock()
 
     # -- written by the loop's thread --------------------------------------------------------
 
@@ -156,11 +167,25 @@ class StatusBoard:
         if phase is old.phase and error is None:
             return
         now = time.time()
-        self._snapshot = replace(old, phase=phase, phase_since=now, updated_at=now,
-                                 last_error=old.last_error if error is None else error)
-        if phase.terminal != old.phase.terminal:
+        self._swap(replace(old, phase=phase, phase_since=now, updated_at=now,
+                           last_error=old.last_error if error is None else error))
+        self._changed("snapshot")
+
+    def _swap(self, new: StatusSnapshot) -> None:
+        old, self._snapshot = self._snapshot, new
+        if new.phase.terminal != old.phase.terminal:
             for fn in self._listeners:
-                fn(phase)
+                fn(new.phase)
+
+    @property
+    def checkpoint_hook(self) -> Callable[[int], Any] | None:
+        """`hook(step)` saves a checkpoint as of `step`; None: checkpointing not configured."""
+        return self._checkpoint_hook
+
+    @checkpoint_hook.setter
+    def checkpoint_hook(self, hook: Callable[[int], Any] | None) -> None:
+        self._checkpoint_hook = hook
+        self._changed("requests")
 
     def begin_step(self, honor_stop: bool) -> tuple[bool, bool]:
         """Called by the loop before each step: -> (go, checkpoint_first).
@@ -175,14 +200,18 @@ class StatusBoard:
             ckpt = self.checkpoint_event.is_set()
             self.checkpoint_event.clear()
             self.set_phase(Phase.CHECKPOINTING if ckpt else Phase.SAMPLING)
-            return True, ckpt
+        if ckpt:
+            self._changed("requests")
+        return True, ckpt
 
     def take_checkpoint_request(self) -> bool:
         """Consumes a pending checkpoint request (at the end of a run); True if there was one."""
         with self._request_lock:
             pending = self.checkpoint_event.is_set()
             self.checkpoint_event.clear()
-            return pending
+        if pending:
+            self._changed("requests")
+        return pending
 
     def _next_boundary(self) -> int:
         # IDLE/STARTING: the next boundary is right after the last completed step; inside a
@@ -196,10 +225,13 @@ class StatusBoard:
             s = self._snapshot
             if s.phase.terminal:
                 return False, s.step, f"the job has already {s.phase.value}"
-            if not self.stop_event.is_set():
+            first = not self.stop_event.is_set()
+            if first:
                 self.stop_reason = reason
                 self.stop_event.set()
             after = self._next_boundary()
+        if first:
+            self._changed("requests")
         ckpt = " and save a checkpoint" if self.checkpoint_hook is not None else ""
         return True, after, f"the job will finish step {after}{ckpt}, then stop"
 
@@ -215,12 +247,19 @@ class StatusBoard:
                 return False, s.step, f"the job has {s.phase.value}; no step will follow"
             self.checkpoint_event.set()
             after = self._next_boundary()
+        self._changed("requests")
         return True, after, f"a checkpoint will be saved after step {after}"
 
     def publish_step(self, step: int, metrics: Mapping[str, float], policy_version: int) -> None:
         """Publishes a completed step: a new snapshot (phase IDLE) and a record for watchers."""
         now = time.time()
         record = StepRecord(self._total, int(step), now, MappingProxyType(dict(metrics)))
+        self._append(record)
+        self._swap(StatusSnapshot(Phase.IDLE, int(step), int(policy_version),
+                                  self._snapshot.last_error, now, now))
+        self._changed("step", record)
+
+    def _append(self, record: StepRecord) -> None:
         with self._cond:  # held for an append and a notify; readers copy outside it
             self._records.append(record)
             self._total += 1
@@ -229,12 +268,6 @@ class StatusBoard:
             if self._waiting:
                 self._cond.notify(1)
                 self.publisher_wakeups += 1
-        old = self._snapshot
-        self._snapshot = StatusSnapshot(Phase.IDLE, int(step), int(policy_version),
-                                        old.last_error, now, now)
-        if old.phase.terminal:
-            for fn in self._listeners:
-                fn(Phase.IDLE)
 
     def publish_eval(self, step: int, metrics: Mapping[str, float]) -> None:
         """Publishes a held-out evaluation of the policy after `step` (0 = before training).
@@ -251,17 +284,109 @@ class StatusBoard:
         record = StepRecord(self._evals, int(step), time.time(), values)
         self._evals += 1  # only the loop's thread publishes, so no lock
         self._latest_eval = record
+        self._changed("eval")
 
     def close(self) -> None:
         """No more steps: open watch streams drain what is left and end."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        self._changed("close")
 
     def add_listener(self, fn: Callable[[Phase], Any]) -> None:
         """`fn(phase)` runs (on the loop's thread) when the job enters or leaves a terminal
         phase (stopped/failed); the server uses it to flip health to NOT_SERVING and back."""
         self._listeners.append(fn)
+
+    # -- the mirror in the status server's process ------------------------------------------
+
+    def attach_mirror(self, send: Callable[[tuple], Any]) -> None:
+        """Sends `send` this board's state, then one update per change, in order.
+
+        Each update is a small tuple of plain values and frozen snapshots (it pickles), which
+        `apply` on a board with the same job facts turns into the same state. `send` must not
+        block or raise: it runs on whichever thread made the change (the loop's, usually).
+        """
+        with self._mirror_lock:
+            self._mirror = send  # first: a change made from here on is queued, not missed
+            with self._cond:
+                records = [_plain(r) for r in self._records]
+                total = self._total
+            send(("records", total, records))
+            for kind in ("snapshot", "eval", "requests", *(("close",) if self._closed else ())):
+                send(self._update(kind, None))
+        self._send_queued()  # what other threads queued meanwhile
+
+    def detach_mirror(self) -> None:
+        """Stops sending updates (those queued are dropped)."""
+        with self._mirror_lock:
+            self._mirror = None
+            self._outbox.clear()
+
+    def _changed(self, kind: str, record: StepRecord | None = None) -> None:
+        if self._mirror is None:
+            return
+        self._outbox.append((kind, record))
+        self._send_queued()
+
+    def _send_queued(self) -> None:
+        # Whoever holds the lock sends every queued update, re-checking after it lets go; a
+        # writer that finds the lock held returns at once and leaves its update to the holder.
+        while self._outbox and self._mirror_lock.acquire(blocking=False):
+            try:
+                while self._outbox:
+                    kind, record = self._outbox.popleft()
+                    send = self._mirror
+                    if send is not None:
+                        send(self._update(kind, record))
+            finally:
+                self._mirror_lock.release()
+
+    def _update(self, kind: str, record: StepRecord | None) -> tuple:
+        # The state as it is now (not as it was when queued): the last update sent is current.
+        if kind == "snapshot":
+            return ("snapshot", self._snapshot)
+        if kind == "step":
+            return ("step", _plain(record), self._snapshot)
+        if kind == "eval":
+            ev = self._latest_eval
+            return ("eval", None if ev is None else _plain(ev))
+        if kind == "requests":
+            return ("requests", self.stop_event.is_set(), self.stop_reason,
+                    self.checkpoint_event.is_set(), self._checkpoint_hook is not None)
+        return (kind,)  # "close"
+
+    def apply(self, update: tuple) -> None:
+        """Applies one update from `attach_mirror` (on the mirror, in the order sent)."""
+        kind = update[0]
+        if kind == "snapshot":
+            self._swap(update[1])
+        elif kind == "step":
+            record = _record(update[1])
+            if record.seq == self._total:  # else already in the initial "records"
+                self._append(record)
+            self._swap(update[2])
+        elif kind == "records":
+            with self._cond:
+                self._records.clear()
+                self._records.extend(_record(r) for r in update[2])
+                self._total = update[1]
+                self._cond.notify_all()
+        elif kind == "eval":
+            self._latest_eval = None if update[1] is None else _record(update[1])
+        elif kind == "requests":
+            stop, self.stop_reason, ckpt, configured = update[1:]
+            for event, on in ((self.stop_event, stop), (self.checkpoint_event, ckpt)):
+                if on:
+                    event.set()
+                else:
+                    event.clear()
+            # The hook itself stays in the controller; the mirror only knows that there is one.
+            self._checkpoint_hook = _checkpoint_elsewhere if configured else None
+        elif kind == "close":
+            self.close()
+        else:
+            raise ValueError(f"unknown status board update {kind!r}")
 
     # -- read by the server's threads --------------------------------------------------------
 
@@ -344,3 +469,18 @@ class StatusBoard:
 
     def uptime(self) -> float:
         return time.time() - self.start_time
+
+
+def _plain(r: StepRecord) -> tuple:
+    """A record as plain values (a MappingProxyType does not pickle)."""
+    return r.seq, r.step, r.time_unix, dict(r.values)
+
+
+def _record(t: tuple) -> StepRecord:
+    seq, step, time_unix, values = t
+    return StepRecord(seq, step, time_unix, MappingProxyType(values))
+
+
+def _checkpoint_elsewhere(step: int) -> None:
+    """A mirror's stand-in for the controller's checkpoint hook (never called there)."""
+    raise RuntimeError("a mirrored status board cannot take checkpoints; the controller does")

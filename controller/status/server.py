@@ -1,10 +1,14 @@
 """The gRPC status service (`tandem.v1.TandemStatus`, see controller/status.proto).
 
-It runs inside the controller process on its own thread pool and answers from the
-`StatusBoard` the loop publishes to, so no RPC waits for the loop and the loop never waits for
-an RPC. It also serves standard health checking (`grpc.health.v1.Health`: SERVING while the job
-can still step, NOT_SERVING once it has stopped or failed) and server reflection, so `grpcurl`
-and load balancers work.
+The service runs in a child process of the controller (controller/status/process.py), so
+gRPC's work for each call and streamed message (its I/O and poller threads, the handlers) never
+takes the controller's GIL, and what clients cost the loop does not grow with their number. The
+controller keeps the `StatusBoard` the loop publishes to; each change is sent once over a socket
+(controller/status/link.py), and the child answers from a mirror of the board, so no RPC waits
+for the loop and the loop never waits for an RPC. RequestStop and RequestCheckpoint travel back
+to the controller, whose board answers them. The child also serves standard health checking
+(`grpc.health.v1.Health`: SERVING while the job can still step, NOT_SERVING once it has stopped
+or failed) and server reflection, so `grpcurl` and load balancers work.
 
 Security: the server binds loopback by default. Binding any other address needs a bearer token
 (`status.token`, or the env var `status.token_env`), which an interceptor checks on every RPC
@@ -14,16 +18,20 @@ when `status.tls_cert` and `status.tls_key` are set.
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import ipaddress
+import itertools
+import logging
 import os
+import socket
+import subprocess
+import sys
 import threading
-import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -33,6 +41,9 @@ from controller.config import ConfigError, StatusConfig
 from controller.status import status_pb2 as pb
 from controller.status import status_pb2_grpc as pb_grpc
 from controller.status.board import StatusBoard, StepRecord, WatcherBehind, window_stats
+from controller.status.link import Link
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TandemStatus"].full_name  # tandem.v1.TandemStatus
 DEFAULT_WINDOW = 10
@@ -40,6 +51,7 @@ STEP_CACHE = 1024  # StepMetrics kept for watchers (a replay beyond it rebuilds 
 METRICS_CACHE = 64  # MetricsReply entries before those of older steps are dropped
 # Unary RPCs need free workers; each open WatchMetrics stream holds one for its lifetime.
 RESERVED_UNARY_WORKERS = 4
+START_TIMEOUT_S = 60.0  # for the server process to import gRPC, bind and report its port
 
 
 class StatusServerError(ConfigError):
@@ -142,22 +154,46 @@ def _printable(text: str) -> str:
 # The service
 
 
-class StatusServicer(pb_grpc.TandemStatusServicer):
-    """Answers from the board; never calls into the loop.
+class Controller(Protocol):
+    """Where RequestStop and RequestCheckpoint go: the controller's board, or a proxy for it.
 
-    What a client costs the controller: each step's `StepMetrics` and each (step, window)'s
-    `MetricsReply` are built once, on the first request that needs them (not on the loop's
-    thread), and the same message object is handed to every client that asks (serialising it
-    again per client costs ~1-3 us). A `StatusReply` is built per call (its uptime moves), but
-    the latest evaluation in it is converted once per evaluation and copied in. What is left
-    per client is gRPC's own work for each call or streamed message, across its I/O threads,
-    its poller thread and a handler thread: on a 2-core VM ~0.15 ms of CPU per streamed
-    message and 0.3-1 ms per unary call (the less often calls come, the more of it is waking
-    idle threads; see bench/status_load.py).
+    Each returns (accepted, after_step, message), as `StatusBoard.request_*` do; a proxy raises
+    TimeoutError or ConnectionError when the controller does not answer.
     """
 
-    def __init__(self, board: StatusBoard, max_watchers: int):
+    def request_stop(self, reason: str) -> tuple[bool, int, str]: ...
+
+    def request_checkpoint(self) -> tuple[bool, int, str]: ...
+
+
+@dataclass(frozen=True)
+class ServerStats:
+    """What the status server has done so far (`StatusServer.stats()`)."""
+
+    open_watchers: int  # WatchMetrics streams open now
+    metrics_replies_built: int  # MetricsReply messages built: one per step and window
+    step_messages_built: int  # StepMetrics built for watchers: one per step
+    eval_messages_built: int  # latest_eval messages built: one per evaluation
+
+
+class StatusServicer(pb_grpc.TandemStatusServicer):
+    """Answers from the board (the controller's mirror); never calls into the loop.
+
+    What a client costs the server's process: each step's `StepMetrics` and each (step,
+    window)'s `MetricsReply` are built once, on the first request that needs them, and the same
+    message object is handed to every client that asks (serialising it again per client costs
+    ~1-3 us). A `StatusReply` is built per call (its uptime moves), but the latest evaluation in
+    it is converted once per evaluation and copied in. What is left per client is gRPC's own
+    work for each call or streamed message, across its I/O threads, its poller thread and a
+    handler thread: on a 2-core VM ~0.15 ms of CPU per streamed message and 0.3-1 ms per unary
+    call (the less often calls come, the more of it is waking idle threads; see
+    bench/status_load.py). That is why the server has a process of its own.
+    """
+
+    def __init__(self, board: StatusBoard, max_watchers: int,
+                 controller: Controller | None = None):
         self.board = board
+        self.controller = board if controller is None else controller
         self.topology: pb.TopologyReply | None = None  # set once the meshes exist
         self.max_watchers = max_watchers
         self._watchers = 0
@@ -302,15 +338,30 @@ class StatusServicer(pb_grpc.TandemStatusServicer):
                           f"{self.board.snapshot.phase.value}); retry in a few seconds")
         return self.topology
 
+    def stats(self) -> dict[str, int]:
+        """ServerStats' fields, now."""
+        return {"open_watchers": self._watchers,
+                "metrics_replies_built": self.metrics_replies_built,
+                "step_messages_built": self.step_messages_built,
+                "eval_messages_built": self.eval_messages_built}
+
+    def _ask(self, context, request: Callable[[], tuple[bool, int, str]]) -> tuple:
+        try:
+            return request()
+        except (TimeoutError, ConnectionError) as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"the controller did not answer ({e}); retry in a few seconds")
+
     def RequestCheckpoint(self, request, context):
-        accepted, after, message = self.board.request_checkpoint()
+        accepted, after, message = self._ask(context, self.controller.request_checkpoint)
         if not accepted:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
         return pb.RequestCheckpointReply(accepted=True, after_step=after, message=message)
 
     def RequestStop(self, request, context):
-        accepted, after, message = self.board.request_stop(
-            request.reason or "requested over gRPC")
+        reason = request.reason or "requested over gRPC"
+        accepted, after, message = self._ask(context,
+                                             lambda: self.controller.request_stop(reason))
         return pb.RequestStopReply(accepted=accepted, after_step=after, message=message)
 
 
@@ -353,67 +404,36 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
 
 
 # ---------------------------------------------------------------------------------------------
-# The server
+# The gRPC server (built in the server's process)
 
 
-@dataclass
-class StatusServer:
-    """A running status server; `stop()` ends it (idempotent)."""
-
-    server: grpc.Server
-    servicer: StatusServicer
-    health: health.HealthServicer
-    address: str  # host:port actually bound
-    port: int
-    tls: bool
-    token_required: bool
-
-    def set_serving(self, serving: bool) -> None:
-        st = (health_pb2.HealthCheckResponse.SERVING if serving
-              else health_pb2.HealthCheckResponse.NOT_SERVING)
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, st)
-
-    def set_topology(self, reply: pb.TopologyReply) -> None:
-        self.servicer.topology = reply
-
-    def stop(self, grace: float = 5.0) -> None:
-        """NOT_SERVING, end watch streams (they drain first), then stop within `grace` s."""
-        self.set_serving(False)
-        self.servicer.board.close()
-        self.server.stop(grace).wait()
+def read_tls(cfg: StatusConfig) -> tuple[bytes, bytes] | None:
+    """(key, certificate chain) PEM bytes, or None without TLS."""
+    if cfg.tls_cert is None:
+        return None
+    try:
+        with open(cfg.tls_key, "rb") as f:
+            key = f.read()
+        with open(cfg.tls_cert, "rb") as f:
+            cert = f.read()
+    except OSError as e:
+        raise StatusServerError(
+            f"status.tls_cert={cfg.tls_cert!r} / status.tls_key={cfg.tls_key!r}: "
+            f"cannot read ({e}) (fix: point both at readable PEM files)") from None
+    return key, cert
 
 
-def _close_at_exit(board: StatusBoard) -> None:
-    """Ends open watch streams when the interpreter exits without Job.close().
+def build_server(cfg: StatusConfig, board: StatusBoard, controller: Controller,
+                 token: str | None, tls: tuple[bytes, bytes] | None,
+                 interceptors: list[grpc.ServerInterceptor]
+                 ) -> tuple[grpc.Server, StatusServicer, health.HealthServicer, int]:
+    """The server (bound, not started), its servicer, its health servicer and the bound port.
 
-    Python joins the server's executor threads at exit, and a WatchMetrics stream lasts until
-    its board closes; closing the board first (a threading-atexit hook runs before the
-    executor's, which was registered earlier) keeps a forgotten close() from hanging exit.
+    `interceptors` run first on every call, then the bearer-token check (with a token).
+    Raises StatusServerError (naming the field and a fix) if the address cannot be bound.
     """
-    ref = weakref.ref(board)
-
-    def close() -> None:
-        b = ref()
-        if b is not None:
-            b.close()
-
-    register = getattr(threading, "_register_atexit", None)  # private, but what
-    if register is not None:                                  # concurrent.futures uses
-        with contextlib.suppress(RuntimeError):  # "can't register atexit after shutdown"
-            register(close)
-
-
-def start_status_server(cfg: StatusConfig, board: StatusBoard,
-                        token: str | None = None) -> StatusServer:
-    """Starts the status server for `board` on its own thread pool; returns when bound.
-
-    `token` defaults to `resolve_token(cfg)`. Raises StatusServerError (naming the field and a
-    fix) for a non-loopback host without a token, unreadable TLS files, or a port in use.
-    """
-    token = resolve_token(cfg) if token is None else token
-    check_bind(cfg, token)
-    interceptors = [BearerTokenInterceptor(token)] if token else []
+    if token:
+        interceptors = [*interceptors, BearerTokenInterceptor(token)]
     max_watchers = max(1, cfg.max_workers - RESERVED_UNARY_WORKERS)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.max_workers,
@@ -427,7 +447,7 @@ def start_status_server(cfg: StatusConfig, board: StatusBoard,
             ("grpc.http2.bdp_probe", 0),
         ],
     )
-    servicer = StatusServicer(board, max_watchers)
+    servicer = StatusServicer(board, max_watchers, controller)
     pb_grpc.add_TandemStatusServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -436,19 +456,9 @@ def start_status_server(cfg: StatusConfig, board: StatusBoard,
          reflection.SERVICE_NAME), server)
 
     bind = format_address(cfg.host, cfg.port)
-    tls = cfg.tls_cert is not None
     try:
-        if tls:
-            try:
-                with open(cfg.tls_key, "rb") as f:
-                    key = f.read()
-                with open(cfg.tls_cert, "rb") as f:
-                    cert = f.read()
-            except OSError as e:
-                raise StatusServerError(
-                    f"status.tls_cert={cfg.tls_cert!r} / status.tls_key={cfg.tls_key!r}: "
-                    f"cannot read ({e}) (fix: point both at readable PEM files)") from None
-            port = server.add_secure_port(bind, grpc.ssl_server_credentials([(key, cert)]))
+        if tls is not None:
+            port = server.add_secure_port(bind, grpc.ssl_server_credentials([tls]))
         else:
             port = server.add_insecure_port(bind)
     except RuntimeError as e:
@@ -459,10 +469,160 @@ def start_status_server(cfg: StatusConfig, board: StatusBoard,
         raise StatusServerError(
             f"status.host={cfg.host!r} status.port={cfg.port}: cannot bind {bind} (in use, or "
             f"not an address of this machine) (fix: status.port=0 picks a free port)")
-    server.start()
-    _close_at_exit(board)
-    running = StatusServer(server, servicer, health_servicer, format_address(cfg.host, port),
-                           port, tls, token is not None)
-    running.set_serving(not board.snapshot.phase.terminal)
-    board.add_listener(lambda phase: running.set_serving(not phase.terminal))
-    return running
+    return server, servicer, health_servicer, port
+
+
+def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
+    st = (health_pb2.HealthCheckResponse.SERVING if serving
+          else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, st)
+
+
+# ---------------------------------------------------------------------------------------------
+# The controller's side: start the server's process, feed it the board, answer its requests
+
+
+class StatusServer:
+    """The controller's handle on its running status server process; `stop()` ends it.
+
+    A thread here ("tandem-status-link") reads what the process sends: stop and checkpoint
+    requests, which it passes to the board, and the answers to `stats()`. It wakes only for
+    those, never per client call.
+    """
+
+    def __init__(self, process: subprocess.Popen, link: Link, board: StatusBoard, address: str,
+                 port: int, tls: bool, token_required: bool):
+        self.process = process
+        self.board = board
+        self.address = address  # host:port actually bound
+        self.port = port
+        self.tls = tls
+        self.token_required = token_required
+        self._link = link
+        self._ids = itertools.count()
+        self._pending: dict[int, futures.Future] = {}
+        self._stopped = False
+        self._reader = threading.Thread(target=self._read, name="tandem-status-link",
+                                        daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        """The server process's pid (its CPU is what clients cost the machine)."""
+        return self.process.pid
+
+    def set_topology(self, reply: pb.TopologyReply) -> None:
+        """Serves `reply` to GetTopology from now on (serialised once, here)."""
+        self._link.send(("topology", reply.SerializeToString()))
+
+    def stats(self, timeout: float = 10.0) -> ServerStats:
+        """Asks the server process for its counters (open watch streams, messages built)."""
+        key = next(self._ids)
+        fut: futures.Future = futures.Future()
+        self._pending[key] = fut
+        try:
+            if self._link.closed or self._link.peer_closed:
+                raise StatusServerError("the status server process has exited")
+            self._link.send(("stats", key))
+            return fut.result(timeout)
+        finally:
+            self._pending.pop(key, None)
+
+    def _read(self) -> None:
+        link = self._link
+        while not link.peer_closed:
+            link.wait_readable(None)
+            for msg in link.receive():
+                kind = msg[0]
+                if kind == "request_stop":
+                    link.send(("reply", msg[1], self.board.request_stop(msg[2])))
+                elif kind == "request_checkpoint":
+                    link.send(("reply", msg[1], self.board.request_checkpoint()))
+                elif kind == "stats":
+                    fut = self._pending.get(msg[1])
+                    if fut is not None:
+                        fut.set_result(ServerStats(**msg[2]))
+        if not self._stopped:
+            log.warning("the status server process (pid %d) has exited; the job goes on "
+                        "without it", self.process.pid)
+        for fut in list(self._pending.values()):
+            if not fut.done():
+                fut.set_exception(StatusServerError("the status server process has exited"))
+
+    def stop(self, grace: float = 5.0) -> None:
+        """NOT_SERVING, end watch streams (they drain first), then stop within `grace` s.
+
+        Idempotent. The process is killed if it has not exited `grace` + 10 s later.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        self.board.close()  # the streams' end, sent to the mirror like any change
+        self.board.detach_mirror()
+        self._link.send(("shutdown", grace))
+        self._link.flushed(grace + 10)
+        try:
+            self.process.wait(grace + 10)
+        except subprocess.TimeoutExpired:
+            log.warning("the status server process (pid %d) did not stop in %.0f s; killing it",
+                        self.process.pid, grace + 10)
+            self.process.kill()
+            self.process.wait()
+        self._link.close()
+        self._reader.join(5)
+
+
+def _child_env() -> dict[str, str]:
+    """The environment for the server's process: this checkout's packages first."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def start_status_server(cfg: StatusConfig, board: StatusBoard,
+                        token: str | None = None) -> StatusServer:
+    """Starts the status server's process for `board`; returns once it serves, bound.
+
+    `token` defaults to `resolve_token(cfg)`. Raises StatusServerError (naming the field and a
+    fix) for a non-loopback host without a token, unreadable TLS files, or a port in use.
+    """
+    token = resolve_token(cfg) if token is None else token
+    check_bind(cfg, token)
+    tls = read_tls(cfg)
+    # A fresh interpreter (not a fork: this process holds JAX's threads) that imports gRPC and
+    # this package only. The socket's far end is its only inherited descriptor; when this
+    # process exits or dies the child reads the end of the stream and stops.
+    here, there = socket.socketpair()
+    with there:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "controller.status.process", str(there.fileno()),
+             str(os.getpid())],
+            pass_fds=(there.fileno(),), stdin=subprocess.DEVNULL, env=_child_env())
+    link = Link(here, "tandem-status-link")
+    facts = {"job_id": board.job_id, "run_name": board.run_name,
+             "config_digest": board.config_digest, "total_steps": board.total_steps,
+             "history": board.history, "start_time": board.start_time}
+    link.send(("start", cfg, token, tls, facts))
+    board.attach_mirror(link.send)  # the board's state now, then every change
+    link.send(("synced",))
+    # The child binds, applies the state, starts serving, then reports the port (or an error).
+    reply = link.receive_one(START_TIMEOUT_S, alive=lambda: process.poll() is None)
+    if reply is None or reply[0] != "ready":
+        board.detach_mirror()
+        link.close()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if reply is not None and reply[0] == "error":
+            raise StatusServerError(reply[1])
+        raise StatusServerError(
+            f"the status server process did not report its port within {START_TIMEOUT_S:.0f} s "
+            f"(exit code {process.returncode}; its error, if any, is above) (fix: check that "
+            f"`{sys.executable} -m controller.status.process` can import grpc, or set "
+            f"status.enabled=false)")
+    return StatusServer(process, link, board, format_address(cfg.host, reply[1]), reply[1],
+                        tls is not None, token is not None)

@@ -82,7 +82,7 @@ def _check_job(job, client):
         (m.step, dict(m.values)) for m in watchers[i].watch())) for i in range(len(watchers))]
     for t in threads:
         t.start()
-    while job.status_server.servicer.open_watchers < len(watchers):
+    while job.status_server.stats().open_watchers < len(watchers):
         threading.Event().wait(0.01)
 
     # The loop thread itself asks (over gRPC) for a checkpoint during step 1 and a stop while
@@ -145,7 +145,7 @@ def _check_job(job, client):
     late_seen = []
     late_thread = threading.Thread(target=lambda: late_seen.extend(m.step for m in late_stream))
     late_thread.start()
-    while job.status_server.servicer.open_watchers < len(watchers) + 1:
+    while job.status_server.stats().open_watchers < len(watchers) + 1:
         threading.Event().wait(0.01)  # the late stream is open on the server
 
     job.close()  # stops the server: open streams drain and end
@@ -189,7 +189,7 @@ def test_cli_watch_view_ends_with_the_job(capsys, monkeypatch):
         watch = threading.Thread(target=lambda: rc.append(
             main(["status", "--address", job.status_address, "--watch", "--window", "5"])))
         watch.start()
-        while job.status_server.servicer.open_watchers < 1:
+        while job.status_server.stats().open_watchers < 1:
             threading.Event().wait(0.01)
         job.run()
         seen = ""
@@ -215,7 +215,8 @@ def test_cli_watch_view_ends_with_the_job(capsys, monkeypatch):
 
 def test_watchers_of_a_running_job_share_each_step():
     """Several watchers of a real job get byte-identical streams. Each step's message is built
-    once, and the thread that runs the steps wakes at most one watcher per step."""
+    once, and the thread that runs the steps wakes none of them (they wait in the server's
+    process)."""
     job = Job(load_config(overrides=[*TINY, "run.steps=4", "status.port=0"]))
     n_watchers = 4
     chans = [grpc.insecure_channel(job.status_address) for _ in range(n_watchers)]
@@ -232,11 +233,16 @@ def test_watchers_of_a_running_job_share_each_step():
     try:
         for t in threads:
             t.start()
-        while job.status_server.servicer.open_watchers < n_watchers:
+        while job.status_server.stats().open_watchers < n_watchers:
             threading.Event().wait(0.01)
-        servicer = job.status_server.servicer
         job.run()
-        assert job.board.publisher_wakeups <= job.steps_done == 4
+        assert job.board.publisher_wakeups == 0  # the watchers wait in the server's process
+        assert job.steps_done == 4
+        for _ in range(3000):  # every stream has had every step
+            if all(len(g) == 4 for g in got):
+                break
+            threading.Event().wait(0.01)
+        stats = job.status_server.stats()
     finally:
         job.close()  # stops the server: the streams drain and end
     for t in threads:
@@ -248,4 +254,4 @@ def test_watchers_of_a_running_job_share_each_step():
     steps = [pb.StepMetrics.FromString(m) for m in got[0]]
     assert [m.step for m in steps] == [1, 2, 3, 4]
     assert [m.values["reward/mean"] for m in steps] == [m["reward/mean"] for m in job.metrics]
-    assert servicer.step_messages_built == 4
+    assert stats.step_messages_built == 4

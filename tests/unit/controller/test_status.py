@@ -248,7 +248,7 @@ def test_watchers_see_every_step_once_in_order():
     for t in threads:
         t.start()
     deadline = threading.Event()
-    while server.servicer.open_watchers < n_watchers and not deadline.wait(0.01):
+    while server.stats().open_watchers < n_watchers and not deadline.wait(0.01):
         pass
     for s in range(1, n_steps + 1):
         _publish(board, s, r=s / 10)
@@ -291,12 +291,12 @@ def test_get_status_serves_the_latest_eval():
                 "eval/accuracy": 0.25, "eval/pass@4": 0.5, "eval/accuracy/gsm8k": 0.25,
                 "eval/time_s": 1.75}
             assert st.latest_eval.time_unix == board.latest_eval().time_unix
-        assert server.servicer.eval_messages_built == 1
+        assert server.stats().eval_messages_built == 1
         board.publish_eval(20, {"eval/accuracy": 0.5})
         st = client.status()
         assert st.latest_eval.step == 20 and dict(st.latest_eval.values) == {
             "eval/accuracy": 0.5}
-        assert server.servicer.eval_messages_built == 2
+        assert server.stats().eval_messages_built == 2
     finally:
         client.close()
         server.stop(0)
@@ -361,7 +361,7 @@ def test_cli_shows_the_latest_eval(capsys, monkeypatch):
         rc, out = [], []
         t = threading.Thread(target=lambda: rc.append(main([*base, "--watch"])))
         t.start()
-        while server.servicer.open_watchers < 1:
+        while server.stats().open_watchers < 1:
             threading.Event().wait(0.01)
         _publish(board, 1, **{"reward/mean": 0.5})
         board.publish_eval(1, {"eval/accuracy": 0.25, "eval/prompts": 64, "eval/time_s": 2.0})
@@ -461,7 +461,7 @@ def test_cli_against_a_bare_server(capsys, monkeypatch):
         t = threading.Thread(target=lambda: rc.append(
             main([*base, "--watch", "--json", "--from-step", "2"])))
         t.start()
-        while server.servicer.open_watchers < 1:
+        while server.stats().open_watchers < 1:
             threading.Event().wait(0.01)
         _publish(board, 3, **{"reward/mean": 1.0})
     finally:
@@ -575,14 +575,14 @@ def test_pollers_get_one_reply_per_step_built_once():
 
     try:
         first = poll_all()
-        assert len(set(first)) == 1 and server.servicer.metrics_replies_built == 1
+        assert len(set(first)) == 1 and server.stats().metrics_replies_built == 1
         reply = pb.MetricsReply.FromString(first[0])
         assert (reply.latest.step, reply.window, reply.first_step) == (2, 2, 1)
         assert reply.windowed["r"].mean == 1.0 and reply.windowed["r"].count == 2
         _publish(board, 3, r=2.5)
         second = poll_all()
         assert len(set(second)) == 1 and second[0] != first[0]
-        assert server.servicer.metrics_replies_built == 2  # one more step, one more reply
+        assert server.stats().metrics_replies_built == 2  # one more step, one more reply
         assert pb.MetricsReply.FromString(second[0]).windowed["r"].mean == 2.0
     finally:
         for c in chans:
@@ -592,7 +592,7 @@ def test_pollers_get_one_reply_per_step_built_once():
 
 def test_watchers_share_one_message_per_step():
     """6 watchers get byte-identical streams; each step's message is built once, and the
-    publishing thread wakes at most one of them per step."""
+    publishing thread wakes none of them (they wait in the server's process)."""
     board = make_board()
     board._cond = cond = CountingCondition()
     server = start_status_server(StatusConfig(), board)
@@ -610,10 +610,12 @@ def test_watchers_share_one_message_per_step():
     threads = [threading.Thread(target=watch, args=(i,)) for i in range(n_watchers)]
     for t in threads:
         t.start()
-    _wait_until(lambda: server.servicer.open_watchers == n_watchers)
+    _wait_until(lambda: server.stats().open_watchers == n_watchers)
     for s in range(1, n_steps + 1):
         _publish(board, s, r=s / 4)
-    server.stop(grace=5)  # closes the board: the streams drain, then end
+    _wait_until(lambda: all(len(g) == n_steps for g in got))
+    stats = server.stats()
+    server.stop(grace=5)  # closes the board: the streams end
     for t in threads:
         t.join(30)
         assert not t.is_alive()
@@ -621,8 +623,8 @@ def test_watchers_share_one_message_per_step():
         c.close()
     assert all(g == got[0] for g in got)
     assert [pb.StepMetrics.FromString(m).step for m in got[0]] == list(range(1, n_steps + 1))
-    assert server.servicer.step_messages_built == n_steps
-    assert cond.woken[threading.get_ident()] <= n_steps
+    assert stats.step_messages_built == n_steps
+    assert cond.woken[threading.get_ident()] == 0
 
 
 # ---------------------------------------------------------------------------------------------
