@@ -132,7 +132,11 @@ class Job:
                                   * cfg.algorithm.num_minibatches)
         self.trainer = Trainer(self.model_def, params, build_optimizer(cfg.optimizer, schedule),
                                self.meshes.trainer, cfg.algorithm, cfg.sampling.temperature,
-                               lr_schedule=schedule, is_cap=cfg.schedule.is_cap)
+                               lr_schedule=schedule, is_cap=cfg.schedule.is_cap,
+                               memory=cfg.trainer)
+        # The completions alone (prompt widths come with the data) must fit before any rollout.
+        self.trainer.check_memory(cfg.data.prompts_per_step * cfg.sampling.group_size, 0,
+                                  cfg.sampling.max_new_tokens)
         hf_dir, to_hf = None, None
         if cfg.model.path and cfg.sampling.backend == "vllm":
             # vLLM serves the HF directory and takes each new policy by HF tensor name.

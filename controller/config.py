@@ -643,6 +643,23 @@ class CheckpointConfig(_Section):
         return expand_path(v)
 
 
+class TrainerConfig(_Section):
+    """How the update uses memory: log-probs by chunks of the sequence, and which activations
+    the backward pass keeps (trainer/logprobs.py, trainer/memory.py)."""
+
+    logits_chunk: int | None = Field(None, ge=1)
+    """Completion positions per row whose logits exist at once in the update's log-probs and
+    entropy (forward and backward): the peak holds [rows, chunk, vocab] float32 logits instead
+    of [rows, length, vocab]. None: the whole completion when its logits take at most 256 MiB
+    per device, else the largest chunk that does."""
+    remat: Literal["auto", "none", "block", "matmuls"] = "auto"
+    """Activation checkpointing of each transformer block in the update: "none" keeps every
+    activation the backward needs; "block" keeps only each block's input and recomputes the
+    block in the backward (about one more forward pass); "matmuls" keeps the projections'
+    outputs and recomputes the rest (attention scores, norms, activations). "auto": "none" when
+    the estimated activations fit in a quarter of a trainer device's memory, else "block"."""
+
+
 class ReshardConfig(_Section):
     """Weight sync after each update: trainer params (trainer layout) -> sampler layout."""
 
@@ -772,6 +789,8 @@ class JobConfig(_Section):
     """Orbax checkpoints."""
     schedule: ScheduleConfig = ScheduleConfig()
     """When the sampler and trainer halves of a step run."""
+    trainer: TrainerConfig = TrainerConfig()
+    """Memory of the update: chunked log-probs and activation checkpointing."""
     reshard: ReshardConfig = ReshardConfig()
     """Weight sync from the trainer layout to the sampler layout."""
     status: StatusConfig = StatusConfig()

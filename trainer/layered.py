@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from trainer.logprobs import Hidden, block_rows, embed_rows, head_rows
+from trainer.logprobs import Hidden, block_rows, embed_rows, head_rows, rematerialized
 from trainer.loss import aggregation_weights
 from trainer.model import Params, top_params
 from trainer.step import Batch, UpdateStep
@@ -133,8 +133,9 @@ class LayeredUpdate:
 
     def _head_logps(self, top: Params, h: Hidden, b: Batch, group: int) -> jax.Array:
         step = self.step
+        chunk, _ = step.memory_plan(b)
         return step.constrain_rows(head_rows(step.mdef, top, h, b.completion_tokens_BxT,
-                                             step.temperature, group)[0])
+                                             step.temperature, group, chunk)[0])
 
     def _embed(self, top: Params, b: Batch, group: int) -> Hidden:
         return self._constrain_hidden(
@@ -148,8 +149,11 @@ class LayeredUpdate:
 
     def _block_fwd(self, params_l: Params, h: Hidden, b: Batch, sliding: bool,
                    group: int) -> tuple[Hidden, Any]:
-        # (output, pullback: a pytree of the residuals the backward needs)
-        return jax.vjp(lambda p, x: self._block(p, x, b, sliding, group), params_l, h)
+        # (output, pullback: a pytree of the residuals the backward needs, as few as the
+        # checkpointing policy keeps)
+        _, remat = self.step.memory_plan(b)
+        return jax.vjp(rematerialized(lambda p, x: self._block(p, x, b, sliding, group), remat),
+                       params_l, h)
 
     def _block_bwd(self, pullback: Any, dh: Hidden) -> tuple[Params, Hidden]:
         g_layer, dh = pullback(dh)
@@ -164,9 +168,11 @@ class LayeredUpdate:
                                       algo.loss_norm_length),
              "old": b.sampler_logps_BxT if algo.old_logprobs == "sampler" else None}
 
+        chunk, _ = step.memory_plan(b)
+
         def loss_fn(top, h):
             logps, ent = head_rows(step.mdef, top, h, b.completion_tokens_BxT,
-                                   step.temperature, group)
+                                   step.temperature, group, chunk, algo.entropy_coef > 0)
             return step.loss(logps, ent, d, off_policy)
 
         (_, aux), (g_top, dh) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(top, h)

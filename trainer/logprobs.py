@@ -13,11 +13,15 @@ trainer scores the same tokens under the same tempered distribution, so the impo
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from trainer.model import (
     ModelDef,
+    ModelSpec,
     Params,
     apply_block,
     cache_shapes,
@@ -26,7 +30,10 @@ from trainer.model import (
     group_firsts,
     group_kv_to_rows,
     head_logits,
+    linear,
     positions_from_mask,
+    rms_norm,
+    softcap,
     to_rows,
     top_params,
 )
@@ -62,11 +69,14 @@ def token_logprobs_and_entropy(logits_BxTxV: jax.Array, tokens_BxT: jax.Array,
 
 def sequence_logprobs_and_entropy(mdef: ModelDef, params: Params, prompt_BxP, prompt_mask_BxP,
                                   completion_BxT, completion_mask_BxT, temperature: float,
-                                  group: int = 1) -> tuple[jax.Array, jax.Array]:
+                                  group: int = 1, *, chunk: int | None = None,
+                                  remat: str = "none", entropy_grad: bool = True
+                                  ) -> tuple[jax.Array, jax.Array]:
     """(log π(completion token | prefix), entropy of π there) per completion position.
 
     The logits at column j predict the token at column j + 1, so only the T columns P - 1 ..
-    P + T - 2 go through the LM head.
+    P + T - 2 go through the LM head, `chunk` positions of every row at a time when chunk is
+    set (`chunked_head`). remat: what each block keeps for a backward pass (`rematerialized`).
 
     group > 1: rows come in consecutive groups of `group` that share one prompt (GRPO's G
     completions of a prompt). Each prompt then runs through the model once, as a prefill into a
@@ -82,9 +92,38 @@ def sequence_logprobs_and_entropy(mdef: ModelDef, params: Params, prompt_BxP, pr
     top = top_params(params)
     h = embed_rows(mdef, top, prompt_BxP, completion_BxT, group)
     for i in range(mdef.spec.num_layers):
-        h = block_rows(mdef, mdef.spec.is_sliding(i), params["layers"][i], h, prompt_mask_BxP,
-                       completion_mask_BxT, group)
-    return head_rows(mdef, top, h, completion_BxT, temperature, group)
+        sliding = mdef.spec.is_sliding(i)
+
+        def block(p, x, sliding=sliding):
+            return block_rows(mdef, sliding, p, x, prompt_mask_BxP, completion_mask_BxT, group)
+
+        h = rematerialized(block, remat)(params["layers"][i], h)
+    return head_rows(mdef, top, h, completion_BxT, temperature, group, chunk, entropy_grad)
+
+
+def rematerialized(fn, remat: str):
+    """fn under an activation checkpointing policy, for its backward pass:
+
+    "none": fn itself (the backward keeps every residual its ops save); "block": only fn's
+    inputs are kept and fn runs again in the backward; "matmuls": the outputs of matmuls
+    without batch dimensions (the projections) are kept and the rest (attention products,
+    norms, activations) recomputed. The values are fn's either way: recomputation repeats the
+    same operations.
+
+    The layered update (trainer/layered.py) keeps exactly these residuals between a block's
+    forward and backward programs. Inside one program the compiler schedules the
+    recomputation: XLA on GPU and TPU runs it when the backward reaches the block, while
+    XLA:CPU's scheduler runs it next to the forward, so on CPU only the layered update saves
+    the memory.
+    """
+    if remat == "none":
+        return fn
+    if remat == "block":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+    if remat == "matmuls":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"unknown activation checkpointing policy {remat!r} "
+                     "(valid: none, block, matmuls)")
 
 
 # Hidden states between the pieces: (x_BxLxD,) over prompt + completion columns for group 1;
@@ -125,9 +164,24 @@ def block_rows(mdef: ModelDef, sliding: bool, params_l: Params, h: Hidden, promp
 
 
 def head_rows(mdef: ModelDef, top: Params, h: Hidden, completion_BxT, temperature: float,
-              group: int) -> tuple[jax.Array, jax.Array]:
-    """(logprob, entropy) of every completion token from the last block's hidden states."""
+              group: int, chunk: int | None = None, entropy_grad: bool = True
+              ) -> tuple[jax.Array, jax.Array]:
+    """(logprob, entropy) of every completion token from the last block's hidden states.
+
+    chunk: None computes the logits of all T positions at once; otherwise `chunked_head` runs
+    the head over `chunk` positions of every row at a time. entropy_grad: False when nothing
+    differentiates the entropy (it is a metric only), which spares its backward.
+    """
     spec, t = mdef.spec, completion_BxT.shape[1]
+    if chunk is not None:
+        if group == 1:
+            x_BxTxD = h[0][:, h[0].shape[1] - t - 1:-1]
+        else:
+            x_NxPxD, x_BxTxD = h
+            x_BxTxD = jnp.concatenate([to_rows(x_NxPxD[:, -1:], group), x_BxTxD[:, :t - 1]],
+                                      axis=1)
+        return chunked_head(spec, top, x_BxTxD, completion_BxT, temperature, chunk,
+                            entropy_grad)
     if group == 1:
         x = h[0]
         p = x.shape[1] - t
@@ -138,6 +192,105 @@ def head_rows(mdef: ModelDef, top: Params, h: Hidden, completion_BxT, temperatur
         logits_BxTxV = jnp.concatenate([last_Bx1xV, head_logits(spec, top, x_BxTxD[:, :t - 1])],
                                        axis=1)
     return token_logprobs_and_entropy(logits_BxTxV, completion_BxT, temperature)
+
+
+# -- the head by chunks of the sequence --------------------------------------------------------
+
+def chunked_head(spec: ModelSpec, top: Params, x_BxTxD: jax.Array, tokens_BxT: jax.Array,
+                 temperature: float, chunk: int, entropy_grad: bool = True
+                 ) -> tuple[jax.Array, jax.Array]:
+    """(log p_τ(token), H(p_τ)) at every position of x, the head's input hidden states, with
+    at most [B, chunk, V] logits alive at once, in the forward and in the backward.
+
+    The final norm runs on the whole of x (its activations are [B, T, D]); the LM head, the
+    soft-cap and the tempered log-softmax run `chunk` positions at a time under a custom VJP
+    whose residuals are the normed hidden states, the head weight and the tokens. Its backward
+    recomputes each chunk's logits and pulls the chunk's cotangents back through them, summing
+    the weight's gradient over chunks in float32. A chunk that does not divide T is padded with
+    position 0's token; the padded positions' outputs are cut off and their cotangents are zero.
+    """
+    x_BxTxD = rms_norm(x_BxTxD, top["final_norm"]["scale"], spec.norm_eps, spec.norm_plus_one)
+    w = top["embed"] if spec.tie_embeddings else top["lm_head"]
+    opts = _HeadOpts(spec.tie_embeddings, spec.final_softcap, temperature, chunk, entropy_grad)
+    return _head_by_chunks(opts, x_BxTxD, w, tokens_BxT)
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeadOpts:
+    tied: bool  # w is the embedding [V, D], used transposed
+    softcap: float | None
+    temperature: float
+    chunk: int
+    entropy_grad: bool
+
+
+def _chunk_logprobs_entropy(o: _HeadOpts, x_BxCxD, w, tokens_BxC):
+    """One chunk's (logprob, entropy), computed as `head_logits` and
+    `token_logprobs_and_entropy` compute them."""
+    logits = linear(x_BxCxD, w.T if o.tied else w).astype(jnp.float32)
+    logp_BxCxV = tempered_log_softmax(softcap(logits, o.softcap), o.temperature)
+    chosen = jnp.take_along_axis(logp_BxCxV, tokens_BxC[..., None], axis=-1)[..., 0]
+    if not o.entropy_grad:
+        logp_BxCxV = jax.lax.stop_gradient(logp_BxCxV)
+    return chosen, -jnp.sum(jnp.exp(logp_BxCxV) * logp_BxCxV, axis=-1)
+
+
+def _padded(o: _HeadOpts, x_BxT: jax.Array) -> tuple[jax.Array, int]:
+    """x padded along axis 1 to a multiple of the chunk, and the number of chunks."""
+    t = x_BxT.shape[1]
+    n = -(-t // o.chunk)
+    pad = [(0, 0)] * x_BxT.ndim
+    pad[1] = (0, n * o.chunk - t)
+    return jnp.pad(x_BxT, pad), n
+
+
+def _cols(x_BxT: jax.Array, i: jax.Array, chunk: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(x_BxT, i * chunk, chunk, axis=1)
+
+
+def _unchunk(y_NxBxC: jax.Array, t: int) -> jax.Array:
+    """[n, B, chunk, ...] -> [B, T, ...]: the chunks side by side, the padding cut off."""
+    n, b, c = y_NxBxC.shape[:3]
+    y = jnp.moveaxis(y_NxBxC, 0, 1).reshape(b, n * c, *y_NxBxC.shape[3:])
+    return y[:, :t]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _head_by_chunks(o: _HeadOpts, x_BxTxD, w, tokens_BxT):
+    return _head_by_chunks_fwd(o, x_BxTxD, w, tokens_BxT)[0]
+
+
+def _head_by_chunks_fwd(o: _HeadOpts, x_BxTxD, w, tokens_BxT):
+    t = x_BxTxD.shape[1]
+    xp, n = _padded(o, x_BxTxD)
+    tp, _ = _padded(o, tokens_BxT)
+
+    def one(i):
+        return _chunk_logprobs_entropy(o, _cols(xp, i, o.chunk), w, _cols(tp, i, o.chunk))
+
+    lp_NxBxC, ent_NxBxC = jax.lax.map(one, jnp.arange(n))
+    return (_unchunk(lp_NxBxC, t), _unchunk(ent_NxBxC, t)), (x_BxTxD, w, tokens_BxT)
+
+
+def _head_by_chunks_bwd(o: _HeadOpts, res, cotangents):
+    x_BxTxD, w, tokens_BxT = res
+    t = x_BxTxD.shape[1]
+    xp, n = _padded(o, x_BxTxD)
+    tp, _ = _padded(o, tokens_BxT)
+    g_lp, _ = _padded(o, cotangents[0])
+    g_ent, _ = _padded(o, cotangents[1])
+
+    def one(dw_acc, i):
+        _, pull = jax.vjp(lambda x, w_: _chunk_logprobs_entropy(o, x, w_, _cols(tp, i, o.chunk)),
+                          _cols(xp, i, o.chunk), w)
+        dx, dw = pull((_cols(g_lp, i, o.chunk), _cols(g_ent, i, o.chunk)))
+        return dw_acc + dw.astype(jnp.float32), dx
+
+    dw, dx_NxBxCxD = jax.lax.scan(one, jnp.zeros(w.shape, jnp.float32), jnp.arange(n))
+    return _unchunk(dx_NxBxCxD, t), dw.astype(w.dtype), None
+
+
+_head_by_chunks.defvjp(_head_by_chunks_fwd, _head_by_chunks_bwd)
 
 
 def sequence_logprobs(mdef: ModelDef, params: Params, prompt_BxP, prompt_mask_BxP,

@@ -30,6 +30,7 @@ import optax
 from controller.config import AlgorithmConfig
 from trainer.logprobs import sequence_logprobs_and_entropy
 from trainer.loss import KL_ESTIMATORS, aggregation_weights, grpo_loss, truncated_is_weights
+from trainer.memory import logits_chunk, resolve_remat
 from trainer.model import ModelDef, Params
 
 # The batch the programs take: a `trainer.trainer.TrainBatch` on the trainer mesh (its rows
@@ -49,7 +50,8 @@ class UpdateStep:
     def __init__(self, mdef: ModelDef, shardings: Params, optimizer: optax.GradientTransformation,
                  submesh: Any, algo: AlgorithmConfig, temperature: float, *,
                  lr_schedule: optax.Schedule | None, is_cap: float, state_shardings: Any,
-                 compiler_options: dict[str, Any]):
+                 compiler_options: dict[str, Any], logits_chunk: int | None = None,
+                 remat: str = "none", device_bytes: int | None = None):
         self.mdef = mdef
         self.shardings = shardings  # the params' shardings on the trainer mesh
         self.optimizer = optimizer
@@ -60,6 +62,9 @@ class UpdateStep:
         self.is_cap = is_cap  # C of the truncated IS weight for stale (async) batches
         self.state_shardings = state_shardings
         self.compiler_options = compiler_options
+        self.logits_chunk = logits_chunk  # trainer.logits_chunk (None: from the shapes)
+        self.remat = remat  # trainer.remat ("auto": from the shapes and device_bytes)
+        self.device_bytes = device_bytes  # what one trainer device holds, if known
         # Times the update was traced (each trace is a compile): `update_step` for this
         # update, its last program for the layered one.
         self.traces = 0
@@ -88,12 +93,30 @@ class UpdateStep:
 
     # -- logprobs -----------------------------------------------------------------------------
 
+    def rows_per_device(self, rows: int) -> int:
+        """How many of `rows` batch rows one trainer device holds."""
+        return self.submesh.batch_sharding(rows, 1).shard_shape((rows,))[0]
+
+    def memory_plan(self, b: Batch, rows_per_device: int | None = None
+                    ) -> tuple[int | None, str]:
+        """(the head's chunk, the checkpointing policy) for a batch of b's shapes: the config's
+        choices, with "automatic" decided by trainer/memory.py. rows_per_device: b's rows are
+        already one device's share (estimates); None: b is a sharded (micro)batch."""
+        rows, t = b.completion_tokens_BxT.shape
+        local = self.rows_per_device(rows) if rows_per_device is None else rows_per_device
+        spec = self.mdef.spec
+        return (logits_chunk(self.logits_chunk, local, t, spec.vocab_size),
+                resolve_remat(self.remat, spec, local, b.prompt_tokens_BxP.shape[1] + t,
+                              self.device_bytes))
+
     def logprobs_entropy(self, params: Params, b: Batch, group: int = 1
                          ) -> tuple[jax.Array, jax.Array]:
         """(log π, entropy of π) at every completion position of the batch, one forward."""
+        chunk, remat = self.memory_plan(b)
         return sequence_logprobs_and_entropy(
             self.mdef, params, b.prompt_tokens_BxP, b.prompt_mask_BxP, b.completion_tokens_BxT,
-            b.completion_mask_BxT, self.temperature, group)
+            b.completion_mask_BxT, self.temperature, group, chunk=chunk, remat=remat,
+            entropy_grad=self.algo.entropy_coef > 0)
 
     def logprobs(self, params: Params, b: Batch, group: int = 1) -> jax.Array:
         """log π at every completion position of the batch, one forward."""

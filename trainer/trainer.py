@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from controller.config import AlgorithmConfig
+from controller.config import AlgorithmConfig, TrainerConfig
 from trainer.cpu_heap import cpu_heap_options, ignore_cache_write_warnings
 from trainer.layered import LAYERED_MIN_PARAMS, LayeredUpdate
+from trainer.memory import UpdateMemory, device_memory_bytes, estimate_update
 from trainer.model import ModelDef, Params, param_count, param_shardings
 from trainer.step import UpdateStep
 
@@ -70,7 +71,8 @@ class Trainer:
     def __init__(self, mdef: ModelDef, params: Params, optimizer: optax.GradientTransformation,
                  submesh: Any, algo: AlgorithmConfig, temperature: float, *,
                  lr_schedule: optax.Schedule | None = None, is_cap: float = 2.0,
-                 share_min_width: int = SHARE_MIN_WIDTH, layered: bool | None = None):
+                 share_min_width: int = SHARE_MIN_WIDTH, layered: bool | None = None,
+                 memory: TrainerConfig | None = None):
         self.mdef = mdef
         self.submesh = submesh
         self.algo = algo
@@ -89,6 +91,12 @@ class Trainer:
         # Moments follow their params' shardings; scalars (step counts) are replicated.
         self.state = jax.tree.map(
             lambda x: x if x.ndim else jax.device_put(x, submesh.replicated()), state)
+        memory = memory or TrainerConfig()
+        first = submesh.mesh.devices.flat[0]
+        # CPU devices of one process share the host's memory.
+        self.device_bytes = device_memory_bytes(
+            first, len(jax.local_devices(backend="cpu")) if first.platform == "cpu" else 1)
+        self._checked_shapes: set[tuple[int, ...]] = set()
         self._compiler_options = cpu_heap_options(submesh)
         if self._compiler_options:
             ignore_cache_write_warnings()
@@ -97,7 +105,8 @@ class Trainer:
             mdef, self.shardings, optimizer, submesh, algo, temperature,
             lr_schedule=lr_schedule, is_cap=is_cap,
             state_shardings=jax.tree.map(lambda x: x.sharding, self.state),
-            compiler_options=self._compiler_options)
+            compiler_options=self._compiler_options, logits_chunk=memory.logits_chunk,
+            remat=memory.remat, device_bytes=self.device_bytes)
         self._layered_update = LayeredUpdate(self._update_step)
         # None: layered for models of LAYERED_MIN_PARAMS or more (see there).
         self.layered = (param_count(params) >= LAYERED_MIN_PARAMS) if layered is None \
@@ -166,6 +175,39 @@ class Trainer:
             return 1
         return g
 
+    # -- memory -------------------------------------------------------------------------------
+
+    def memory_estimate(self, rows: int, prompt_len: int, completion_len: int) -> UpdateMemory:
+        """What an update of `rows` rows of prompt_len + completion_len columns holds on one
+        trainer device, with the chunk and checkpointing policy it would run with."""
+        step = self._update_step
+        chunks = self.algo.num_minibatches * self.algo.gradient_accumulation_steps
+        local = step.rows_per_device(rows) // chunks if rows % chunks == 0 else \
+            step.rows_per_device(rows)
+        shapes = TrainBatch(np.zeros((local, prompt_len), np.int32), None,
+                            np.zeros((local, completion_len), np.int32), None, None, None)
+        chunk, remat = step.memory_plan(shapes, rows_per_device=local)
+        param_bytes = sum(
+            int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+            for x, s in zip(jax.tree.leaves(self.params), jax.tree.leaves(self.shardings),
+                            strict=True))
+        reference = self.ref_params is not None and self.algo.kl_penalty == "loss"
+        return estimate_update(self.mdef.spec, param_bytes=param_bytes, reference=reference,
+                               rows=local, prompt_len=prompt_len,
+                               completion_len=completion_len, remat=remat, chunk=chunk,
+                               device_bytes=self.device_bytes)
+
+    def check_memory(self, rows: int, prompt_len: int, completion_len: int) -> None:
+        """Raises trainer.memory.MemoryBudgetError (a ConfigError naming the fields to change)
+        when an update of these shapes cannot fit a trainer device, before it compiles."""
+        key = (rows, prompt_len, completion_len)
+        if key in self._checked_shapes:
+            return
+        self.memory_estimate(rows, prompt_len, completion_len).check(
+            "data.prompts_per_step x sampling.group_size, or algorithm."
+            "gradient_accumulation_steps")
+        self._checked_shapes.add(key)
+
     # -- updates and forwards -----------------------------------------------------------------
 
     def update(self, batch: TrainBatch, *, off_policy: bool = False) -> dict[str, jax.Array]:
@@ -177,6 +219,8 @@ class Trainer:
         if self._pretrace_thread is not None:  # let it finish: its trace is this call's
             self._pretrace_thread.join()
             self._pretrace_thread = None
+        self.check_memory(*np.shape(batch.prompt_tokens_BxP),
+                          np.shape(batch.completion_tokens_BxT)[1])
         flag = jax.device_put(np.bool_(off_policy), self.submesh.replicated())
         update = self._layered_update if self.uses_layered_update() else self._update_step.update
         self.state, aux = update(self.state, self._reference(), self.place_batch(batch), flag,

@@ -23,7 +23,7 @@ examples:
 
 Any field of the config can be overridden as section.field=value (values are YAML).
 Sections: model, topology, sampling, algorithm, optimizer, rewards, data, run, schedule,
-checkpoint, reshard, status, eval. Every field: docs/configuration.md.
+checkpoint, trainer, reshard, status, eval. Every field: docs/configuration.md.
 """
 
 

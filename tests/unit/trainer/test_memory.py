@@ -1,0 +1,269 @@
+"""The update's memory: log-probs by chunks of the sequence, activation checkpointing, and the
+fit check that refuses a config before anything compiles."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from controller.config import AlgorithmConfig, ConfigError, JobConfig, TrainerConfig
+from trainer.logprobs import chunked_head, sequence_logprobs_and_entropy, token_logprobs_and_entropy
+from trainer.memory import (
+    LOGITS_CHUNK_BYTES,
+    MemoryBudgetError,
+    activation_bytes,
+    estimate_update,
+    logits_chunk,
+    resolve_remat,
+)
+from trainer.model import ModelSpec, define_model, head_logits, init_params
+from trainer.trainer import TrainBatch, Trainer
+
+B, P, T, V = 4, 3, 7, 97
+
+
+def _spec(**kw) -> ModelSpec:
+    base = dict(vocab_size=V, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
+                head_dim=8, mlp_dim=32, rope_theta=1e4, norm_eps=1e-6, tie_embeddings=True,
+                qkv_bias=True, dtype=jnp.float32)
+    return ModelSpec(**{**base, **kw})
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.mark.parametrize("variant", ["tied", "untied-softcap"])
+@pytest.mark.parametrize("chunk", [1, 3, 4, 7, 50])
+def test_chunked_head_equals_the_whole_head_with_gradients(variant, chunk):
+    # Chunks that divide T (1, 7), that do not (3, 4) and one longer than T: the same log-probs,
+    # entropies and gradients (w.r.t. the hidden states, the head weight and the final norm),
+    # at temperature 0.7, with cotangents on both outputs.
+    spec = _spec(tie_embeddings=variant == "tied",
+                 final_softcap=None if variant == "tied" else 5.0)
+    k = jax.random.split(jax.random.key(0), 7)
+    top = {"embed": jax.random.normal(k[0], (V, 16)),
+           "final_norm": {"scale": 1 + 0.1 * jax.random.normal(k[1], (16,))}}
+    if variant != "tied":
+        top["lm_head"] = jax.random.normal(k[2], (16, V)) * 0.3
+    x = jax.random.normal(k[3], (B, T, 16))
+    tok = jax.random.randint(k[4], (B, T), 0, V)
+    g_lp, g_ent = jax.random.normal(k[5], (B, T)), jax.random.normal(k[6], (B, T))
+
+    def objective(head):
+        def f(top, x):
+            lp, ent = head(top, x)
+            return jnp.sum(lp * g_lp) + jnp.sum(ent * g_ent), (lp, ent)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(top, x)
+
+    (_, (lp0, e0)), g0 = objective(
+        lambda top, x: token_logprobs_and_entropy(head_logits(spec, top, x), tok, 0.7))
+    (_, (lp1, e1)), g1 = objective(lambda top, x: chunked_head(spec, top, x, tok, 0.7, chunk))
+    assert lp1.shape == (B, T) and e1.shape == (B, T)
+    assert _rel(lp1, lp0) <= 1e-6 and _rel(e1, e0) <= 1e-6
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        if np.any(b):
+            assert _rel(a, b) <= 1e-6
+        else:  # the untied model's embedding: not used by the head
+            assert not np.any(a)
+
+
+@pytest.fixture(scope="module")
+def model():
+    spec = _spec()
+    return define_model(spec), init_params(spec, seed=5)
+
+
+def _rows(seed: int, group: int = 1):
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(2, V, (B, P)).astype(np.int32)
+    pmask = np.ones((B, P), bool)
+    pmask[:2, 0] = False  # left padding
+    if group > 1:
+        prompt, pmask = (np.repeat(x[::group], group, 0) for x in (prompt, pmask))
+    comp = rng.integers(2, V, (B, T)).astype(np.int32)
+    cmask = np.ones((B, T), bool)
+    cmask[1, 4:] = False
+    return prompt, pmask, comp, cmask
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_sequence_logprobs_by_chunks_and_policies_equal_the_plain_forward(model, group):
+    # Through the model: per-row and shared-prompt forwards, every chunk and checkpointing
+    # policy give the plain forward's values and parameter gradients.
+    mdef, params = model
+    prompt, pmask, comp, cmask = (jnp.asarray(x) for x in _rows(1, group))
+    adv = jnp.asarray(np.linspace(-1, 1, B), jnp.float32)
+
+    def run(chunk, remat):
+        def f(p):
+            lp, ent = sequence_logprobs_and_entropy(mdef, p, prompt, pmask, comp, cmask, 1.0,
+                                                    group, chunk=chunk, remat=remat)
+            return jnp.sum(lp * cmask * adv[:, None]) + 0.1 * jnp.sum(ent * cmask), (lp, ent)
+        (_, out), g = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+        return out, g
+
+    (lp0, e0), g0 = run(None, "none")
+    for chunk, remat in [(2, "none"), (5, "block"), (None, "matmuls"), (3, "matmuls")]:
+        (lp, e), g = run(chunk, remat)
+        assert _rel(lp, lp0) <= 1e-6 and _rel(e, e0) <= 1e-6, (chunk, remat)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0), strict=True):
+            assert _rel(a, b) <= 1e-5, (chunk, remat)
+
+
+def test_chunks_shrink_the_compiled_programs_memory():
+    # What the chunk is for: XLA's own accounting of the gradient program's temporaries. At a
+    # vocabulary of 32,768 the whole head holds [4, 256, 32768] float32 logits several times;
+    # by chunks of 16 positions a sixteenth of that.
+    spec = _spec(vocab_size=32768, num_layers=1)
+    mdef = define_model(spec)
+    params = jax.eval_shape(lambda: init_params(spec, 0))
+    shapes = [jax.ShapeDtypeStruct((4, n), dt) for n, dt in
+              ((8, jnp.int32), (8, jnp.bool_), (256, jnp.int32), (256, jnp.bool_))]
+
+    def temp_bytes(chunk):
+        def loss(p, *rows):
+            return jnp.sum(sequence_logprobs_and_entropy(mdef, p, *rows, 1.0, chunk=chunk)[0])
+        compiled = jax.jit(jax.grad(loss)).lower(params, *shapes).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    whole, chunked = temp_bytes(None), temp_bytes(16)
+    assert whole >= 2 * (4 * 256 * 32768 * 4) and chunked < whole / 4, (whole, chunked)
+
+
+def test_checkpointing_shrinks_what_a_block_keeps_for_its_backward(model):
+    # The residuals of one block's forward: what the layered update holds between a block's
+    # forward and backward programs, for every layer at once. At 512 columns the attention
+    # probabilities ([4, 2, 512, 512] float32) dominate "none"; "matmuls" keeps the
+    # projections' outputs; "block" keeps the block's input (and its params, which the
+    # backward gets anyway).
+    from trainer.logprobs import block_rows, rematerialized
+
+    mdef, params = model
+    layer = params["layers"][0]
+    pmask, cmask = jnp.ones((4, 8), bool), jnp.ones((4, 504), bool)
+    h = (jnp.zeros((4, 512, 16)),)
+
+    def kept(remat):
+        def block(p, x):
+            return block_rows(mdef, False, p, x, pmask, cmask, 1)
+        pullback = jax.eval_shape(lambda p, x: jax.vjp(rematerialized(block, remat), p, x)[1],
+                                  layer, h)
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(pullback))
+
+    none, matmuls, block = kept("none"), kept("matmuls"), kept("block")
+    probs = 4 * 2 * 512 * 512 * 4
+    assert none > 2 * probs and matmuls < probs and block < matmuls, (none, matmuls, block)
+    inputs = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((layer, h)))
+    assert block <= inputs + cmask.size + pmask.size + 1024  # and a few scalars
+
+
+@pytest.fixture(scope="module")
+def batch():
+    prompt, pmask, comp, cmask = _rows(2)
+    adv = np.array([1.0, -1.0, 0.5, -0.5], np.float32)
+    return TrainBatch(prompt, pmask, comp, cmask, adv, np.zeros((B, T), np.float32))
+
+
+def _host(tree):
+    return jax.tree.map(np.array, jax.device_get(tree))
+
+
+@pytest.mark.parametrize("layered", [False, True])
+def test_an_update_lands_on_the_same_params_under_every_policy(model, meshes, batch, layered):
+    # One AdamW-free SGD update with the reference model's KL and an entropy bonus in the
+    # loss, by the one-program update and by the per-layer programs: every checkpointing
+    # policy and a chunked head land on the same parameters and metrics.
+    mdef, params = model
+    algo = AlgorithmConfig(beta=0.5, entropy_coef=0.01)
+
+    def update(memory):
+        trainer = Trainer(mdef, _host(params), optax.sgd(0.1), meshes.trainer, algo, 1.0,
+                          layered=layered, memory=memory)
+        assert trainer.uses_layered_update() == layered
+        aux = jax.device_get(trainer.update(batch))
+        return _host(trainer.params), aux
+
+    p0, aux0 = update(TrainerConfig(remat="none"))
+    moved = [np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(p0),
+                                                     jax.tree.leaves(_host(params)), strict=True)]
+    assert max(moved) > 1e-3  # the update did something
+    for memory in (TrainerConfig(remat="block"), TrainerConfig(remat="matmuls"),
+                   TrainerConfig(remat="block", logits_chunk=3)):
+        p, aux = update(memory)
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p0), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        for k in aux0:
+            assert aux[k] == pytest.approx(aux0[k], rel=1e-5, abs=1e-7), (memory, k)
+
+
+def test_the_automatic_chunk_bounds_a_chunks_logits():
+    # Small logits: the whole completion at once. Qwen2.5's vocabulary, 8 rows of 1,024
+    # tokens: the largest chunk whose float32 logits take at most LOGITS_CHUNK_BYTES.
+    assert logits_chunk(None, 8, 64, 1024) is None
+    c = logits_chunk(None, 8, 1024, 151_936)
+    assert c == LOGITS_CHUNK_BYTES // (8 * 151_936 * 4) == 55
+    assert 8 * c * 151_936 * 4 <= LOGITS_CHUNK_BYTES < 8 * (c + 1) * 151_936 * 4
+    assert logits_chunk(None, 4096, 16, 262_144) == 1  # never below one position
+    assert logits_chunk(100, 8, 64, 1024) is None  # a chunk past the length is the whole
+    assert logits_chunk(16, 8, 64, 1024) == 16
+
+
+def test_automatic_checkpointing_follows_the_activations():
+    spec = _spec(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64,
+                 mlp_dim=1536)
+    gib = 2**30
+    assert resolve_remat("auto", spec, 8, 512, 16 * gib) == "none"
+    assert resolve_remat("auto", spec, 8, 8192, 16 * gib) == "block"
+    assert resolve_remat("matmuls", spec, 8, 8192, 16 * gib) == "matmuls"
+    # Attention's L x L scores dominate long sequences without checkpointing.
+    assert (activation_bytes(spec, 8, 4096, "block") < activation_bytes(spec, 8, 4096, "matmuls")
+            < activation_bytes(spec, 8, 4096, "none"))
+
+
+def test_a_config_that_cannot_fit_names_the_fields_to_change():
+    # Qwen2.5-0.5B's shapes on a 16 GiB device: the message names the fields, and suggests
+    # the option that shrinks the largest term: the whole head's logits, or the activations.
+    spec = _spec(vocab_size=151_936, hidden_size=896, num_layers=24, num_heads=14,
+                 num_kv_heads=2, head_dim=64, mlp_dim=4864)
+    common = dict(param_bytes=2 * 10**9, reference=True, rows=64, device_bytes=16 * 2**30)
+    head_bound = estimate_update(spec, prompt_len=64, completion_len=1024, remat="block",
+                                 chunk=None, **common)
+    attention_bound = estimate_update(spec, prompt_len=512, completion_len=4096, remat="none",
+                                      chunk=16, **common)
+    for est, fix, not_fix in ((head_bound, "trainer.logits_chunk=16", "trainer.remat"),
+                              (attention_bound, "trainer.remat=block", "trainer.logits_chunk")):
+        with pytest.raises(MemoryBudgetError) as e:
+            est.check("data.prompts_per_step x sampling.group_size")
+        msg = str(e.value)
+        assert isinstance(e.value, ConfigError)
+        for needle in (fix, "data.prompts_per_step", "sampling.max_new_tokens",
+                       "topology.trainer_devices", "16.00 GiB", "the update does not fit"):
+            assert needle in msg, needle
+        assert f"(fix: {not_fix}" not in msg and f"; or {not_fix}" not in msg
+    small = dataclasses.replace(head_bound, activations=0, logits=0, params=10**6,
+                                optimizer=2 * 10**6, gradients=10**6, reference=10**6)
+    small.check("rows")  # fits: no error
+
+
+def test_the_trainer_refuses_an_update_too_large_for_its_devices(model, meshes, batch):
+    mdef, params = model
+    trainer = Trainer(mdef, _host(params), optax.sgd(0.1), meshes.trainer,
+                      AlgorithmConfig(beta=0.0), 1.0)
+    trainer.device_bytes = 2**14  # a 16 KiB device: less than its parameters
+    with pytest.raises(MemoryBudgetError, match="the update does not fit"):
+        trainer.update(batch)
+    trainer.device_bytes = None  # unknown: never refused
+    trainer.update(batch)
+
+
+def test_trainer_section_validates_its_fields():
+    assert JobConfig().trainer == TrainerConfig(logits_chunk=None, remat="auto")
+    with pytest.raises(ValueError, match="logits_chunk"):
+        JobConfig.model_validate({"trainer": {"logits_chunk": 0}})
+    with pytest.raises(ValueError, match="remat"):
+        JobConfig.model_validate({"trainer": {"remat": "everything"}})
