@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 from controller.config import ConfigError, JobConfig, absolute_path, as_path, is_url
@@ -84,6 +87,8 @@ class Job:
         # copies, `cfg` stays as the user wrote it (its digest, config.yaml, checkpoints).
         local = staged_inputs(cfg)
         self.model_dir = local.model.path
+        self._base_digest: str | None = None  # see _base_fingerprint
+        self._init_digest: str | None = None  # model.init_from's weights, see _initial_weights
         hf_spec = None
         if self.model_dir:
             from trainer.hf import load_hf_spec
@@ -126,24 +131,40 @@ class Job:
             spec = ModelSpec.from_config(cfg.model, self.tokenizer.vocab_size)
             self.model_def = define_model(spec)
             params = init_params(spec, cfg.model.init_seed)
+        if cfg.model.init_from is not None:
+            params = self._initial_weights(cfg.model.init_from)
         self.num_params = param_count(params)
+        # model_def: the model as Hugging Face and the checkpoints of full fine-tuning know it;
+        # policy_def: what the trainer runs (with LoRA, the model with adapters);
+        # sampler_def: what the sampler runs (with LoRA's "unmerged" sampler, the adapters too).
+        self.policy_def = self.sampler_def = self.model_def
+        adapters = None
+        if cfg.model.lora is not None:
+            from trainer import lora
+
+            lc = cfg.model.lora
+            self.policy_def = define_model(lora.with_lora(spec, lc.rank, lc.scale_alpha,
+                                                          tuple(lc.targets), lc.dtype))
+            adapters = lora.init_adapters(self.policy_def.shapes(), cfg.model.init_seed)
+            if lc.sampler == "unmerged" and cfg.sampling.backend != "vllm":
+                self.sampler_def = self.policy_def
         # η(s) over optimizer steps: μ × num_minibatches per GRPO step.
         schedule = build_schedule(cfg.optimizer, cfg.run.steps * cfg.algorithm.num_iterations
                                   * cfg.algorithm.num_minibatches)
-        self.trainer = Trainer(self.model_def, params, build_optimizer(cfg.optimizer, schedule),
+        self.trainer = Trainer(self.policy_def, params, build_optimizer(cfg.optimizer, schedule),
                                self.meshes.trainer, cfg.algorithm, cfg.sampling.temperature,
                                lr_schedule=schedule, is_cap=cfg.schedule.is_cap,
-                               memory=cfg.trainer)
+                               memory=cfg.trainer, adapters=adapters)
         # The completions alone (prompt widths come with the data) must fit before any rollout.
         self.trainer.check_memory(cfg.data.prompts_per_step * cfg.sampling.group_size, 0,
-                                  cfg.sampling.max_new_tokens)
+                                  cfg.completion_tokens)
         hf_dir, to_hf = None, None
         if cfg.model.path and cfg.sampling.backend == "vllm":
             # vLLM serves the HF directory and takes each new policy by HF tensor name.
             from trainer.hf import hf_named_arrays
 
             hf_dir, to_hf = self.model_dir, lambda p: hf_named_arrays(self.model_def.spec, p)
-        self.sampler = build_sampler(cfg.sampling, self.model_def, self.meshes.sampler,
+        self.sampler = build_sampler(cfg.sampling, self.sampler_def, self.meshes.sampler,
                                      pad_id=self.tokenizer.pad_id,
                                      stop_ids=tuple(self.tokenizer.stop_ids),
                                      param_dtype=cfg.reshard.dtype,
@@ -153,7 +174,7 @@ class Job:
             from controller.eval.evaluator import Evaluator
 
             # Its own sampler on the sampler mesh, fed the training sampler's weights.
-            self.evaluator = Evaluator(local, self.tokenizer, self.rewards, self.model_def,
+            self.evaluator = Evaluator(local, self.tokenizer, self.rewards, self.sampler_def,
                                        self.meshes.sampler, param_dtype=cfg.reshard.dtype)
         # (step evaluated, metrics) of every evaluation so far; listeners hear each one.
         self.evals: list[tuple[int, dict[str, float]]] = []
@@ -179,9 +200,12 @@ class Job:
             write_text(as_path(cfg.run.output_dir) / "config.yaml", cfg.to_yaml())
         if self.status_server is not None:
             from controller.status.server import topology_message
+            from trainer.lora import split
 
+            # The model's own weights, without adapters, on both sides.
             self.status_server.set_topology(topology_message(
-                self.meshes, self.trainer.shardings, self.sampler.shardings,
+                self.meshes, self.trainer.base_shardings or self.trainer.shardings,
+                split(self.sampler.shardings)[0] if self.sampler.shardings else None,
                 self.model_def.shapes(), cfg.topology.backend))
         self.board.set_phase(Phase.IDLE)
 
@@ -253,6 +277,11 @@ class Job:
                     f"run.output_dir)")
             return ckpt
         had = ckpt.steps()
+        try:
+            self._check_lora_base(ckpt)
+        except ConfigError:
+            ckpt.close()
+            raise
         found = ckpt.restore_latest(abstract_like(self.trainer.state))
         if found is None:
             ckpt.close()
@@ -282,7 +311,102 @@ class Job:
                     "key_data": jax.random.key_data(self.loop.rng).tolist()},
             "config": self.config.model_dump(mode="json"),
             "config_digest": self.config.digest(),
+            **({"lora_base": self._base_fingerprint()} if self.trainer.lora else {}),
         }
+
+    def _initial_weights(self, init_from: str) -> Any:
+        """The policy of the newest restorable full fine-tuning checkpoint under `init_from`
+        (model.init_from), checked against this job's model; host arrays."""
+        import jax
+        import numpy as np
+
+        from controller.cli.export import (
+            ExportError,
+            check_shapes,
+            find_step_dirs,
+            read_meta,
+            restore_params,
+        )
+
+        field = f"model.init_from={init_from!r}"
+        try:
+            step_dirs = find_step_dirs(init_from)
+        except ExportError as e:
+            raise ConfigError(f"{field}: {e}") from None
+        why = []
+        for step_dir in step_dirs:
+            try:
+                meta = read_meta(step_dir)
+                if "lora_base" in meta:
+                    raise ConfigError(
+                        f"{field}: {step_dir} holds LoRA adapters, not a whole model (fix: "
+                        f"`tandem export {init_from} DIR --merge`, then model.path=DIR)")
+                check_shapes(step_dir, self.model_def.shapes())
+                params = restore_params(step_dir, self.model_def.shapes())
+            except ExportError as e:
+                why.append(str(e))
+                continue
+            digest = hashlib.sha256()
+            for leaf in jax.tree.leaves(jax.device_get(params)):
+                digest.update(np.ascontiguousarray(leaf).tobytes())
+            self._init_digest = f"{step_dir}:{digest.hexdigest()}"
+            log.info("initial weights: the checkpoint of step %s in %s", step_dir.name,
+                     step_dir.parent)
+            return params
+        raise ConfigError(f"{field}: no checkpoint there fits this model ({'; '.join(why)}) "
+                          f"(fix: point it at a full fine-tuning run of the same model.* "
+                          f"settings)")
+
+    def _base_fingerprint(self) -> str:
+        """What a LoRA run's adapters were trained on: a SHA-256 of model.path's weight files,
+        or of the model section that seeds the built-in model. Computed once."""
+        if self._base_digest is None:
+            h = hashlib.sha256()
+            if self._init_digest is not None:  # model.init_from: the weights themselves
+                h.update(self._init_digest.split(":")[-1].encode())
+            elif self.model_dir is not None:
+                for f in sorted(Path(self.model_dir).glob("*.safetensors")):
+                    h.update(f.name.encode())
+                    with f.open("rb") as fh:
+                        while block := fh.read(1 << 22):
+                            h.update(block)
+            else:
+                model = self.config.model.model_dump(mode="json",
+                                                     exclude={"lora", "init_from"})
+                h.update(json.dumps(model, sort_keys=True).encode())
+            self._base_digest = f"sha256:{h.hexdigest()}"
+        return self._base_digest
+
+    def _check_lora_base(self, ckpt: Any) -> None:
+        """A resume must train what the checkpoint trained: adapters on the same base, or the
+        whole model. Checked from the newest checkpoint's record, before any restore (a
+        mismatch there is a config error, not a corrupt checkpoint)."""
+        steps = ckpt.steps()
+        if not steps:
+            return
+        file = as_path(ckpt.directory) / str(steps[-1]) / "meta" / "metadata"
+        try:
+            meta = json.loads(file.read_text())
+        except (OSError, ValueError):
+            return  # an unreadable newest checkpoint: restore_latest sets it aside
+        saved = meta.get("lora_base")
+        if self.trainer.lora and saved is None:
+            raise ConfigError(
+                f"model.lora is set but the checkpoint in {ckpt.directory} (step {steps[-1]}) "
+                f"trained the whole model (fix: resume without model.lora, or start a new "
+                f"run.output_dir)")
+        if not self.trainer.lora and saved is not None:
+            raise ConfigError(
+                f"the checkpoint in {ckpt.directory} (step {steps[-1]}) holds LoRA adapters but "
+                f"model.lora is unset (fix: resume with the run's model.lora settings)")
+        if saved is not None and saved != self._base_fingerprint():
+            where = f"model.path={self.config.model.path!r}" if self.config.model.path else \
+                "the built-in model section"
+            raise ConfigError(
+                f"the adapters in {ckpt.directory} (step {steps[-1]}) were trained on another "
+                f"base model than {where} ({saved[:19]}... vs "
+                f"{self._base_fingerprint()[:19]}...) (fix: point model.path at the base the run "
+                f"started from)")
 
     def save_checkpoint(self, *, wait: bool = False) -> bool:
         """Saves the current state (asynchronously unless `wait`). False if not configured."""
@@ -459,7 +583,7 @@ class Job:
                       overwrite: bool = False) -> Any:
         """Writes the current policy as a Hugging Face directory (config, safetensors shards,
         and, when the job started from model.path, its tokenizer and generation files)."""
-        return save_hf_model_at(path, self.model_def.spec, self.trainer.params,
+        return save_hf_model_at(path, self.model_def.spec, self.trainer.merged_params(),
                                 source_dir=self.model_dir, max_shard_bytes=max_shard_bytes,
                                 overwrite=overwrite)
 

@@ -85,6 +85,44 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class LoraConfig(_Section):
+    """Low-rank adapters trained on the frozen base (trainer/lora.py): each targeted projection
+    y = x·W becomes y = x·W + (alpha / rank)·(x·A)·B. Only A and B get gradients and optimizer
+    state, and only they move to the sampler after each update."""
+
+    rank: int = Field(8, ge=1)
+    """r: the adapters' inner width."""
+    alpha: float | None = Field(None, gt=0)
+    """The update's scale is alpha / rank; None: 2 × rank (scale 2)."""
+    targets: list[str] = list(LORA_TARGETS)
+    """Projections that get adapters: q, k, v, o (attention) and gate, up, down (MLP)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """The adapters' dtype (the base keeps model.dtype)."""
+    sampler: Literal["merged", "unmerged"] = "merged"
+    """How the sampler applies the adapters: "merged" folds W + (alpha / rank)·A·B into its
+    own copy of the weights on its devices after each sync; "unmerged" runs the two small
+    matmuls beside each projection in every forward."""
+
+    @field_validator("targets")
+    @classmethod
+    def _check_targets(cls, v: list[str]) -> list[str]:
+        unknown = [t for t in v if t not in LORA_TARGETS]
+        if unknown or not v:
+            what = f"unknown target(s) {unknown}" if unknown else "no targets"
+            raise ValueError(f"{what} (fix: choose from {', '.join(LORA_TARGETS)}, e.g. "
+                             f"model.lora.targets=[q, v])")
+        if len(set(v)) != len(v):
+            raise ValueError(f"targets {v} name a projection twice (fix: list each once)")
+        return v
+
+    @property
+    def scale_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+
 class ModelConfig(_Section):
     """The policy: a decoder-only transformer in the Llama / Qwen2 layout."""
 
@@ -120,11 +158,27 @@ class ModelConfig(_Section):
     local cache, ~/.cache/tandem/staged or $TANDEM_STAGING_DIR). When set, the architecture,
     weights and tokenizer come from it (cast to `dtype`) and the shape fields above must stay
     unset."""
+    lora: LoraConfig | None = None
+    """Train low-rank adapters on the frozen model instead of every weight; None: full
+    fine-tuning. `model.lora={rank: 8}` turns it on with the other fields' defaults."""
+    init_from: str | None = None
+    """A full fine-tuning run of this same model (its run.output_dir, checkpoints/ directory or
+    one step directory; local or gs://): the newest checkpoint that restores gives the initial
+    weights, e.g. the base that model.lora's adapters train on."""
 
-    @field_validator("path")
+    @field_validator("path", "init_from")
     @classmethod
     def _expand_path(cls, v: str | None) -> str | None:
         return expand_path(v)
+
+    @field_validator("init_from")
+    @classmethod
+    def _check_init_from(cls, v: str | None) -> str | None:
+        if v is not None and not is_url(v) and not Path(v).is_dir():
+            raise ValueError(
+                f"model.init_from={v!r} is not a directory (fix: point it at a run's "
+                f"run.output_dir, its checkpoints/ directory or one step directory)")
+        return v
 
     @model_validator(mode="after")
     def _check_path(self) -> ModelConfig:
@@ -139,7 +193,7 @@ class ModelConfig(_Section):
                 f"model.path={self.path!r} {what} (fix: point it at a local Hugging Face model "
                 f"directory; Tandem never downloads, e.g. `huggingface-cli download "
                 f"Qwen/Qwen2.5-0.5B-Instruct --local-dir DIR`)")
-        shape_fields = set(type(self).model_fields) - {"path", "dtype"}
+        shape_fields = set(type(self).model_fields) - {"path", "dtype", "lora", "init_from"}
         clash = sorted(shape_fields & self.model_fields_set)
         if clash:
             names = ", ".join(f"model.{k}" for k in clash)
@@ -658,6 +712,11 @@ class TrainerConfig(_Section):
     block in the backward (about one more forward pass); "matmuls" keeps the projections'
     outputs and recomputes the rest (attention scores, norms, activations). "auto": "none" when
     the estimated activations fit in a quarter of a trainer device's memory, else "block"."""
+    attention_chunk: int | None = Field(None, ge=1)
+    """Queries whose attention scores exist at once in a block of the update ([rows, heads,
+    chunk, keys] float32 instead of [rows, heads, length, keys]); each chunk is recomputed in
+    the backward. None: all queries while their scores take at most 256 MiB per device, else
+    the largest chunk that does."""
 
 
 class ReshardConfig(_Section):

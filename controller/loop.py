@@ -107,6 +107,39 @@ class Rollout:
     metrics: dict[str, float]  # rewards, lengths, dynamic sampling, sample/score times
 
 
+class AdapterSync:
+    """LoRA's weight sync: the frozen base moves to the sampler's layout once, then after each
+    update only the adapters move, and the sampler's params are put together on its devices:
+    "merged" folds W + (alpha / rank)·A·B into a copy of each weight (the sampler runs the plain
+    model), "unmerged" hands it the base and the adapters (it runs the model with adapters)."""
+
+    def __init__(self, trainer: Trainer, sampler: Sampler, resharder: Resharder, mode: str):
+        from trainer import lora
+        from trainer.model import param_shardings
+
+        self.trainer, self.sampler, self.resharder, self.mode = trainer, sampler, resharder, mode
+        self.spec = trainer.mdef.spec
+        self.base: Any = None  # the base on the sampler's devices, after the first push
+        if sampler.shardings is None:  # vLLM: it takes whole merged weights by HF name
+            return
+        self.base_shardings, self.adapter_shardings = lora.split(
+            param_shardings(trainer.mdef, sampler.submesh))
+        if mode == "merged":
+            self._compose = jax.jit(lambda b, a: lora.merge(self.spec, b, a),
+                                    out_shardings=sampler.shardings)
+        else:
+            self._compose = lora.combine
+
+    def weights(self) -> tuple[Any, Any]:
+        """(the sampler's new params, TransferStats of the adapters' move)."""
+        if self.sampler.shardings is None:
+            return self.resharder.transfer(self.trainer.merged_params(), None)
+        if self.base is None:
+            self.base, _ = self.resharder.transfer(self.trainer.base, self.base_shardings)
+        adapters, stats = self.resharder.transfer(self.trainer.params, self.adapter_shardings)
+        return self._compose(self.base, adapters), stats
+
+
 class Loop:
     """The two halves of a step; subclasses decide when each runs."""
 
@@ -136,6 +169,8 @@ class Loop:
         # and handed to both with the batch.
         self.prompt_group = cfg.sampling.group_size if cfg.sampling.share_prompt else 1
         self.stop_ids = sorted({*tokenizer.stop_ids, *cfg.sampling.stop_tokens})
+        self.adapter_sync = (AdapterSync(trainer, sampler, resharder, cfg.model.lora.sampler)
+                             if trainer.lora else None)
 
     def start(self, resumed_version: int = 0) -> Any:
         """Sets the version counters after a (re)start and pushes weights to the sampler."""
@@ -158,9 +193,14 @@ class Loop:
             self.sampler.load_weights(moved)
 
     def push_weights(self, step: int = 0) -> Any:
-        """Trainer params -> sampler layout -> sampler.load_weights. Returns TransferStats."""
+        """Trainer params -> sampler layout -> sampler.load_weights. Returns TransferStats
+        (under LoRA: of the adapters, the only bytes that move after the first push)."""
         with self.timeline.span("reshard", "trainer", step):
-            params, stats = self.resharder.transfer(self.trainer.params, self.sampler.shardings)
+            if self.adapter_sync is not None:
+                params, stats = self.adapter_sync.weights()
+            else:
+                params, stats = self.resharder.transfer(self.trainer.params,
+                                                        self.sampler.shardings)
         with self._sampler_lock:
             self.sampler.load_weights(params)
             self.sampler_version = self.policy_version

@@ -187,3 +187,32 @@ def save_hf_model_at(path: str | os.PathLike, spec: Any, params: Any, *,
                               max_shard_bytes=max_shard_bytes)
         upload_dir(Path(local), dest)
     return dest
+
+
+def save_peft_adapters_at(path: str | os.PathLike, spec: Any, adapters: Any, *,
+                          base_model: str | None, overwrite: bool = False) -> Any:
+    """LoRA adapters as PEFT saves them (adapter_config.json, adapter_model.safetensors), to a
+    local directory or a bucket (written locally, then uploaded)."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from trainer.lora import peft_config, peft_named_arrays
+
+    def write(directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "adapter_config.json").write_text(
+            json.dumps(peft_config(spec, base_model), indent=2) + "\n")
+        save_file(peft_named_arrays(spec, adapters), str(directory / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+
+    dest = as_path(path)
+    if not overwrite and dest.exists() and any(dest.iterdir()):
+        raise FileExistsError(f"{path} already holds files (fix: choose a new directory)")
+    if not is_url(path):
+        write(Path(path))
+        return Path(path)
+    with tempfile.TemporaryDirectory(prefix="tandem-export-") as tmp:
+        write(Path(tmp) / "adapters")
+        upload_dir(Path(tmp) / "adapters", dest)
+    return dest

@@ -21,7 +21,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from trainer.logprobs import Hidden, block_rows, embed_rows, head_rows, rematerialized
+from trainer import lora
+from trainer.logprobs import (
+    Hidden,
+    block_rows,
+    embed_rows,
+    head_rows,
+    rematerialized,
+    with_attention_chunk,
+)
 from trainer.loss import aggregation_weights
 from trainer.model import Params, top_params
 from trainer.step import Batch, UpdateStep
@@ -57,7 +65,7 @@ class LayeredUpdate:
         self._embed_j = jax.jit(self._embed, static_argnames=("group",), compiler_options=opts)
         self._block_fwd_j = jax.jit(self._block_fwd, static_argnames=("sliding", "group"),
                                     compiler_options=opts)
-        self._block_j = jax.jit(self._block, static_argnames=("sliding", "group"),
+        self._block_j = jax.jit(self._block, static_argnames=("sliding", "group", "adapters_off"),
                                 compiler_options=opts)
         self._block_bwd_j = jax.jit(self._block_bwd, compiler_options=opts)
         self._head_j = jax.jit(self._head, static_argnames=("group",), compiler_options=opts)
@@ -68,17 +76,21 @@ class LayeredUpdate:
     def __call__(self, state, ref_params, b: Batch, off_policy, group: int = 1,
                  run: Callable[..., Any] = call):
         """(new state, metrics), as `UpdateStep.update` returns them; the state is donated.
-        run: how each program is run (`call`, or `lower_ahead` to trace them ahead)."""
+        ref_params: the frozen half (see trainer/step.py). run: how each program is run
+        (`call`, or `lower_ahead` to trace them ahead)."""
         step, spec = self.step, self.step.mdef.spec
+        trained = state["params"]
         ref_logps = None
-        if ref_params is not None and step.algo.kl_penalty == "loss":
-            ref_logps = self.logprobs(ref_params, b, group, run)
-        params = state["params"]
-        top = top_params(params)
+        if step.kl_in_loss(ref_params):
+            if step.lora:  # the base with the adapters switched off
+                ref_logps = self.logprobs(trained, ref_params, b, group, run, adapters_off=True)
+            else:
+                ref_logps = self.logprobs(ref_params, None, b, group, run)
+        top = top_params(step.policy(trained, ref_params))
         h = run(self._embed_j, top, b, group=group)
         pullbacks = []
         for i in range(spec.num_layers):
-            h, pullback = run(self._block_fwd_j, params["layers"][i], h, b,
+            h, pullback = run(self._block_fwd_j, *self._layer(trained, ref_params, i), h, b,
                               sliding=spec.is_sliding(i), group=group)
             pullbacks.append(pullback)
         aux, g_top, dh = run(self._head_j, top, h, b, ref_logps, off_policy, group=group)
@@ -87,16 +99,25 @@ class LayeredUpdate:
             g_layers[i], dh = run(self._block_bwd_j, pullbacks.pop(), dh)  # frees residuals
         return run(self._finish_j, state, g_top, g_layers, dh, b, aux, group=group)
 
-    def logprobs(self, params: Params, b: Batch, group: int,
-                 run: Callable[..., Any] = call) -> jax.Array:
+    def _layer(self, trained: Params, frozen: Params | None, i: int) -> tuple[Params, Params]:
+        """Layer i's (trained params, frozen params): under LoRA its adapters and its base
+        weights, else all its params and nothing."""
+        if self.step.lora:
+            return trained["layers"][i], frozen["layers"][i]
+        return trained["layers"][i], {}
+
+    def logprobs(self, trained: Params, frozen: Params | None, b: Batch, group: int,
+                 run: Callable[..., Any] = call, adapters_off: bool = False) -> jax.Array:
         """Logprobs (no gradient) by the layered update's programs: the embedding, a block's
-        forward without the residuals a backward needs, and the head."""
+        forward without the residuals a backward needs, and the head. adapters_off: LoRA's
+        reference forward (the base alone)."""
         spec = self.step.mdef.spec
-        h = run(self._embed_j, top_params(params), b, group=group)
+        top = top_params(self.step.policy(trained, frozen))
+        h = run(self._embed_j, top, b, group=group)
         for i in range(spec.num_layers):
-            h = run(self._block_j, params["layers"][i], h, b, sliding=spec.is_sliding(i),
-                    group=group)
-        return run(self._head_logps_j, top_params(params), h, b, group=group)
+            h = run(self._block_j, *self._layer(trained, frozen, i), h, b,
+                    sliding=spec.is_sliding(i), group=group, adapters_off=adapters_off)
+        return run(self._head_logps_j, top, h, b, group=group)
 
     def lower_ahead(self, fn: Callable[..., Any], *args: Any, **static: Any) -> Any:
         """A runner for `__call__` that traces and lowers one program for abstract arguments
@@ -114,7 +135,7 @@ class LayeredUpdate:
             return jax.tree.map(lambda o: like(o, step.row_sharding(o)), tree)
 
         if fn is self._block_bwd_j:
-            return like(step.mdef.shapes()["layers"][0], step.shardings["layers"][0]), args[1]
+            return like(step.trained_shapes()["layers"][0], step.shardings["layers"][0]), args[1]
         traced = fn.trace(*args, **static)
         traced.lower()
         out = traced.out_info
@@ -133,7 +154,7 @@ class LayeredUpdate:
 
     def _head_logps(self, top: Params, h: Hidden, b: Batch, group: int) -> jax.Array:
         step = self.step
-        chunk, _ = step.memory_plan(b)
+        chunk = step.memory_plan(b).logits_chunk
         return step.constrain_rows(head_rows(step.mdef, top, h, b.completion_tokens_BxT,
                                              step.temperature, group, chunk)[0])
 
@@ -141,19 +162,25 @@ class LayeredUpdate:
         return self._constrain_hidden(
             embed_rows(self.step.mdef, top, b.prompt_tokens_BxP, b.completion_tokens_BxT, group))
 
-    def _block(self, params_l: Params, h: Hidden, b: Batch, sliding: bool,
-               group: int) -> Hidden:
+    def _block(self, trained_l: Params, frozen_l: Params, h: Hidden, b: Batch, sliding: bool,
+               group: int, adapters_off: bool = False) -> Hidden:
+        step = self.step
+        if step.lora:
+            params_l = lora.combine(frozen_l, lora.switched_off(trained_l) if adapters_off
+                                    else trained_l)
+        else:
+            params_l = trained_l
+        mdef = with_attention_chunk(step.mdef, step.memory_plan(b).attention_chunk)
         return self._constrain_hidden(block_rows(
-            self.step.mdef, sliding, params_l, h, b.prompt_mask_BxP, b.completion_mask_BxT,
-            group))
+            mdef, sliding, params_l, h, b.prompt_mask_BxP, b.completion_mask_BxT, group))
 
-    def _block_fwd(self, params_l: Params, h: Hidden, b: Batch, sliding: bool,
-                   group: int) -> tuple[Hidden, Any]:
+    def _block_fwd(self, trained_l: Params, frozen_l: Params, h: Hidden, b: Batch,
+                   sliding: bool, group: int) -> tuple[Hidden, Any]:
         # (output, pullback: a pytree of the residuals the backward needs, as few as the
-        # checkpointing policy keeps)
-        _, remat = self.step.memory_plan(b)
-        return jax.vjp(rematerialized(lambda p, x: self._block(p, x, b, sliding, group), remat),
-                       params_l, h)
+        # checkpointing policy keeps); gradients for the trained params only.
+        remat = self.step.memory_plan(b).remat
+        return jax.vjp(rematerialized(
+            lambda p, x: self._block(p, frozen_l, x, b, sliding, group), remat), trained_l, h)
 
     def _block_bwd(self, pullback: Any, dh: Hidden) -> tuple[Params, Hidden]:
         g_layer, dh = pullback(dh)
@@ -168,14 +195,19 @@ class LayeredUpdate:
                                       algo.loss_norm_length),
              "old": b.sampler_logps_BxT if algo.old_logprobs == "sampler" else None}
 
-        chunk, _ = step.memory_plan(b)
+        chunk = step.memory_plan(b).logits_chunk
 
         def loss_fn(top, h):
             logps, ent = head_rows(step.mdef, top, h, b.completion_tokens_BxT,
                                    step.temperature, group, chunk, algo.entropy_coef > 0)
             return step.loss(logps, ent, d, off_policy)
 
-        (_, aux), (g_top, dh) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(top, h)
+        if step.lora:  # the embedding and head are frozen: the hidden states' gradient only
+            (_, aux), dh = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(top, h)
+            g_top = {}
+        else:
+            (_, aux), (g_top, dh) = jax.value_and_grad(loss_fn, argnums=(0, 1),
+                                                       has_aux=True)(top, h)
         return (jax.lax.with_sharding_constraint(aux, step.submesh.replicated()),
                 jax.lax.with_sharding_constraint(g_top, top_params(step.shardings)),
                 self._constrain_hidden(dh))
@@ -185,11 +217,15 @@ class LayeredUpdate:
         step = self.step
         step.traces += 1  # Python side effect: runs once per trace, not per call
         params = state["params"]
-        _, embed_pullback = jax.vjp(
-            lambda e: embed_rows(step.mdef, {"embed": e}, b.prompt_tokens_BxP,
-                                 b.completion_tokens_BxT, group), params["embed"])
-        (g_embed,) = embed_pullback(dh)
-        grads = {**g_top, "embed": g_top["embed"] + g_embed, "layers": dict(enumerate(g_layers))}
+        if step.lora:
+            grads = {"layers": dict(enumerate(g_layers))}
+        else:
+            _, embed_pullback = jax.vjp(
+                lambda e: embed_rows(step.mdef, {"embed": e}, b.prompt_tokens_BxP,
+                                     b.completion_tokens_BxT, group), params["embed"])
+            (g_embed,) = embed_pullback(dh)
+            grads = {**g_top, "embed": g_top["embed"] + g_embed,
+                     "layers": dict(enumerate(g_layers))}
         aux_K = jax.tree.map(lambda x: x[None], aux)
         params, opt_state, aux = step.apply_grads(params, state["opt_state"], grads, aux_K,
                                                   state["step"])

@@ -70,13 +70,14 @@ def token_logprobs_and_entropy(logits_BxTxV: jax.Array, tokens_BxT: jax.Array,
 def sequence_logprobs_and_entropy(mdef: ModelDef, params: Params, prompt_BxP, prompt_mask_BxP,
                                   completion_BxT, completion_mask_BxT, temperature: float,
                                   group: int = 1, *, chunk: int | None = None,
-                                  remat: str = "none", entropy_grad: bool = True
-                                  ) -> tuple[jax.Array, jax.Array]:
+                                  remat: str = "none", attention_chunk: int | None = None,
+                                  entropy_grad: bool = True) -> tuple[jax.Array, jax.Array]:
     """(log π(completion token | prefix), entropy of π there) per completion position.
 
     The logits at column j predict the token at column j + 1, so only the T columns P - 1 ..
     P + T - 2 go through the LM head, `chunk` positions of every row at a time when chunk is
     set (`chunked_head`). remat: what each block keeps for a backward pass (`rematerialized`).
+    attention_chunk: each block's attention runs this many queries at a time (`Attention`).
 
     group > 1: rows come in consecutive groups of `group` that share one prompt (GRPO's G
     completions of a prompt). Each prompt then runs through the model once, as a prefill into a
@@ -91,14 +92,23 @@ def sequence_logprobs_and_entropy(mdef: ModelDef, params: Params, prompt_BxP, pr
     """
     top = top_params(params)
     h = embed_rows(mdef, top, prompt_BxP, completion_BxT, group)
+    blocks = with_attention_chunk(mdef, attention_chunk)
     for i in range(mdef.spec.num_layers):
         sliding = mdef.spec.is_sliding(i)
 
         def block(p, x, sliding=sliding):
-            return block_rows(mdef, sliding, p, x, prompt_mask_BxP, completion_mask_BxT, group)
+            return block_rows(blocks, sliding, p, x, prompt_mask_BxP, completion_mask_BxT,
+                              group)
 
         h = rematerialized(block, remat)(params["layers"][i], h)
     return head_rows(mdef, top, h, completion_BxT, temperature, group, chunk, entropy_grad)
+
+
+def with_attention_chunk(mdef: ModelDef, chunk: int | None) -> ModelDef:
+    """mdef whose blocks run attention `chunk` queries at a time (None: all at once)."""
+    if chunk == mdef.spec.attn_query_chunk:
+        return mdef
+    return dataclasses.replace(mdef, spec=dataclasses.replace(mdef.spec, attn_query_chunk=chunk))
 
 
 def rematerialized(fn, remat: str):

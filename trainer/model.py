@@ -95,6 +95,19 @@ class ModelSpec:
     sliding_layers: tuple[bool, ...] = ()  # per layer: True = sliding window; () = none
     local_rope_theta: float | None = None  # RoPE base of sliding layers (Gemma 3); None: same
     hf_model_type: str | None = None  # HF `model_type` this spec was read from ("qwen3", ...)
+    # Attention over at most this many queries at a time (the trainer's long sequences): the
+    # scores of one chunk exist at once; None: all queries together.
+    attn_query_chunk: int | None = None
+    # LoRA (trainer/lora.py): each projection named in lora_targets (q, k, v, o, gate, up,
+    # down) gets y += (alpha / rank) · (x·A)·B with A [in, rank], B [rank, out] in lora_dtype.
+    lora_rank: int = 0  # 0: no adapters
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = ()
+    lora_dtype: Any = None
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.sliding_layers) and self.sliding_layers[layer]
@@ -239,6 +252,32 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
+def add_lora_params(module: nnx.Module, spec: ModelSpec,
+                    shapes: dict[str, tuple[tuple[int, ...], tuple, tuple[int, ...], tuple]]
+                    ) -> None:
+    """Gives `module` the adapters `<name>_lora_a` [*in, rank] and `<name>_lora_b` [rank, *out]
+    of each projection in spec.lora_targets. shapes: name -> (in shape, in logical axes, out
+    shape, out logical axes). Zeros here: trainer/lora.py draws A and zeroes B."""
+    r, dt = spec.lora_rank, spec.lora_dtype
+    for name, (in_shape, in_axes, out_shape, out_axes) in shapes.items():
+        if name in spec.lora_targets:
+            setattr(module, f"{name}_lora_a", _const((*in_shape, r), (*in_axes, None), dt, 0.0))
+            setattr(module, f"{name}_lora_b", _const((r, *out_shape), (None, *out_axes), dt, 0.0))
+
+
+def lora_update(module: nnx.Module, spec: ModelSpec, name: str, x: jax.Array, y: jax.Array
+                ) -> jax.Array:
+    """y + (alpha / rank) · (x·A)·B for projection `name` (y unchanged if it has no adapter).
+    x [..., in] is the projection's input flattened as its matmul takes it, y [..., out]."""
+    if name not in spec.lora_targets:
+        return y
+    r = spec.lora_rank
+    a = getattr(module, f"{name}_lora_a")[...].reshape(-1, r)
+    b = getattr(module, f"{name}_lora_b")[...].reshape(r, -1)
+    delta = linear(linear(x.astype(a.dtype), a), b) * jnp.asarray(spec.lora_scale, a.dtype)
+    return y + delta.astype(y.dtype)
+
+
 class Attention(nnx.Module):
     def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, sliding: bool = False):
         d, h, k, dh, dt = (spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
@@ -257,6 +296,11 @@ class Attention(nnx.Module):
         if spec.qk_norm:
             self.q_norm = RMSNorm(dh, spec.norm_eps, dt, spec.norm_plus_one)
             self.k_norm = RMSNorm(dh, spec.norm_eps, dt, spec.norm_plus_one)
+        add_lora_params(self, spec, {
+            "q": ((d,), ("embed",), (h, dh), ("heads", "head_dim")),
+            "k": ((d,), ("embed",), (k, dh), ("kv_heads", "head_dim")),
+            "v": ((d,), ("embed",), (k, dh), ("kv_heads", "head_dim")),
+            "o": ((h, dh), ("heads", "head_dim"), (d,), ("embed",))})
         self.spec = spec
         self.sliding = sliding
         if sliding:
@@ -275,10 +319,12 @@ class Attention(nnx.Module):
         b, l_ = x_BxLxD.shape[:2]
         d = x_BxLxD.shape[-1]
 
-        def heads(w):  # [D, N, Dh] -> [B, L, N, Dh], as one [D, N·Dh] matmul
-            return linear(x_BxLxD, w.reshape(d, -1)).reshape(b, l_, w.shape[1], w.shape[2])
+        def heads(name, w):  # [D, N, Dh] -> [B, L, N, Dh], as one [D, N·Dh] matmul
+            y = lora_update(self, spec, name, x_BxLxD, linear(x_BxLxD, w.reshape(d, -1)))
+            return y.reshape(b, l_, w.shape[1], w.shape[2])
 
-        q, k, v = heads(self.q_proj[...]), heads(self.k_proj[...]), heads(self.v_proj[...])
+        q, k, v = (heads("q", self.q_proj[...]), heads("k", self.k_proj[...]),
+                   heads("v", self.v_proj[...]))
         if spec.qkv_bias:
             q = q + self.q_bias[...][None, None]
             k = k + self.k_bias[...][None, None]
@@ -299,7 +345,6 @@ class Attention(nnx.Module):
         b, l_, h, dh = q.shape
         groups = h // spec.num_kv_heads
         q = q.reshape(b, l_, spec.num_kv_heads, groups, dh).transpose(0, 2, 3, 1, 4)
-        scale = spec.attn_scale if spec.attn_scale is not None else dh**-0.5
         if kv is not None:
             k_cache, v_cache = kv
             k = jax.lax.dynamic_update_slice_in_dim(
@@ -307,24 +352,60 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype),
                                                     cache_index, axis=2)
             kv = (k, v)
-            scores = jnp.einsum("bkgld,bkds->bkgls", q, k)
+        # Query column c = cache_index + i of the cache (or of the rows).
+        q_cols_L = (0 if cache_index is None else cache_index) + jnp.arange(l_)
+        mask_BxLxS = mask_BxLxS.astype(bool)
+        chunk = spec.attn_query_chunk
+        if chunk is None or l_ <= chunk:
+            out = self._attend(q, k, v, mask_BxLxS, q_cols_L, kv is not None)
         else:
-            scores = jnp.einsum("bkgld,bksd->bkgls", q, k)
+            out = self._attend_by_chunks(q, k, v, mask_BxLxS, q_cols_L, kv is not None, chunk)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, l_, h * dh)
+        out = lora_update(self, spec, "o", out, linear(out, self.o_proj[...].reshape(h * dh, -1)))
+        if spec.o_bias:
+            out = out + self.o_bias[...][None, None]
+        return out, kv
+
+    def _attend(self, q, k, v, mask_BxLxS, q_cols_L, cached: bool):
+        """softmax(q·kᵀ · scale, masked) · v for queries q [B, K, G, L, Dh] at columns q_cols_L,
+        keys k [B, K, S, Dh] ([B, K, Dh, S] from a cache) and values v [B, K, S, Dh]."""
+        spec = self.spec
+        scale = spec.attn_scale if spec.attn_scale is not None else q.shape[-1] ** -0.5
+        scores = jnp.einsum("bkgld,bkds->bkgls" if cached else "bkgld,bksd->bkgls", q, k)
         scores = scores.astype(jnp.float32) * scale
         scores = softcap(scores, spec.attn_softcap)
-        mask_BxLxS = mask_BxLxS.astype(bool)
         if self.sliding and spec.sliding_window is not None:
-            # Query column c = cache_index + i sees key column s only if c - s < W.
-            q_cols_L = (0 if cache_index is None else cache_index) + jnp.arange(l_)
+            # Query column c sees key column s only if c - s < W.
+            s_len = mask_BxLxS.shape[-1]
             window_LxS = q_cols_L[:, None] - jnp.arange(s_len)[None, :] < spec.sliding_window
             mask_BxLxS = mask_BxLxS & window_LxS[None]
         scores = jnp.where(mask_BxLxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgls,bksd->bkgld", probs, v).transpose(0, 3, 1, 2, 4)
-        out = linear(out.reshape(b, l_, h * dh), self.o_proj[...].reshape(h * dh, -1))
-        if spec.o_bias:
-            out = out + self.o_bias[...][None, None]
-        return out, kv
+        return jnp.einsum("bkgls,bksd->bkgld", probs, v)
+
+    def _attend_by_chunks(self, q, k, v, mask_BxLxS, q_cols_L, cached: bool, chunk: int):
+        """`_attend`, `chunk` queries at a time, each chunk recomputed in the backward: the
+        [B, K, G, chunk, S] scores of one chunk exist at once instead of all L rows'. Every
+        query's softmax still spans all its keys, so the values are `_attend`'s."""
+        b, kh, g, l_, dh = q.shape
+        n = -(-l_ // chunk)
+        pad = n * chunk - l_
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+        # Padded queries see key 0 only, so their softmax stays finite; their rows are dropped.
+        mask_BxLxS = jnp.pad(mask_BxLxS, ((0, 0), (0, pad), (0, 0)))
+        mask_BxLxS = mask_BxLxS.at[:, l_:, 0].set(True)
+        q_cols_L = jnp.pad(q_cols_L, (0, pad))
+        attend = jax.checkpoint(lambda qc, mc, cc: self._attend(qc, k, v, mc, cc, cached))
+
+        def one(i):
+            start = i * chunk
+            return attend(jax.lax.dynamic_slice_in_dim(q, start, chunk, axis=3),
+                          jax.lax.dynamic_slice_in_dim(mask_BxLxS, start, chunk, axis=1),
+                          jax.lax.dynamic_slice_in_dim(q_cols_L, start, chunk, axis=0))
+
+        out_NxBxKxGxCxD = jax.lax.map(one, jnp.arange(n))
+        out = jnp.moveaxis(out_NxBxKxGxCxD, 0, 3).reshape(b, kh, g, n * chunk, dh)
+        return out[:, :, :, :l_]
 
 
 class MLP(nnx.Module):
@@ -334,12 +415,19 @@ class MLP(nnx.Module):
         self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), dt, d**-0.5)
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dt, f**-0.5)
         self.activation = spec.mlp_activation
+        add_lora_params(self, spec, {"gate": ((d,), ("embed",), (f,), ("mlp",)),
+                                     "up": ((d,), ("embed",), (f,), ("mlp",)),
+                                     "down": ((f,), ("mlp",), (d,), ("embed",))})
+        self.spec = spec
 
     def __call__(self, x_BxLxD):
         """down(act(x·gate) ⊙ x·up); act = silu (SwiGLU) or tanh-approximate gelu (GeGLU)."""
-        pre = linear(x_BxLxD, self.gate_proj[...])
+        spec = self.spec
+        pre = lora_update(self, spec, "gate", x_BxLxD, linear(x_BxLxD, self.gate_proj[...]))
         gate = jax.nn.silu(pre) if self.activation == "silu" else jax.nn.gelu(pre, approximate=True)
-        return linear(gate * linear(x_BxLxD, self.up_proj[...]), self.down_proj[...])
+        up = lora_update(self, spec, "up", x_BxLxD, linear(x_BxLxD, self.up_proj[...]))
+        hidden = gate * up
+        return lora_update(self, spec, "down", hidden, linear(hidden, self.down_proj[...]))
 
 
 class Block(nnx.Module):

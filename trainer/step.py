@@ -1,5 +1,9 @@
 """The jitted GRPO update step: `UpdateStep.update(state, ref_params, batch, off_policy)`.
 
+`ref_params` is the frozen half of the model: the reference model's params (None without a
+KL term), or under LoRA the base, which the adapters in the state are applied to and which is
+the reference model with the adapters switched off.
+
 One update (GRPO, Shao et al., 2024, Algorithm 1):
 
     π_ref logprobs (β > 0, KL in the loss)  and  π_old logprobs (see `old_logprobs`)
@@ -28,9 +32,10 @@ import numpy as np
 import optax
 
 from controller.config import AlgorithmConfig
+from trainer import lora
 from trainer.logprobs import sequence_logprobs_and_entropy
 from trainer.loss import KL_ESTIMATORS, aggregation_weights, grpo_loss, truncated_is_weights
-from trainer.memory import logits_chunk, resolve_remat
+from trainer.memory import MemoryPlan, plan_memory
 from trainer.model import ModelDef, Params
 
 # The batch the programs take: a `trainer.trainer.TrainBatch` on the trainer mesh (its rows
@@ -51,7 +56,8 @@ class UpdateStep:
                  submesh: Any, algo: AlgorithmConfig, temperature: float, *,
                  lr_schedule: optax.Schedule | None, is_cap: float, state_shardings: Any,
                  compiler_options: dict[str, Any], logits_chunk: int | None = None,
-                 remat: str = "none", device_bytes: int | None = None):
+                 remat: str = "none", attention_chunk: int | None = None,
+                 device_bytes: int | None = None, lora: bool = False):
         self.mdef = mdef
         self.shardings = shardings  # the params' shardings on the trainer mesh
         self.optimizer = optimizer
@@ -64,7 +70,11 @@ class UpdateStep:
         self.compiler_options = compiler_options
         self.logits_chunk = logits_chunk  # trainer.logits_chunk (None: from the shapes)
         self.remat = remat  # trainer.remat ("auto": from the shapes and device_bytes)
+        self.attention_chunk = attention_chunk  # trainer.attention_chunk (None: from the shapes)
         self.device_bytes = device_bytes  # what one trainer device holds, if known
+        # LoRA (trainer/lora.py): the state's params are the adapters, and the programs' frozen
+        # argument (`ref_params`) is the base, which is also the reference model.
+        self.lora = lora
         # Times the update was traced (each trace is a compile): `update_step` for this
         # update, its last program for the layered one.
         self.traces = 0
@@ -97,25 +107,44 @@ class UpdateStep:
         """How many of `rows` batch rows one trainer device holds."""
         return self.submesh.batch_sharding(rows, 1).shard_shape((rows,))[0]
 
-    def memory_plan(self, b: Batch, rows_per_device: int | None = None
-                    ) -> tuple[int | None, str]:
-        """(the head's chunk, the checkpointing policy) for a batch of b's shapes: the config's
-        choices, with "automatic" decided by trainer/memory.py. rows_per_device: b's rows are
-        already one device's share (estimates); None: b is a sharded (micro)batch."""
+    def memory_plan(self, b: Batch, rows_per_device: int | None = None) -> MemoryPlan:
+        """The head's chunk, the checkpointing policy and the attention chunk for a batch of
+        b's shapes: the config's choices, "automatic" decided by trainer/memory.py.
+        rows_per_device: b's rows are already one device's share (estimates); None: b is a
+        sharded (micro)batch."""
         rows, t = b.completion_tokens_BxT.shape
         local = self.rows_per_device(rows) if rows_per_device is None else rows_per_device
-        spec = self.mdef.spec
-        return (logits_chunk(self.logits_chunk, local, t, spec.vocab_size),
-                resolve_remat(self.remat, spec, local, b.prompt_tokens_BxP.shape[1] + t,
-                              self.device_bytes))
+        return plan_memory(self.mdef.spec, local, b.prompt_tokens_BxP.shape[1], t,
+                           logits=self.logits_chunk, remat=self.remat,
+                           attention=self.attention_chunk, device_bytes=self.device_bytes)
+
+    def policy(self, params: Params, frozen: Params | None) -> Params:
+        """The policy's whole params tree: the trained params, with the frozen base under
+        LoRA."""
+        return lora.combine(frozen, params) if self.lora else params
+
+    def reference(self, params: Params, frozen: Params | None) -> Params | None:
+        """The reference model's params: the frozen copy, or under LoRA the base with the
+        adapters switched off (zero adapters: the base's forward exactly, no second copy)."""
+        return lora.combine(frozen, lora.switched_off(params)) if self.lora else frozen
+
+    def trained_shapes(self) -> Params:
+        """Shapes of the params the update trains (the adapters under LoRA)."""
+        shapes = self.mdef.shapes()
+        return lora.split(shapes)[1] if self.lora else shapes
+
+    def kl_in_loss(self, frozen: Params | None) -> bool:
+        return (self.algo.kl_penalty == "loss" and self.algo.uses_reference
+                and (self.lora or frozen is not None))
 
     def logprobs_entropy(self, params: Params, b: Batch, group: int = 1
                          ) -> tuple[jax.Array, jax.Array]:
         """(log π, entropy of π) at every completion position of the batch, one forward."""
-        chunk, remat = self.memory_plan(b)
+        plan = self.memory_plan(b)
         return sequence_logprobs_and_entropy(
             self.mdef, params, b.prompt_tokens_BxP, b.prompt_mask_BxP, b.completion_tokens_BxT,
-            b.completion_mask_BxT, self.temperature, group, chunk=chunk, remat=remat,
+            b.completion_mask_BxT, self.temperature, group, chunk=plan.logits_chunk,
+            remat=plan.remat, attention_chunk=plan.attention_chunk,
             entropy_grad=self.algo.entropy_coef > 0)
 
     def logprobs(self, params: Params, b: Batch, group: int = 1) -> jax.Array:
@@ -138,8 +167,8 @@ class UpdateStep:
     def sequence_kl_rows(self, params, ref_params, b: Batch, group: int = 1) -> jax.Array:
         """Σ_t KL_t(π_θ || π_ref) per row (`sequence_kl` is this, jitted)."""
         n = self.algo.num_minibatches * self.algo.gradient_accumulation_steps
-        logps = self.chunked_logprobs(params, b, n, group)
-        ref = self.chunked_logprobs(ref_params, b, n, group)
+        logps = self.chunked_logprobs(self.policy(params, ref_params), b, n, group)
+        ref = self.chunked_logprobs(self.reference(params, ref_params), b, n, group)
         on = b.loss_mask.astype(bool)
         kl = KL_ESTIMATORS[self.algo.kl_estimator](logps, jnp.where(on, ref, logps))
         return jnp.sum(jnp.where(on, kl, 0.0), axis=-1)
@@ -172,7 +201,7 @@ class UpdateStep:
         aux["loss/total"] = loss
         aux["policy/is_weight_mean"] = _masked_mean(w_is, mb.loss_mask)
         aux["_tokens"] = jnp.sum(mb.loss_mask.astype(jnp.float32))
-        cm = mb.completion_mask_BxT
+        cm = mb.sampled_mask  # the drawn tokens: only they have a behaviour logprob
         aux["_logp_diff"] = jnp.sum(jnp.abs(jax.lax.stop_gradient(logps)
                                             - mb.sampler_logps_BxT) * cm)
         aux["_logp_tokens"] = jnp.sum(cm.astype(jnp.float32))
@@ -232,18 +261,20 @@ class UpdateStep:
 
         # REFERENCE AND OLD LOGPROBS: fixed for the whole update (no gradient).
         ref_logps = None
-        if ref_params is not None and algo.kl_penalty == "loss":
-            ref_logps = self.chunked_logprobs(ref_params, b, n_chunks, group)
+        if self.kl_in_loss(ref_params):
+            ref_logps = self.chunked_logprobs(self.reference(state["params"], ref_params), b,
+                                              n_chunks, group)
         if algo.old_logprobs == "sampler":
             old_logps = b.sampler_logps_BxT
         elif algo.num_iterations > 1 or n_mb > 1:
             # π_old = the params before this update; later minibatches/iterations are off-policy.
-            old_logps = self.chunked_logprobs(state["params"], b, n_chunks, group)
+            old_logps = self.chunked_logprobs(self.policy(state["params"], ref_params), b,
+                                              n_chunks, group)
         else:
             old_logps = None  # μ = 1, one minibatch: π_old = sg(π_θ) in the loss, no extra pass
         if old_logps is not None and algo.old_logprobs == "recompute":
             aux_pre["sampler/logp_abs_diff"] = _masked_mean(
-                jnp.abs(old_logps - b.sampler_logps_BxT), b.completion_mask_BxT)
+                jnp.abs(old_logps - b.sampler_logps_BxT), b.sampled_mask)
 
         # Aggregation weights over each *minibatch*, then cut into its microbatches.
         weights = jax.vmap(lambda m: aggregation_weights(m, algo.loss_aggregation,
@@ -253,7 +284,8 @@ class UpdateStep:
         data = jax.tree.map(lambda x: self.chunks(x, n_chunks), data)
 
         def loss_fn(params, d):
-            return self.loss(*self.logprobs_entropy(params, d["b"], group), d, off_policy)
+            return self.loss(*self.logprobs_entropy(self.policy(params, ref_params), d["b"],
+                                                    group), d, off_policy)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from controller.config import AlgorithmConfig, TrainerConfig
+from trainer import lora
 from trainer.cpu_heap import cpu_heap_options, ignore_cache_write_warnings
 from trainer.layered import LAYERED_MIN_PARAMS, LayeredUpdate
 from trainer.memory import UpdateMemory, device_memory_bytes, estimate_update
@@ -54,6 +55,9 @@ class TrainBatch:
     # Tokens that count in the loss; None: completion_mask_BxT. DAPO's overlong filtering
     # zeroes truncated rows here while their tokens stay visible to attention.
     loss_mask_BxT: Any = None
+    # Tokens the sampler drew, where sampler_logps_BxT is a logprob; None: completion_mask_BxT.
+    # A multi-turn row's observation tokens are attended but were not drawn by the policy.
+    sampled_mask_BxT: Any = None
     # Rows come in consecutive groups of `group` rows that share one prompt (decided by
     # whoever built the batch; 1 makes no such claim). Static metadata, not an array: it is
     # part of the batch's tree structure, so it survives `jax.tree.map` and slicing and is a
@@ -64,6 +68,11 @@ class TrainBatch:
     def loss_mask(self) -> Any:
         return self.completion_mask_BxT if self.loss_mask_BxT is None else self.loss_mask_BxT
 
+    @property
+    def sampled_mask(self) -> Any:
+        return (self.completion_mask_BxT if self.sampled_mask_BxT is None
+                else self.sampled_mask_BxT)
+
 
 class Trainer:
     """GRPO updates on the trainer sub-mesh."""
@@ -72,15 +81,26 @@ class Trainer:
                  submesh: Any, algo: AlgorithmConfig, temperature: float, *,
                  lr_schedule: optax.Schedule | None = None, is_cap: float = 2.0,
                  share_min_width: int = SHARE_MIN_WIDTH, layered: bool | None = None,
-                 memory: TrainerConfig | None = None):
+                 memory: TrainerConfig | None = None, adapters: Params | None = None):
         self.mdef = mdef
         self.submesh = submesh
         self.algo = algo
         self.share_min_width = share_min_width  # see SHARE_MIN_WIDTH and `_group`
-        self.shardings = param_shardings(mdef, submesh)
-        params = jax.device_put(params, self.shardings)
+        # LoRA: `params` is the frozen base, `adapters` what the update trains (trainer/lora.py);
+        # the reference model is the base with the adapters switched off.
+        self.lora = adapters is not None
+        self.base: Params | None = None
+        self.base_shardings: Params | None = None
+        if self.lora:
+            self.base_shardings, self.shardings = lora.split(param_shardings(mdef, submesh))
+            self.base = jax.device_put(params, self.base_shardings)
+            params = jax.device_put(adapters, self.shardings)
+        else:
+            self.shardings = param_shardings(mdef, submesh)
+            params = jax.device_put(params, self.shardings)
         # β = 0 needs no reference model: skip its memory and its forward pass.
-        self.ref_params = jax.tree.map(jnp.copy, params) if algo.uses_reference else None
+        self.ref_params = (jax.tree.map(jnp.copy, params)
+                           if algo.uses_reference and not self.lora else None)
         self.ref_params_host = None
         if self.ref_params is not None and algo.reference_offload:
             # HOST SYNC (once): the reference model moves to host memory, off the devices.
@@ -106,11 +126,12 @@ class Trainer:
             lr_schedule=lr_schedule, is_cap=is_cap,
             state_shardings=jax.tree.map(lambda x: x.sharding, self.state),
             compiler_options=self._compiler_options, logits_chunk=memory.logits_chunk,
-            remat=memory.remat, device_bytes=self.device_bytes)
+            remat=memory.remat, attention_chunk=memory.attention_chunk,
+            device_bytes=self.device_bytes, lora=self.lora)
         self._layered_update = LayeredUpdate(self._update_step)
         # None: layered for models of LAYERED_MIN_PARAMS or more (see there).
-        self.layered = (param_count(params) >= LAYERED_MIN_PARAMS) if layered is None \
-            else layered
+        size = param_count(params) + (param_count(self.base) if self.lora else 0)
+        self.layered = (size >= LAYERED_MIN_PARAMS) if layered is None else layered
         self._pretrace_thread: threading.Thread | None = None
 
     def restore_state(self, state: dict[str, Any]) -> None:
@@ -121,7 +142,19 @@ class Trainer:
 
     @property
     def params(self) -> Params:
+        """The params the update trains: the whole model, or under LoRA the adapters."""
         return self.state["params"]
+
+    def policy_params(self) -> Params:
+        """The policy's whole params tree (under LoRA: the base with the adapters in it)."""
+        return lora.combine(self.base, self.params) if self.lora else self.params
+
+    def merged_params(self) -> Params:
+        """The policy as a model without adapters takes it (under LoRA: each adapter folded
+        into its weight), e.g. for a Hugging Face export."""
+        if not self.lora:
+            return self.params
+        return jax.jit(lora.merge, static_argnums=0)(self.mdef.spec, self.base, self.params)
 
     @property
     def step(self) -> int:
@@ -186,15 +219,19 @@ class Trainer:
             step.rows_per_device(rows)
         shapes = TrainBatch(np.zeros((local, prompt_len), np.int32), None,
                             np.zeros((local, completion_len), np.int32), None, None, None)
-        chunk, remat = step.memory_plan(shapes, rows_per_device=local)
-        param_bytes = sum(
-            int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
-            for x, s in zip(jax.tree.leaves(self.params), jax.tree.leaves(self.shardings),
-                            strict=True))
+        plan = step.memory_plan(shapes, rows_per_device=local)
+        def device_bytes(tree: Params, shardings: Params) -> int:
+            return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+                       for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings),
+                                       strict=True))
+
+        trained = device_bytes(self.params, self.shardings)
+        frozen = device_bytes(self.base, self.base_shardings) if self.lora else 0
         reference = self.ref_params is not None and self.algo.kl_penalty == "loss"
-        return estimate_update(self.mdef.spec, param_bytes=param_bytes, reference=reference,
+        return estimate_update(self.mdef.spec, param_bytes=frozen + trained,
+                               trained_bytes=trained, reference=reference,
                                rows=local, prompt_len=prompt_len,
-                               completion_len=completion_len, remat=remat, chunk=chunk,
+                               completion_len=completion_len, plan=plan,
                                device_bytes=self.device_bytes)
 
     def check_memory(self, rows: int, prompt_len: int, completion_len: int) -> None:
@@ -248,7 +285,7 @@ class Trainer:
             return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding)
 
         b = jax.tree.map(lambda x: abstract(x, self._update_step.row_sharding(x)), batch)
-        ref = self.ref_params
+        ref = self.base if self.lora else self.ref_params
         if self.ref_params_host is not None:  # offloaded: trace without copying it in
             ref = jax.tree.map(abstract, self.ref_params_host, self.shardings)
         flag = abstract(np.bool_(False), self.submesh.replicated())
@@ -273,24 +310,31 @@ class Trainer:
 
     def logprobs(self, batch: TrainBatch) -> jax.Array:
         """Per-token logprobs of the batch's completions under the current params."""
-        fn = jax.jit(self._update_step.logprobs, static_argnums=2,
-                     compiler_options=self._compiler_options)
-        return fn(self.params, self.place_batch(batch), self._group(batch))
+        step = self._update_step
+
+        def fn(params, frozen, b, group):
+            return step.logprobs(step.policy(params, frozen), b, group)
+
+        jitted = jax.jit(fn, static_argnums=3, compiler_options=self._compiler_options)
+        return jitted(self.params, self.base, self.place_batch(batch), self._group(batch))
 
     def sequence_kl(self, batch: TrainBatch) -> jax.Array:
         """Σ_t KL_t(π_θ || π_ref) per row with `algorithm.kl_estimator` (for KL in the reward).
 
         Device array [B]; the caller syncs. Needs the reference model (β > 0).
         """
-        if self.ref_params is None and self.ref_params_host is None:
+        if self.ref_params is None and self.ref_params_host is None and not self.lora:
             raise RuntimeError("sequence_kl needs the reference model, which exists only when "
                                "algorithm.beta > 0 (fix: e.g. algorithm.beta=0.02)")
         return self._update_step.sequence_kl(self.params, self._reference(),
                                              self.place_batch(batch), group=self._group(batch))
 
     def _reference(self) -> Params | None:
-        """The reference params on the trainer mesh (copied in from the host when offloaded;
-        the copy is freed after the step that uses it)."""
+        """The update's frozen argument: under LoRA the base; else the reference params on
+        the trainer mesh (copied in from the host when offloaded; the copy is freed after the
+        step that uses it)."""
+        if self.lora:
+            return self.base
         if self.ref_params_host is not None:
             return jax.device_put(self.ref_params_host, self.shardings)
         return self.ref_params

@@ -80,8 +80,16 @@ def _evaluate(cfg: Any, step_dir: Any, ns: argparse.Namespace, out: Any) -> int:
         if step_dir is not None:
             from controller.cli.export import restore_params
 
-            params = restore_params(step_dir, job.model_def)
-            job.loop.load_sampler_weights(params)
+            if job.trainer.lora:  # the checkpoint's adapters on the job's base
+                import jax
+
+                from trainer.lora import split
+
+                adapters = restore_params(step_dir, split(job.policy_def.shapes())[1])
+                job.trainer.state["params"] = jax.device_put(adapters, job.trainer.shardings)
+                job.loop.push_weights()
+            else:
+                job.loop.load_sampler_weights(restore_params(step_dir, job.model_def.shapes()))
             step = int(step_dir.name)
         what = (f"the checkpoint of step {step} in {step_dir.parent}" if step_dir is not None
                 else f"model.path={cfg.model.path}" if cfg.model.path

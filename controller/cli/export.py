@@ -25,7 +25,7 @@ from typing import Any
 from etils import epath
 
 from controller.config import absolute_path, as_path, expand_path, is_url, model_section
-from controller.storage import save_hf_model_at, stage
+from controller.storage import save_hf_model_at, save_peft_adapters_at, stage
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,30 @@ def _model_for(cfg: Any, model_dir: Path | None) -> Any:
     return define_model(ModelSpec.from_config(cfg.model, build_tokenizer(cfg).vocab_size))
 
 
-def _check_shapes(step_dir: epath.Path, mdef: Any) -> None:
-    """The checkpoint's params must be exactly the tree the config's model defines."""
+def lora_model_for(cfg: Any, base: Any) -> Any:
+    """The ModelDef with the adapters a LoRA config (cfg.model.lora) puts on `base`."""
+    from trainer.lora import with_lora
+    from trainer.model import define_model
+
+    lc = cfg.model.lora
+    return define_model(with_lora(base.spec, lc.rank, lc.scale_alpha, tuple(lc.targets),
+                                  lc.dtype))
+
+
+def base_params_for(cfg: Any, base: Any, model_dir: Path | None) -> Any:
+    """The base model's params, as the job built them: from model.path, or from the seed."""
+    if model_dir is not None:
+        from trainer.hf import load_hf_params
+
+        return load_hf_params(model_dir, base)
+    from trainer.model import init_params
+
+    return init_params(base.spec, cfg.model.init_seed)
+
+
+def check_shapes(step_dir: epath.Path, shapes: Any) -> None:
+    """The checkpoint's params must be exactly the tree the config's model defines (shapes:
+    its `ModelDef.shapes()`, or the adapters' for a LoRA run)."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -155,7 +177,7 @@ def _check_shapes(step_dir: epath.Path, mdef: Any) -> None:
         return {"/".join(str(getattr(k, "key", k)) for k in path): (tuple(v.shape), str(v.dtype))
                 for path, v in jax.tree_util.tree_leaves_with_path(t)}
 
-    want, got = leaves(mdef.shapes()), leaves(tree["params"])
+    want, got = leaves(shapes), leaves(tree["params"])
     if want != got:
         diff = sorted(set(want.items()) ^ set(got.items()))[:4]
         raise ExportError(
@@ -165,9 +187,10 @@ def _check_shapes(step_dir: epath.Path, mdef: Any) -> None:
             f"with, i.e. its own meta, untouched)")
 
 
-def restore_params(step_dir: epath.Path, mdef: Any) -> Any:
-    """`state.params` of one step directory, onto one device, CPU if there is one (an orbax
-    partial restore: the optimizer state is never read)."""
+def restore_params(step_dir: epath.Path, shapes: Any) -> Any:
+    """`state.params` of one step directory (shaped as `shapes`: a ModelDef's, or a LoRA run's
+    adapters), onto one device, CPU if there is one (an orbax partial restore: the optimizer
+    state is never read)."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -177,7 +200,7 @@ def restore_params(step_dir: epath.Path, mdef: Any) -> Any:
         device = jax.devices()[0]
     one = jax.sharding.SingleDeviceSharding(device)
     target = {"params": jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), mdef.shapes())}
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), shapes)}
     with _quiet_orbax():
         out = ocp.PyTreeCheckpointer().restore(
             step_dir / "state",
@@ -189,9 +212,12 @@ def restore_params(step_dir: epath.Path, mdef: Any) -> Any:
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
                       step: int | None = None, model_path: str | None = None,
-                      overwrite: bool = False) -> tuple[epath.Path, int]:
+                      overwrite: bool = False, fmt: str = "hf") -> tuple[epath.Path, int]:
     """Writes a Tandem checkpoint as a HF directory; returns (out_dir, exported step). Both
     may be local or gs://; a remote out_dir is written locally first, then uploaded.
+
+    fmt: "hf", the whole model (a LoRA run's adapters merged into the base), or "peft", a LoRA
+    run's adapters as PEFT loads them onto the base.
 
     Without `step`, the newest checkpoint that restores is used (a corrupt one is skipped with
     a warning, as a resume does).
@@ -210,7 +236,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     skipped: list[str] = []
     for step_dir in candidates:
         try:
-            result = _export_step(step_dir, out, model_path, overwrite)
+            result = _export_step(step_dir, out, model_path, overwrite, fmt)
         except _Unreadable as e:
             if step is not None:
                 raise
@@ -226,7 +252,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def _export_step(step_dir: epath.Path, out: epath.Path, model_path: str | None,
-                 overwrite: bool) -> tuple[epath.Path, int]:
+                 overwrite: bool, fmt: str = "hf") -> tuple[epath.Path, int]:
     from controller.config import ConfigError, validate_config
 
     meta = read_meta(step_dir)
@@ -248,16 +274,32 @@ def _export_step(step_dir: epath.Path, out: epath.Path, model_path: str | None,
     except ConfigError as e:
         raise ExportError(f"the config recorded in {step_dir / 'meta'} does not validate "
                           f"(written by another Tandem version?): {e}") from None
+    if fmt == "peft" and cfg.model.lora is None:
+        raise ExportError(f"--format peft writes LoRA adapters, but {step_dir} is a full "
+                          f"fine-tuning checkpoint (its model.lora is unset) (fix: drop "
+                          f"--format peft to export the whole model)")
     model_dir = stage(cfg.model.path, "model.path") if cfg.model.path else None
     mdef = _model_for(cfg, model_dir)
-    _check_shapes(step_dir, mdef)
+    policy = lora_model_for(cfg, mdef) if cfg.model.lora is not None else mdef
+    shapes = policy.shapes()
+    if cfg.model.lora is not None:
+        from trainer import lora
+
+        shapes = lora.split(shapes)[1]
+    check_shapes(step_dir, shapes)
     try:
-        params = restore_params(step_dir, mdef)
+        params = restore_params(step_dir, shapes)
     except Exception as e:  # any failure to read means this one is unusable
         from trainer.checkpoint import short_reason
 
         raise _Unreadable(f"{step_dir / 'state'} is incomplete or corrupt: it does not restore "
                           f"({short_reason(e)})", "pass --step with an earlier checkpoint") from e
+    if fmt == "peft":
+        path = save_peft_adapters_at(out, policy.spec, params, base_model=cfg.model.path,
+                                     overwrite=overwrite)
+        return epath.Path(path), int(step_dir.name)
+    if cfg.model.lora is not None:
+        params = lora.merge(policy.spec, base_params_for(cfg, mdef, model_dir), params)
     path = save_hf_model_at(out, mdef.spec, params, source_dir=model_dir, overwrite=overwrite)
     return epath.Path(path), int(step_dir.name)
 
@@ -267,15 +309,20 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
     try:
         path, step = export_checkpoint(ns.checkpoint, ns.out_dir, step=ns.step,
-                                       model_path=ns.model_path, overwrite=ns.overwrite)
+                                       model_path=ns.model_path, overwrite=ns.overwrite,
+                                       fmt=ns.format)
     except ExportError as e:  # before JAX when the path is wrong
         return fail(e)
     except Exception as e:  # the recorded config, model directory or tokenizer files
         if isinstance(e, input_errors()):
             return fail(e)
         raise
-    print(f"exported the checkpoint of step {step} to {path} (load it with "
-          f"transformers.AutoModelForCausalLM.from_pretrained({str(path)!r}) or vLLM)")
+    if ns.format == "peft":
+        print(f"exported the adapters of step {step} to {path} (load them with "
+              f"peft.PeftModel.from_pretrained(base_model, {str(path)!r}))")
+    else:
+        print(f"exported the checkpoint of step {step} to {path} (load it with "
+              f"transformers.AutoModelForCausalLM.from_pretrained({str(path)!r}) or vLLM)")
     return 0
 
 
@@ -292,4 +339,10 @@ def add_export_parser(sub: Any) -> None:
     p.add_argument("--model-path", default=None,
                    help="the HF directory the run started from, if its model.path moved")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
+    p.add_argument("--format", choices=("hf", "peft"), default="hf",
+                   help="hf: the whole model (a LoRA run's adapters merged into its base); "
+                        "peft: a LoRA run's adapters (adapter_config.json, "
+                        "adapter_model.safetensors)")
+    p.add_argument("--merge", dest="format", action="store_const", const="hf",
+                   help="the whole model with a LoRA run's adapters merged (--format hf)")
     p.set_defaults(func=cmd_export)

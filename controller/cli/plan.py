@@ -54,6 +54,10 @@ class PlannedJob:
     trainer_bytes_per_chip: int
     sampler_bytes_per_chip: int
     cast_bytes_per_chip: int  # the trainer-side cast copy in flight (0 without a cast)
+    # With model.lora: the sync of the adapters alone (after the base's one-time move).
+    lora_plan: Any = None
+    lora_estimate: Any = None
+    lora_params: int = 0
 
 
 def _abstract_submesh(cfg: JobConfig, name: Literal["trainer", "sampler"], devices: list[Any],
@@ -101,7 +105,8 @@ def abstract_params(cfg: JobConfig, spec: Any = None) -> tuple[Any, Any]:
     from trainer.model import define_model
 
     spec = spec or model_spec(cfg)
-    one = dataclasses.replace(spec, num_layers=1, sliding_layers=spec.sliding_layers[:1])
+    one = dataclasses.replace(spec, num_layers=1, sliding_layers=spec.sliding_layers[:1],
+                              attn_query_chunk=None)
     mdef = define_model(one)
     shapes, axes = mdef.shapes(), mdef.logical_axes
     n = spec.num_layers
@@ -140,7 +145,24 @@ def build_plan(cfg: JobConfig, topology: str, num_slices: int = 1) -> PlannedJob
     if cast and cfg.reshard.chunk_bytes is not None:
         # A chunk's cast copy is spread over the trainer's chips like the params are.
         cast_bytes = min(cast_bytes, -(-cfg.reshard.chunk_bytes // trainer.size))
+    lora_plan = lora_estimate = None
+    lora_params = 0
+    if cfg.model.lora is not None:
+        from trainer.lora import split, with_lora
+
+        lc = cfg.model.lora
+        lshapes, laxes = abstract_params(cfg, with_lora(spec, lc.rank, lc.scale_alpha,
+                                                        tuple(lc.targets), lc.dtype))
+        lshapes, laxes = split(lshapes)[1], split(laxes)[1]
+        lsh = {side: jax.tree.map(
+            lambda axes, s, sub=sub: AbstractSharding(sub.mesh, tuple(sub.spec(axes, s.shape))),
+            laxes, lshapes, is_leaf=lambda x: isinstance(x, tuple))
+            for side, sub in (("trainer", trainer), ("sampler", sampler))}
+        lora_plan = plan_reshard(lshapes, lsh["trainer"], lsh["sampler"], dtype=dtype)
+        lora_estimate = estimate_on(lora_plan, topo)
+        lora_params = sum(s.size for s in jax.tree.leaves(lshapes))
     return PlannedJob(
+        lora_plan=lora_plan, lora_estimate=lora_estimate, lora_params=lora_params,
         cfg=cfg, spec=spec, topology=topo, trainer=trainer, sampler=sampler,
         num_params=sum(s.size for s in jax.tree.leaves(shapes)), src_dtype=str(src_dtype),
         plan=plan, estimate=estimate_on(plan, topo),
@@ -222,9 +244,19 @@ def format_plan(p: PlannedJob, *, max_rows: int = 40) -> str:
         f"{est.ici_gbytes_s_per_chip_dir:.0f} GB/s per chip per direction; DCN "
         f"{est.dcn_seconds:.3f} s at {est.dcn_gbytes_s_per_host:.1f} GB/s per host]")
     lines.append(f"  bottleneck: {est.bottleneck}")
+
     lines.append(f"  figures: {est.source}")
     lines.append("  model: each chip's ICI traffic spread over all its ports, no multi-hop "
                  "contention, ICI and DCN overlapped; a lower bound")
+    if p.lora_plan is not None:
+        lc, lp, le = p.cfg.model.lora, p.lora_plan, p.lora_estimate
+        lines.append(
+            f"LoRA (rank {lc.rank} on {', '.join(lc.targets)}): {_count(p.lora_params)} adapter "
+            f"params; after the base's one move at start, each sync moves "
+            f"{lp.moved_bytes / 1e6:.2f} MB (ICI {lp.ici_bytes / 1e6:.2f} MB, DCN "
+            f"{lp.dcn_bytes / 1e6:.2f} MB), estimated {le.seconds * 1e3:.3f} ms, against "
+            f"{plan.moved_bytes / 1e6:.2f} MB and {est.seconds * 1e3:.1f} ms for full fine-tuning "
+            f"({plan.moved_bytes / max(lp.moved_bytes, 1):.0f}x fewer bytes)")
     hbm = topo.spec.hbm_gib * 2**30
     samp_peak = 2 * p.sampler_bytes_per_chip  # old weights serve until the new ones land
     train_peak = p.trainer_bytes_per_chip + p.cast_bytes_per_chip

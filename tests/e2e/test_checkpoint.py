@@ -1,53 +1,21 @@
 """Checkpoints: exact resume after kill -9, SIGTERM, corrupt checkpoints, other device counts."""
 
-import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from helpers.runs import SMALL, cli_run, steps_logged, wait_for_steps
 
 from controller.api import Job
 from controller.config import ConfigError, load_config
-from controller.metrics import is_eval_row
-from controller.topology import simulation_env
 
 pytestmark = pytest.mark.e2e  # each test runs whole jobs
-
-SMALL = ["data.prompts_per_step=4", "sampling.group_size=4", "run.progress=false"]
 
 
 def _cfg(out: Path, *extra: str):
     return load_config(overrides=[*SMALL, f"run.output_dir={out}", *extra])
-
-
-def _steps_logged(out: Path) -> list[int]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return [int(r["step"]) for r in rows if not is_eval_row(r)]  # training steps
-
-
-def _cli(out: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, **simulation_env(8)}
-    args = [sys.executable, "-m", "controller.cli", "run", *SMALL, f"run.output_dir={out}",
-            *extra]
-    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=Path(__file__).parents[2])
-
-
-def _wait_for_steps(proc: subprocess.Popen, out: Path, n: int, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while len(_steps_logged(out)) < n:
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "the run did not get going"
-        time.sleep(0.02)
 
 
 def _params(job: Job):
@@ -61,12 +29,12 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
         want = _params(ref)
 
     out = tmp_path / "killed"
-    proc = _cli(out, "run.steps=1000", "checkpoint.every_steps=2")
-    _wait_for_steps(proc, out, 5)
+    proc = cli_run(out, "run.steps=1000", "checkpoint.every_steps=2")
+    wait_for_steps(proc, out, 5)
     proc.send_signal(signal.SIGKILL)  # from outside, mid-run: no handler, no cleanup
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    killed_at = len(_steps_logged(out))
+    killed_at = len(steps_logged(out))
     assert 5 <= killed_at < 1000
 
     with Job(_cfg(out, f"run.steps={n}", "checkpoint.every_steps=2", "run.resume=true")) as job:
@@ -76,17 +44,17 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
         got = _params(job)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(a, b)  # bitwise, not approximately
-    assert _steps_logged(out) == list(range(1, n + 1))  # every step exactly once
+    assert steps_logged(out) == list(range(1, n + 1))  # every step exactly once
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
-    proc = _cli(tmp_path, "run.steps=100000", "checkpoint.every_steps=0")
-    _wait_for_steps(proc, tmp_path, 3)
+    proc = cli_run(tmp_path, "run.steps=100000", "checkpoint.every_steps=0")
+    wait_for_steps(proc, tmp_path, 3)
     proc.send_signal(signal.SIGTERM)
     text, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, text
     assert "stopped at step" in text
-    steps = _steps_logged(tmp_path)
+    steps = steps_logged(tmp_path)
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [steps[-1]]  # the step it stopped after, and nothing half-done
 
@@ -111,7 +79,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_other_device_count(tmp_path, c
         assert job.dataset.position == 2 * 4  # two steps of 4 prompts were consumed
         job.run()
     assert "unreadable" in caplog.text
-    assert _steps_logged(tmp_path) == [1, 2, 3, 4, 5]  # the lost 3, 4 were re-run, logged once
+    assert steps_logged(tmp_path) == [1, 2, 3, 4, 5]  # the lost 3, 4 were re-run, logged once
     # Step 2's checkpoint restores to the same values on any device count.
     with Job(_cfg(tmp_path / "again", "run.steps=2", "checkpoint.async_save=false")) as fresh:
         fresh.run()

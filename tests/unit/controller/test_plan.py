@@ -215,3 +215,26 @@ def test_tandem_plan_reads_model_path_config_without_weights(tmp_path, capsys, f
     model_type = "gemma3_text" if family == "gemma3" else family
     assert (f"params ({real:,}), model.path={model} ({model_type}, shapes from its "
             f"config.json), 2 layers, d=32;") in out
+
+
+def test_tandem_plan_puts_lora_sync_next_to_full_fine_tuning(capsys):
+    # Qwen2.5-0.5B's shapes with rank-8 adapters on q and v: the adapters' count is
+    # 24 layers x 8 x ((896 + 896) for q + (896 + 128) for v), and each sync moves a small
+    # fraction of the full model's bytes.
+    from controller.cli import main
+    from controller.cli.plan import build_plan
+    from controller.config import load_config
+
+    qwen = ["model.hidden_size=896", "model.num_layers=24", "model.num_heads=14",
+            "model.num_kv_heads=2", "model.mlp_dim=4864", "model.vocab_size=151936",
+            "model.lora={rank: 8, targets: [q, v]}"]
+    planned = build_plan(load_config(overrides=qwen), "v5e-16")
+    assert planned.lora_params == 24 * 8 * ((896 + 896) + (896 + 128))
+    assert planned.lora_plan.moved_bytes * 100 < planned.plan.moved_bytes
+    assert planned.lora_estimate.seconds < planned.estimate.seconds / 100
+    assert main(["plan", "--topology", "v5e-16", *qwen]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA (rank 8 on q, v): 540.67K adapter params" in out
+    assert "for full fine-tuning" in out and "x fewer bytes" in out
+    assert main(["plan", "--topology", "v5e-16", *qwen[:-1]]) == 0
+    assert "LoRA" not in capsys.readouterr().out  # full fine-tuning: no LoRA line

@@ -14,7 +14,9 @@ from trainer.logprobs import chunked_head, sequence_logprobs_and_entropy, token_
 from trainer.memory import (
     LOGITS_CHUNK_BYTES,
     MemoryBudgetError,
+    MemoryPlan,
     activation_bytes,
+    attention_chunk,
     estimate_update,
     logits_chunk,
     resolve_remat,
@@ -91,28 +93,40 @@ def _rows(seed: int, group: int = 1):
     return prompt, pmask, comp, cmask
 
 
-@pytest.mark.parametrize("group", [1, 2])
-def test_sequence_logprobs_by_chunks_and_policies_equal_the_plain_forward(model, group):
-    # Through the model: per-row and shared-prompt forwards, every chunk and checkpointing
-    # policy give the plain forward's values and parameter gradients.
-    mdef, params = model
+@pytest.fixture(scope="module")
+def sliding_model():
+    """Gemma-like: a sliding-window layer (window 4) before a global one, soft-capped scores."""
+    spec = _spec(sliding_window=4, sliding_layers=(True, False), attn_softcap=20.0)
+    return define_model(spec), init_params(spec, seed=6)
+
+
+@pytest.mark.parametrize("variant", ["per-row", "grouped", "sliding"])
+def test_sequence_logprobs_by_chunks_and_policies_equal_the_plain_forward(
+        model, sliding_model, variant):
+    # Through the model: per-row and shared-prompt forwards and sliding-window attention;
+    # every head chunk, attention chunk (3 and 4 queries: neither divides the 10 or 7 query
+    # columns) and checkpointing policy give the plain forward's values and gradients.
+    mdef, params = sliding_model if variant == "sliding" else model
+    group = 2 if variant == "grouped" else 1
     prompt, pmask, comp, cmask = (jnp.asarray(x) for x in _rows(1, group))
     adv = jnp.asarray(np.linspace(-1, 1, B), jnp.float32)
 
-    def run(chunk, remat):
+    def run(chunk, remat, attention):
         def f(p):
             lp, ent = sequence_logprobs_and_entropy(mdef, p, prompt, pmask, comp, cmask, 1.0,
-                                                    group, chunk=chunk, remat=remat)
+                                                    group, chunk=chunk, remat=remat,
+                                                    attention_chunk=attention)
             return jnp.sum(lp * cmask * adv[:, None]) + 0.1 * jnp.sum(ent * cmask), (lp, ent)
         (_, out), g = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
         return out, g
 
-    (lp0, e0), g0 = run(None, "none")
-    for chunk, remat in [(2, "none"), (5, "block"), (None, "matmuls"), (3, "matmuls")]:
-        (lp, e), g = run(chunk, remat)
-        assert _rel(lp, lp0) <= 1e-6 and _rel(e, e0) <= 1e-6, (chunk, remat)
+    (lp0, e0), g0 = run(None, "none", None)
+    for chunk, remat, attention in [(2, "none", None), (5, "block", 3), (None, "matmuls", None),
+                                    (3, "matmuls", 4), (None, "none", 1)]:
+        (lp, e), g = run(chunk, remat, attention)
+        assert _rel(lp, lp0) <= 1e-6 and _rel(e, e0) <= 1e-6, (chunk, remat, attention)
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0), strict=True):
-            assert _rel(a, b) <= 1e-5, (chunk, remat)
+            assert _rel(a, b) <= 1e-5, (chunk, remat, attention)
 
 
 def test_chunks_shrink_the_compiled_programs_memory():
@@ -133,6 +147,27 @@ def test_chunks_shrink_the_compiled_programs_memory():
 
     whole, chunked = temp_bytes(None), temp_bytes(16)
     assert whole >= 2 * (4 * 256 * 32768 * 4) and chunked < whole / 4, (whole, chunked)
+
+
+def test_attention_chunks_shrink_the_compiled_programs_memory():
+    # All 1,032 queries' scores at once: [4, 2, 1032, 1032] float32 (34 MB) several times; by
+    # chunks of 64 queries, one chunk's (recomputed in the backward).
+    spec = _spec(num_layers=1)
+    mdef = define_model(spec)
+    params = jax.eval_shape(lambda: init_params(spec, 0))
+    shapes = [jax.ShapeDtypeStruct((4, n), dt) for n, dt in
+              ((8, jnp.int32), (8, jnp.bool_), (1024, jnp.int32), (1024, jnp.bool_))]
+
+    def temp_bytes(attention):
+        def loss(p, *rows):
+            return jnp.sum(sequence_logprobs_and_entropy(mdef, p, *rows, 1.0,
+                                                         attention_chunk=attention)[0])
+        compiled = jax.jit(jax.grad(loss)).lower(params, *shapes).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    whole, chunked = temp_bytes(None), temp_bytes(64)
+    scores = 4 * 2 * 1032 * 1032 * 4
+    assert whole >= 2 * scores and chunked < whole / 4, (whole, chunked)
 
 
 def test_checkpointing_shrinks_what_a_block_keeps_for_its_backward(model):
@@ -193,7 +228,7 @@ def test_an_update_lands_on_the_same_params_under_every_policy(model, meshes, ba
                                                      jax.tree.leaves(_host(params)), strict=True)]
     assert max(moved) > 1e-3  # the update did something
     for memory in (TrainerConfig(remat="block"), TrainerConfig(remat="matmuls"),
-                   TrainerConfig(remat="block", logits_chunk=3)):
+                   TrainerConfig(remat="block", logits_chunk=3, attention_chunk=4)):
         p, aux = update(memory)
         for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p0), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -217,8 +252,14 @@ def test_automatic_checkpointing_follows_the_activations():
     spec = _spec(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64,
                  mlp_dim=1536)
     gib = 2**30
+    assert attention_chunk(None, spec, 8, 512) is None  # 64 MiB of scores: all at once
+    assert attention_chunk(None, spec, 8, 8192) == 2**28 // (8 * 8 * 8192 * 4) == 128
+    assert attention_chunk(32, spec, 8, 8192) == 32 and attention_chunk(9000, spec, 8, 8192) is None
     assert resolve_remat("auto", spec, 8, 512, 16 * gib) == "none"
     assert resolve_remat("auto", spec, 8, 8192, 16 * gib) == "block"
+    # By chunks of queries the scores no longer grow with L x L: 1,024 columns fit unchecked.
+    assert resolve_remat("auto", spec, 8, 1024, 16 * gib, attn_chunk=None) == "block"
+    assert resolve_remat("auto", spec, 8, 1024, 16 * gib, attn_chunk=128) == "none"
     assert resolve_remat("matmuls", spec, 8, 8192, 16 * gib) == "matmuls"
     # Attention's L x L scores dominate long sequences without checkpointing.
     assert (activation_bytes(spec, 8, 4096, "block") < activation_bytes(spec, 8, 4096, "matmuls")
@@ -231,10 +272,10 @@ def test_a_config_that_cannot_fit_names_the_fields_to_change():
     spec = _spec(vocab_size=151_936, hidden_size=896, num_layers=24, num_heads=14,
                  num_kv_heads=2, head_dim=64, mlp_dim=4864)
     common = dict(param_bytes=2 * 10**9, reference=True, rows=64, device_bytes=16 * 2**30)
-    head_bound = estimate_update(spec, prompt_len=64, completion_len=1024, remat="block",
-                                 chunk=None, **common)
-    attention_bound = estimate_update(spec, prompt_len=512, completion_len=4096, remat="none",
-                                      chunk=16, **common)
+    head_bound = estimate_update(spec, prompt_len=64, completion_len=1024,
+                                 plan=MemoryPlan(None, "block", None), **common)
+    attention_bound = estimate_update(spec, prompt_len=512, completion_len=4096,
+                                      plan=MemoryPlan(16, "none", None), **common)
     for est, fix, not_fix in ((head_bound, "trainer.logits_chunk=16", "trainer.remat"),
                               (attention_bound, "trainer.remat=block", "trainer.logits_chunk")):
         with pytest.raises(MemoryBudgetError) as e:
@@ -262,7 +303,8 @@ def test_the_trainer_refuses_an_update_too_large_for_its_devices(model, meshes, 
 
 
 def test_trainer_section_validates_its_fields():
-    assert JobConfig().trainer == TrainerConfig(logits_chunk=None, remat="auto")
+    assert JobConfig().trainer == TrainerConfig(logits_chunk=None, remat="auto",
+                                                attention_chunk=None)
     with pytest.raises(ValueError, match="logits_chunk"):
         JobConfig.model_validate({"trainer": {"logits_chunk": 0}})
     with pytest.raises(ValueError, match="remat"):
