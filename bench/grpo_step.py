@@ -22,8 +22,15 @@ its peak RSS comes from `os.wait4` on that child. The same prompts (drawn here f
 synthetic task's seed) go to every framework, and each reports the settings it actually ran
 with, which this script checks against the job before printing the table.
 
-The utilisation line divides the job's model FLOPs (`job_flops`) by Tandem's median step time
-and compares that with a jitted fp32 matmul's FLOP/s measured in the same run.
+The utilisation lines divide the job's model FLOPs (`job_flops`) by Tandem's step time and
+compare that with a jitted fp32 matmul's FLOP/s (`bench/peers/matmul_peak.py`), measured before
+every round and once after the last: each round's step time is set against the higher of the
+two readings around that round, so one low reading (another load passing by) cannot push the
+utilisation up, and the line gives the median over rounds. Beside the model FLOPs, each Tandem
+placement reports the FLOPs its compiled programs execute per step (XLA's cost analysis of each
+program the timed steps ran, times its calls; `bench/peers/executed_flops.py`): fewer where
+Tandem skips work the model count includes (each prompt runs once per group), more where work
+is repeated (replicated computation on every device, recomputation).
 """
 
 from __future__ import annotations
@@ -383,7 +390,69 @@ def machine(cpuinfo: str | None = None) -> str:
     return f"{model}, {os.cpu_count()} CPUs, {isa}"
 
 
-def print_table(results: list[dict], flops: dict[str, int], peak: dict | None) -> None:
+def adjacent_peaks(peaks: list[dict | None]) -> list[float | None]:
+    """For each round r, the higher of the matmul readings taken before it (r) and after it
+    (r + 1), in GFLOP/s; None where neither reading succeeded."""
+    gf = [p.get("gflops") if p else None for p in peaks]
+    out = []
+    for r in range(len(gf) - 1):
+        both = [x for x in (gf[r], gf[r + 1]) if x is not None]
+        out.append(max(both) if both else None)
+    return out
+
+
+def print_utilisation(rounds: dict[str, list[dict]], results: list[dict], flops: dict[str, int],
+                      peaks: list[dict | None]) -> None:
+    """The matmul readings, and per Tandem placement the model and executed FLOPs per step,
+    each round's utilisation against the peak read around that round, and their median."""
+    gf = flops["total"] / 1e9
+    readings = [p["gflops"] for p in peaks if p and "gflops" in p]
+    if not readings:
+        why = next((p.get("error") for p in peaks if p), "not run")
+        print(f"matmul peak: n/a ({why})")
+        return
+    first = next(p for p in peaks if p and "gflops" in p)
+    median_peak = statistics.median(readings)
+    print(f"matmul peak (jitted fp32 {first['n']}x{first['n']} on {first['device']}, best of "
+          f"{first['repeats']}), read before each round and after the last: "
+          + ", ".join(f"{x:.1f}" for x in readings)
+          + f" GFLOP/s (median {median_peak:.1f}) -> floor {gf / median_peak:.3f} s/step")
+    around = adjacent_peaks(peaks)
+    for r in results:
+        if r.get("framework") != "tandem" or "median_step_s" not in r:
+            continue
+        label = r["label"]
+        per_round = [(x["median_step_s"], peak) for x, peak in zip(rounds[label], around,
+                                                                   strict=True)
+                     if "median_step_s" in x and peak]
+        if per_round:
+            utils = [gf / step / peak for step, peak in per_round]
+            util = statistics.median(utils)
+            achieved = statistics.median(gf / step for step, _ in per_round)
+            high = " (above 100%: the peak readings are low; rerun on an idle machine)" \
+                if util > 1 else ""
+            print(f"utilisation {label}: {achieved:.1f} GFLOP/s = {100 * util:.1f}% of the "
+                  f"matmul peak (per round: " + ", ".join(f"{100 * u:.1f}%" for u in utils)
+                  + "; each round's step time against the higher of the two peak readings "
+                  f"around it){high}")
+        ex = r.get("executed_flops")
+        if ex is None:
+            print(f"executed {label}: n/a ({r.get('executed_flops_error') or 'not reported'})")
+            continue
+        exe = ex["flops_per_step"] / 1e9
+        ph = {k: v / 1e9 for k, v in ex["by_phase"].items()}
+        line = (f"executed {label}: {exe:.1f} GFLOP per step (sample {ph['sample']:.1f}, "
+                f"update and reference {ph['update']:.1f}, other {ph['other']:.1f}) against "
+                f"{gf:.1f} model GFLOP: {exe / gf:.2f}x")
+        if per_round:
+            exe_util = statistics.median(exe / step / peak for step, peak in per_round)
+            line += f"; {100 * exe_util:.1f}% of the matmul peak executed"
+        print(line)
+        for note in ex.get("notes", []):
+            print(f"  {label}: {note}")
+
+
+def print_table(results: list[dict], flops: dict[str, int]) -> None:
     cols = ["framework", "s/step", "sample", "reference", "update", "sync", "tok/s",
             "setup", "first step", "warm first", "peak RSS", "vs TRL", "vs Tunix"]
     by_name = {r["label"]: r for r in results if "median_step_s" in r}
@@ -428,16 +497,6 @@ def print_table(results: list[dict], flops: dict[str, int], peak: dict | None) -
     gf = {k: v / 1e9 for k, v in flops.items()}
     print(f"job model FLOPs per step: {gf['total']:.1f} GFLOP (sample {gf['sample']:.1f}, "
           f"reference {gf.get('reference', 0):.1f}, update {gf['update']:.1f})")
-    if peak and "gflops" in peak:
-        print(f"matmul peak (jitted fp32 {peak['n']}x{peak['n']} on {peak['device']}, best of "
-              f"{peak['repeats']}): {peak['gflops']:.1f} GFLOP/s -> floor "
-              f"{gf['total'] / peak['gflops']:.3f} s/step")
-        for r in results:
-            if r.get("framework") == "tandem" and "median_step_s" in r:
-                achieved = gf["total"] / r["median_step_s"]
-                print(f"utilisation {r['label']}: {achieved:.1f} GFLOP/s = "
-                      f"{100 * achieved / peak['gflops']:.1f}% of the matmul peak "
-                      f"({r['median_step_s'] / (gf['total'] / peak['gflops']):.1f}x the floor)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,10 +542,17 @@ def main(argv: list[str] | None = None) -> int:
 
     peers_dir = REPO / "bench" / "peers"
 
-    # The matmul peak, in its own process on JAX's default CPU device (all cores).
-    env = base_env()
-    env["JAX_PLATFORMS"] = "cpu"
-    peak, _, _ = run_child([sys.executable, str(peers_dir / "matmul_peak.py")], env, 600)
+    # The matmul peak, in its own process on JAX's default CPU device (all cores): read before
+    # every round and after the last, so each run has a reading on either side.
+    peak_env = base_env()
+    peak_env["JAX_PLATFORMS"] = "cpu"
+    peaks: list[dict | None] = []
+
+    def read_peak() -> None:
+        res, _, _ = run_child([sys.executable, str(peers_dir / "matmul_peak.py")], peak_env, 600)
+        peaks.append(res)
+        print("[bench] matmul peak: " + (f"{res['gflops']:.1f} GFLOP/s" if "gflops" in res
+                                          else f"n/a ({res.get('error')})"), flush=True)
 
     # Every runner: (label, command, environment). Peers' environments are made first.
     runners: list[tuple[str, list[str], dict]] = []
@@ -508,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     # Round r runs every runner once, starting r places further down the list, so that no
     # framework always runs first (or right after the same one) while the machine drifts.
     by_label: dict[str, list[dict]] = {label: [] for label, _, _ in runners}
+    read_peak()
     for r in range(ns.rounds):
         for i in range(len(runners)):
             label, cmd, env = runners[(i + r) % len(runners)]
@@ -530,10 +597,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] {label}: {status}", flush=True)
             if res.get("error"):
                 print(res.get("stderr_tail", ""), file=sys.stderr)
+        read_peak()
     results = [combine_rounds(rounds) for rounds in by_label.values()]
 
     print()
-    print_table(results, flops, peak)
+    print_table(results, flops)
+    print_utilisation(by_label, results, flops, peaks)
     if ns.rounds > 1:
         print_rounds(results)
     for r in results:
@@ -544,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         if "settings" in r:
             print(f"  {r['label']}: {json.dumps(r['settings'], sort_keys=True)}")
     if ns.json:
-        ns.json.write_text(json.dumps({"job": job, "flops": flops, "matmul_peak": peak,
+        ns.json.write_text(json.dumps({"job": job, "flops": flops, "matmul_peaks": peaks,
                                        "results": results, "rounds": by_label}, indent=1))
     return 0
 

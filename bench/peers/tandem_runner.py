@@ -3,9 +3,11 @@
     python bench/peers/tandem_runner.py SPEC.json PLACEMENT [key.sub=value ...]
 
 Runs `warmup_steps + timed_steps` steps one after another and prints one JSON line: per-step
-wall times and phases (from the job's own `time/*_s` metrics), the effective settings, and the
-first step's time (compilation included). Run from the repository root with the project's
-Python, so that this checkout's packages are the ones imported.
+wall times and phases (from the job's own `time/*_s` metrics), the effective settings, the
+first step's time (compilation included), and the FLOPs the step's compiled programs execute
+(`executed_flops`, counted over the timed steps by bench/peers/executed_flops.py; null with
+`executed_flops_error` when XLA gives no cost analysis). Run from the repository root with the
+project's Python, so that this checkout's packages are the ones imported.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from pathlib import Path
 T_START = time.perf_counter()
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+
+from bench.peers.executed_flops import ProgramCounter  # noqa: E402
+
+# Before any of the project's modules create their jitted functions.
+COUNTER = ProgramCounter.install()
 
 from controller.config import ConfigError, load_config  # noqa: E402
 
@@ -92,7 +99,8 @@ def main() -> int:
         n_rows = cfg.run.steps * cfg.data.prompts_per_step
         prompt_ids = [job.dataset.row(i)["prompt_ids"] for i in range(n_rows)]
         prompt_cols = encode_prompts([job.dataset.row(0)], job.tokenizer).tokens_PxL.shape[1]
-        for _ in range(cfg.run.steps):
+        for i in range(cfg.run.steps):
+            COUNTER.active = i >= spec["warmup_steps"]  # count the timed steps' programs
             t = time.perf_counter()
             m = job.step()
             wall = time.perf_counter() - t
@@ -108,6 +116,19 @@ def main() -> int:
                 "completion_len_mean": m["completion/len_mean"],
                 "stopped_frac": m["completion/stopped_frac"],
             })
+        COUNTER.active = False
+        executed, executed_error = None, None
+        timed = cfg.run.steps - spec["warmup_steps"]
+        if timed > 0:
+            # Every completion is exactly max_new_tokens long (no stop token can be drawn),
+            # so each generate call runs max_new_tokens - 1 decode steps.
+            try:
+                executed = COUNTER.report(timed, cfg.sampling.max_new_tokens - 1, job.sampler)
+            except Exception as e:  # no cost analysis on this backend: the bench prints n/a
+                executed_error = f"{type(e).__name__}: {e}"
+            if executed is not None and any(s["stopped_frac"] for s in steps[-timed:]):
+                executed["notes"].append("some completions stopped early: the decode steps "
+                                         "counted are an upper bound")
         meshes = job.meshes.describe()
         num_params = job.num_params
     out = {
@@ -118,6 +139,8 @@ def main() -> int:
         "phases": {"sample": "sample_s", "reference": None, "update": "update_s",
                    "sync": "sync_s", "reward": "reward_s"},
         "phase_notes": {"reference": "computed inside the jitted update (not timed apart)"},
+        "executed_flops": executed,
+        "executed_flops_error": executed_error,
         "settings": {
             "params": num_params,
             "devices": meshes,
