@@ -160,3 +160,14 @@ def write_tiny_hf_model(family: str, path: str | Path, *, dtype: str = "float32"
     model.save_pretrained(path, **kwargs)
     tok.save_pretrained(path)
     return path
+
+
+def torch_logits(model, ids, mask, pos):
+    """A transformers model's float32 logits for int ids [B, L], a bool mask and positions."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids, dtype=torch.long),
+                     attention_mask=torch.tensor(mask.astype(np.int64)),
+                     position_ids=torch.tensor(pos, dtype=torch.long)).logits.float().numpy()

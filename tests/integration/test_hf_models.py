@@ -21,7 +21,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers: no hub acce
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from helpers.hf_fixtures import FAMILIES, build_tiny_hf_model, write_tiny_hf_model  # noqa: E402
+from helpers.hf_fixtures import (  # noqa: E402
+    FAMILIES,
+    build_tiny_hf_model,
+    torch_logits,
+    write_tiny_hf_model,
+)
 
 from controller.config import (  # noqa: E402
     AlgorithmConfig,
@@ -80,13 +85,6 @@ def _batch(vocab_size, seed=0, rows=3, length=12):
     return ids, mask, np.asarray(positions_from_mask(jnp.asarray(mask)))
 
 
-def _torch_logits(model, ids, mask, pos):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids, dtype=torch.long),
-                     attention_mask=torch.tensor(mask.astype(np.int64)),
-                     position_ids=torch.tensor(pos, dtype=torch.long)).logits.float().numpy()
-
-
 _FORWARDS = {}  # spec -> jitted forward: one compile per family for the whole module
 
 
@@ -104,7 +102,7 @@ def test_logits_and_logprobs_match_transformers(hf_dirs, family):
     assert spec.hf_model_type == ("gemma3_text" if family == "gemma3" else family)
     mdef = define_model(spec)
     ids, mask, pos = _batch(spec.vocab_size)
-    ref = _torch_logits(model, ids, mask, pos)
+    ref = torch_logits(model, ids, mask, pos)
     out = _tandem_logits(mdef, params, ids, mask, pos)
     assert np.abs(ref).max() > 1.0  # logits that a mapping bug would visibly move
     assert np.abs(out - ref)[mask].max() <= 1e-4
@@ -128,8 +126,8 @@ def test_save_reload_in_transformers(hf_dirs, family, tmp_path):
     out_dir = save_hf_model(tmp_path / "same", spec, params, source_dir=src)
     same = transformers.AutoModelForCausalLM.from_pretrained(
         out_dir, attn_implementation="eager", dtype=torch.float32)
-    np.testing.assert_array_equal(_torch_logits(same, ids, mask, pos),
-                                  _torch_logits(model, ids, mask, pos))
+    np.testing.assert_array_equal(torch_logits(same, ids, mask, pos),
+                                  torch_logits(model, ids, mask, pos))
     assert (out_dir / "tokenizer.json").is_file() and (out_dir / "chat_template.jinja").is_file()
 
     # Changed weights, config written from the spec alone (no source_dir): transformers and
@@ -140,7 +138,7 @@ def test_save_reload_in_transformers(hf_dirs, family, tmp_path):
     assert (new_dir / "model.safetensors.index.json").is_file()  # several shards
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(
         new_dir, attn_implementation="eager", dtype=torch.float32)
-    ref = _torch_logits(reloaded, ids, mask, pos)
+    ref = torch_logits(reloaded, ids, mask, pos)
     out = _tandem_logits(define_model(spec), moved, ids, mask, pos)
     assert np.abs(out - ref)[mask].max() <= 1e-4
     # And Tandem reads its own output back to the same spec and params.
@@ -411,7 +409,7 @@ def test_builtin_model_exports_to_transformers(tiny_model, tmp_path):
         out_dir, attn_implementation="eager", dtype=torch.float32)
     assert type(model).__name__ == "Qwen2ForCausalLM"
     ids, mask, pos = _batch(mdef.spec.vocab_size, seed=2)
-    ref = _torch_logits(model, ids, mask, pos)
+    ref = torch_logits(model, ids, mask, pos)
     assert np.abs(_tandem_logits(mdef, params, ids, mask, pos) - ref)[mask].max() <= 1e-4
 
 

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from helpers.hf_fixtures import FAMILIES, build_tiny_hf_model  # noqa: E402
+from helpers.hf_fixtures import FAMILIES, build_tiny_hf_model, torch_logits  # noqa: E402
 
 from controller.storage import save_peft_adapters_at  # noqa: E402
 from trainer import lora  # noqa: E402
@@ -34,13 +34,6 @@ def _inputs(vocab):
     mask = np.ones(ids.shape, bool)
     mask[1, :3] = False
     return ids, mask, np.asarray(positions_from_mask(jnp.asarray(mask)))
-
-
-def _torch_logits(model, ids, mask, pos):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids, dtype=torch.long),
-                     attention_mask=torch.tensor(mask.astype(np.int64)),
-                     position_ids=torch.tensor(pos, dtype=torch.long)).logits.float().numpy()
 
 
 def _load(path):
@@ -63,14 +56,14 @@ def test_peft_and_merged_exports_reproduce_tandem_logits(family, tmp_path):
     ours = np.asarray(jax.jit(lambda p: apply_model(
         lmdef, p, ids, pos, causal_mask(jnp.asarray(mask), 0, ids.shape[1]))[0])(
         lora.combine(base, adapters)))
-    plain = _torch_logits(model, ids, mask, pos)
+    plain = torch_logits(model, ids, mask, pos)
     assert np.abs(ours - plain)[mask].max() > 1e-2  # the adapters move the logits
 
     save_peft_adapters_at(tmp_path / "adapters", lmdef.spec, adapters, base_model=str(base_dir))
     with_adapters = peft.PeftModel.from_pretrained(_load(base_dir), tmp_path / "adapters").eval()
-    assert np.abs(_torch_logits(with_adapters, ids, mask, pos) - ours)[mask].max() <= 1e-4
+    assert np.abs(torch_logits(with_adapters, ids, mask, pos) - ours)[mask].max() <= 1e-4
 
     save_hf_model(tmp_path / "merged", spec, lora.merge(lmdef.spec, base, adapters),
                   source_dir=base_dir)
-    merged = _torch_logits(_load(tmp_path / "merged"), ids, mask, pos)
+    merged = torch_logits(_load(tmp_path / "merged"), ids, mask, pos)
     assert np.abs(merged - ours)[mask].max() <= 1e-4
