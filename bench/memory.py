@@ -57,28 +57,29 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.grpo_step import STANDARD_MODEL, base_env, fmt, machine, peer_envs  # noqa: E402
+from bench.grpo_step import (  # noqa: E402
+    STANDARD_JOB,
+    STANDARD_MODEL,
+    base_env,
+    fmt,
+    machine,
+    peer_envs,
+)
 
 GIB = 1 << 30
 QWEN25_VOCAB = 151_936
 MODEL = {**STANDARD_MODEL, "vocab_size": QWEN25_VOCAB}
 MODEL_PARAMS = 41_799_936  # 38,895,616 in the tied embedding; both runners report theirs
 
+# The standard job's update settings (β, ε, AdamW, clip, seed) on 4 rows of one prompt.
 JOB = {
+    **{k: STANDARD_JOB[k] for k in ("beta", "epsilon", "lr", "adam_b1", "adam_b2",
+                                     "weight_decay", "max_grad_norm", "seed", "prompt_tokens")},
     "model": MODEL,
     "rows": 4,  # B
     "group_size": 4,  # G
-    "prompt_tokens": 32,
-    "beta": 0.04,  # β
-    "epsilon": 0.2,  # ε
-    "lr": 1e-5,
-    "adam_b1": 0.9,
-    "adam_b2": 0.999,
-    "weight_decay": 0.0,
-    "max_grad_norm": 1.0,
     "warmup_steps": 1,
     "timed_steps": 3,
-    "seed": 0,
 }
 LENGTHS = [256, 1024, 4096]
 

@@ -29,6 +29,7 @@ T_START = time.perf_counter()
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
+from bench.peers.overrides import model_overrides, update_overrides  # noqa: E402
 from controller.config import ConfigError, JobConfig, load_config  # noqa: E402
 
 GIB = 1 << 30
@@ -36,34 +37,8 @@ GIB = 1 << 30
 
 def job_overrides(spec: dict) -> list[str]:
     """The spec as Tandem config overrides (the caller's extra overrides come after these)."""
-    m = spec["model"]
-    return [
-        f"model.vocab_size={m['vocab_size']}",
-        f"model.hidden_size={m['hidden_size']}",
-        f"model.num_layers={m['num_layers']}",
-        f"model.num_heads={m['num_heads']}",
-        f"model.num_kv_heads={m['num_kv_heads']}",
-        f"model.head_dim={m['head_dim']}",
-        f"model.mlp_dim={m['mlp_dim']}",
-        f"model.rope_theta={m['rope_theta']}",
-        f"model.norm_eps={m['norm_eps']}",
-        f"model.tie_embeddings={str(m['tie_embeddings']).lower()}",
-        f"model.qkv_bias={str(m['qkv_bias']).lower()}",
-        "model.dtype=float32",
-        f"model.init_seed={spec['seed']}",
-        f"sampling.group_size={spec['group_size']}",
-        "sampling.temperature=1.0",
-        f"algorithm.beta={spec['beta']}",
-        f"algorithm.epsilon={spec['epsilon']}",
-        "algorithm.loss_aggregation=token-mean",
-        f"optimizer.learning_rate={spec['lr']}",
-        f"optimizer.b1={spec['adam_b1']}",
-        f"optimizer.b2={spec['adam_b2']}",
-        f"optimizer.weight_decay={spec['weight_decay']}",
-        f"optimizer.max_grad_norm={spec['max_grad_norm']}",
-        "optimizer.warmup_steps=0",
-        f"run.steps={spec['warmup_steps'] + spec['timed_steps']}",
-    ]
+    return [*model_overrides(spec["model"]), f"model.init_seed={spec['seed']}",
+            "sampling.temperature=1.0", *update_overrides(spec)]
 
 
 def rss_gib() -> float:

@@ -23,6 +23,7 @@ T_START = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 from bench.peers.executed_flops import ProgramCounter  # noqa: E402
+from bench.peers.overrides import model_overrides, update_overrides  # noqa: E402
 
 # Before any of the project's modules create their jitted functions.
 COUNTER = ProgramCounter.install()
@@ -32,7 +33,6 @@ from controller.config import ConfigError, load_config  # noqa: E402
 
 def job_overrides(spec: dict) -> list[str]:
     """The standard job as Tandem config overrides (placement overrides come after these)."""
-    m = spec["model"]
     return [
         "data.task=synthetic",
         "eval.enabled=false",  # the peers' steps do not evaluate either
@@ -40,30 +40,10 @@ def job_overrides(spec: dict) -> list[str]:
         f"data.prompts_per_step={spec['prompts_per_step']}",
         f"data.seed={spec['seed']}",
         "rewards.functions=[synthetic_even]",
-        f"model.vocab_size={m['vocab_size']}",
-        f"model.hidden_size={m['hidden_size']}",
-        f"model.num_layers={m['num_layers']}",
-        f"model.num_heads={m['num_heads']}",
-        f"model.num_kv_heads={m['num_kv_heads']}",
-        f"model.mlp_dim={m['mlp_dim']}",
-        f"model.rope_theta={m['rope_theta']}",
-        f"model.norm_eps={m['norm_eps']}",
-        f"model.tie_embeddings={str(m['tie_embeddings']).lower()}",
-        f"model.qkv_bias={str(m['qkv_bias']).lower()}",
-        "model.dtype=float32",
-        f"sampling.group_size={spec['group_size']}",
+        *model_overrides(spec["model"]),
         f"sampling.max_new_tokens={spec['new_tokens']}",
         f"sampling.temperature={spec['temperature']}",
-        f"algorithm.beta={spec['beta']}",
-        f"algorithm.epsilon={spec['epsilon']}",
-        "algorithm.loss_aggregation=token-mean",
-        f"optimizer.learning_rate={spec['lr']}",
-        f"optimizer.b1={spec['adam_b1']}",
-        f"optimizer.b2={spec['adam_b2']}",
-        f"optimizer.weight_decay={spec['weight_decay']}",
-        f"optimizer.max_grad_norm={spec['max_grad_norm']}",
-        "optimizer.warmup_steps=0",
-        f"run.steps={spec['warmup_steps'] + spec['timed_steps']}",
+        *update_overrides(spec),
         f"run.seed={spec['seed']}",
         "run.progress=false",
     ]
