@@ -704,7 +704,7 @@ class TrainerConfig(_Section):
     logits_chunk: int | None = Field(None, ge=1)
     """Completion positions per row whose logits exist at once in the update's log-probs and
     entropy (forward and backward): the peak holds [rows, chunk, vocab] float32 logits instead
-    of [rows, length, vocab]. None: the whole completion when its logits take at most 256 MiB
+    of [rows, length, vocab]. None: the whole completion when its logits take at most 64 MiB
     per device, else the largest chunk that does."""
     remat: Literal["auto", "none", "block", "matmuls"] = "auto"
     """Activation checkpointing of each transformer block in the update: "none" keeps every

@@ -31,7 +31,7 @@ from trainer.model import ModelSpec
 # The most bytes one chunk of float32 logits may take per device when the chunk is chosen
 # automatically. The head's backward holds about four arrays of a chunk's size at once (logits,
 # log-softmax, its exponent and the logits' cotangent).
-LOGITS_CHUNK_BYTES = 256 * 2**20
+LOGITS_CHUNK_BYTES = 64 * 2**20
 # The most bytes one chunk of attention scores may take per device when chosen automatically.
 ATTENTION_CHUNK_BYTES = 256 * 2**20
 # "auto" checkpointing keeps every activation while they take at most this share of a device.

@@ -241,7 +241,7 @@ def test_the_automatic_chunk_bounds_a_chunks_logits():
     # tokens: the largest chunk whose float32 logits take at most LOGITS_CHUNK_BYTES.
     assert logits_chunk(None, 8, 64, 1024) is None
     c = logits_chunk(None, 8, 1024, 151_936)
-    assert c == LOGITS_CHUNK_BYTES // (8 * 151_936 * 4) == 55
+    assert c == LOGITS_CHUNK_BYTES // (8 * 151_936 * 4) == 13
     assert 8 * c * 151_936 * 4 <= LOGITS_CHUNK_BYTES < 8 * (c + 1) * 151_936 * 4
     assert logits_chunk(None, 4096, 16, 262_144) == 1  # never below one position
     assert logits_chunk(100, 8, 64, 1024) is None  # a chunk past the length is the whole
