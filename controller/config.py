@@ -825,6 +825,39 @@ class EvalConfig(_Section):
         return self
 
 
+class EnvConfig(_Section):
+    """Multi-turn rollouts: an environment the policy talks to over several turns and tools it
+    may call (rewards/environments.py; the turns: controller/rollout.py). Each row alternates
+    model turns with the environment's answers until it is done, `max_turns` or
+    `max_total_tokens`; only the model's tokens carry loss. Off while `name` is None."""
+
+    name: str | None = None
+    """The environment: a built-in ("reverse_digits_check": reverse_digits with a `check` tool
+    and retries, for the built-in model; "gsm8k_calculator": GSM8K with a calculator tool, for
+    a Hugging Face chat model), `package.module:Class` or `path/to/file.py:Class` (a subclass of
+    rewards.environments.Environment). None: one completion per prompt."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the environment class (one instance per row)."""
+    tools: list[str] = Field(default_factory=list)
+    """Tools offered besides the environment's own: `package.module:function` or
+    `path/to/file.py:function`, each declared with @rewards.tools.tool (its JSON schema)."""
+    max_turns: int = Field(4, ge=1)
+    """Model turns per row at most (a row also ends when the environment says it is done)."""
+    max_total_tokens: int | None = Field(None, ge=2)
+    """T: a row's tokens after its prompt, model turns and observations together (the
+    trainer's completion width); an observation that leaves no room for another model token
+    ends the row. Each model turn is at most sampling.max_new_tokens. None:
+    2 × max_turns × sampling.max_new_tokens."""
+    history: Literal["cache", "reprefill"] = "cache"
+    """How a turn after the first starts: "cache" keeps each row's keys/values and prefills only
+    the model's last token and the observation; "reprefill" runs the whole history through the
+    model again (docs/performance.md measures both)."""
+    reward_weight: float = 1.0
+    """w_env: the environment's own score (Environment.score, when it gives one) adds
+    w_env · score to the reward functions' Σ_k w_k r_k, which score Environment.answer (by
+    default the last model turn; for reverse_digits_check the best attempt)."""
+
+
 class JobConfig(_Section):
     """Everything a Tandem job needs; the only validator."""
 
@@ -856,12 +889,38 @@ class JobConfig(_Section):
     """The gRPC status service."""
     eval: EvalConfig = EvalConfig()
     """Held-out evaluation during training."""
+    env: EnvConfig = EnvConfig()
+    """Multi-turn rollouts with an environment and tools."""
+
+    @property
+    def completion_tokens(self) -> int:
+        """T, a row's columns after its prompt: sampling.max_new_tokens, or with an
+        environment env.max_total_tokens (default 2 × max_turns × max_new_tokens)."""
+        if self.env.name is None:
+            return self.sampling.max_new_tokens
+        return self.env.max_total_tokens or (
+            2 * self.env.max_turns * self.sampling.max_new_tokens)
+
+    @model_validator(mode="after")
+    def _check_env(self) -> JobConfig:
+        if self.env.name is None:
+            return self
+        if self.sampling.backend == "vllm":
+            raise ValueError(
+                f"env.name={self.env.name!r} with sampling.backend=vllm: multi-turn rollouts "
+                f"run on the JAX sampler only (fix: sampling.backend=jax)")
+        if self.eval.enabled:
+            raise ValueError(
+                f"eval.enabled=true with env.name={self.env.name!r}: held-out evaluation "
+                f"samples one completion per prompt, not multi-turn rows (fix: "
+                f"eval.enabled=false; the training metrics env/* and reward/* show progress)")
+        return self
 
     @property
     def eval_enabled(self) -> bool:
         """Whether the job evaluates (eval.enabled, or its default for the sampler backend)."""
         if self.eval.enabled is None:
-            return self.sampling.backend != "vllm" and (
+            return self.sampling.backend != "vllm" and self.env.name is None and (
                 self.eval.path is not None or self.data.task not in ("jsonl", "parquet"))
         return self.eval.enabled
 

@@ -33,6 +33,7 @@ from controller.config import JobConfig
 from controller.data.tasks import TaskDataset
 from controller.data.tokenizer import Tokenizer
 from controller.metrics import to_float
+from controller.rollout import SUMMED_METRICS, MultiTurn
 from controller.timeline import Timeline
 from reshard.transfer import Resharder
 from rewards.registry import RewardSet
@@ -58,6 +59,10 @@ class Samples:
     scores_B: np.ndarray  # the reward functions' weighted sum
     rewards_B: np.ndarray  # scores + the soft overlong penalty: what advantages see
     parts_BxF: np.ndarray  # each reward function's r_k (RewardSet.names order)
+    # Multi-turn rows (env.name): the model's own tokens within mask_BxT (the rest are
+    # observations), and a record per row (turns, tool calls, ending; controller/rollout.py).
+    model_mask_BxT: np.ndarray | None = None
+    records: list[dict[str, Any]] | None = None
 
     def groups(self, index_P: np.ndarray, g: int) -> Samples:
         """The samples restricted to the groups `index_P` (in that order)."""
@@ -66,7 +71,11 @@ class Samples:
                        *(x[rows_B] for x in (
                            self.prompt_tokens_BxP, self.prompt_mask_BxP, self.tokens_BxT,
                            self.mask_BxT, self.logps_BxT, self.truncated_B, self.scores_B,
-                           self.rewards_B, self.parts_BxF)))
+                           self.rewards_B, self.parts_BxF)),
+                       model_mask_BxT=None if self.model_mask_BxT is None
+                       else self.model_mask_BxT[rows_B],
+                       records=None if self.records is None else [self.records[i]
+                                                                  for i in rows_B])
 
 
 def concat_samples(parts: list[Samples], pad_id: int) -> Samples:
@@ -79,7 +88,10 @@ def concat_samples(parts: list[Samples], pad_id: int) -> Samples:
         np.concatenate([m for _, m in prompts]),
         *(np.concatenate([getattr(p, f) for p in parts]) for f in (
             "tokens_BxT", "mask_BxT", "logps_BxT", "truncated_B", "scores_B", "rewards_B",
-            "parts_BxF")))
+            "parts_BxF")),
+        model_mask_BxT=None if parts[0].model_mask_BxT is None
+        else np.concatenate([p.model_mask_BxT for p in parts]),
+        records=None if parts[0].records is None else [x for p in parts for x in p.records])
 
 
 def merge_reward_metrics(rounds: list[dict[str, float]]) -> dict[str, float]:
@@ -87,7 +99,8 @@ def merge_reward_metrics(rounds: list[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for k in {k for m in rounds for k in m}:
         values = [m[k] for m in rounds if k in m]
-        if k.startswith("rewards/failures") and k != "rewards/failure_frac":
+        if (k.startswith("rewards/failures") and k != "rewards/failure_frac") or k.startswith(
+                SUMMED_METRICS):  # counts add up over rounds
             out[k] = float(sum(values))
         elif k.endswith("_max"):
             out[k] = float(max(values))
@@ -169,6 +182,9 @@ class Loop:
         # and handed to both with the batch.
         self.prompt_group = cfg.sampling.group_size if cfg.sampling.share_prompt else 1
         self.stop_ids = sorted({*tokenizer.stop_ids, *cfg.sampling.stop_tokens})
+        # env.name: rows of several turns with an environment (controller/rollout.py).
+        self.multiturn = (MultiTurn(cfg, tokenizer, sampler, rewards)
+                          if cfg.env.name is not None else None)
         self.adapter_sync = (AdapterSync(trainer, sampler, resharder, cfg.model.lora.sampler)
                              if trainer.lora else None)
 
@@ -212,6 +228,8 @@ class Loop:
                           ) -> tuple[Samples, dict[str, float], int]:
         """Samples G completions for the next prompts_per_step prompts and scores them; adds
         its times and truncated prompts to `totals`."""
+        if self.multiturn is not None:
+            return self._sample_and_score_turns(step, key, totals)
         g, algo, tl = self.cfg.sampling.group_size, self.cfg.algorithm, self.timeline
 
         # SAMPLE: G completions for each prompt, on the sampler mesh.
@@ -252,6 +270,49 @@ class Loop:
         totals["reward"] += score_span.seconds
         samples = Samples(rows, prompt_tokens, prompt_mask, tokens, mask, logps, truncated_B,
                           scores_B, rewards_B, parts_BxF)
+        return samples, reward_metrics, version
+
+    def _sample_and_score_turns(self, step: int, key: Any, totals: dict[str, float]
+                                ) -> tuple[Samples, dict[str, float], int]:
+        """`_sample_and_score` for multi-turn rows (env.name): the environment renders the
+        prompts, the rows play their turns (controller/rollout.py), and the reward functions
+        score each row's `Environment.answer` (its last model turn by default), plus w_env
+        times the environment's own score."""
+        g, algo, tl = self.cfg.sampling.group_size, self.cfg.algorithm, self.timeline
+        mt = self.multiturn
+        assert mt is not None
+        with tl.span("sample", "sampler", step) as sample_span:
+            prompts = self.dataset.next_batch()
+            totals["truncated_prompts"] += prompts.truncated
+            started = mt.begin([r for r in prompts.rows for _ in range(g)], self.prompt_group)
+            self._pretrace_update(started.prompt_BxP, started.pmask_BxP)
+            with self._sampler_lock:
+                version = self.sampler_version
+                done = mt.run(started, key)  # HOST SYNC inside: every turn's tokens
+        with tl.span("score", "host", step) as score_span:
+            packed, rows = done.packed, done.rows
+            ids = [t[m].tolist() for t, m in zip(packed.tokens_BxT, packed.model_mask_BxT,
+                                                 strict=True)]
+            scored = self.rewards.score_each([r["prompt"] for r in rows], done.final_texts,
+                                             rows, ids)
+            reward_metrics = {**scored.metrics, **done.metrics}
+            scores_B = np.asarray(scored.totals, np.float32)
+            if done.env_scored:
+                scores_B = scores_B + np.float32(self.cfg.env.reward_weight) * done.env_scores_B
+                reward_metrics["reward/env"] = float(done.env_scores_B.mean())
+            parts_BxF = np.asarray(list(scored.each.values()), np.float32).T.reshape(
+                len(rows), len(scored.each))
+            rewards_B = scores_B
+            if algo.overlong_buffer_len is not None:
+                rewards_B = scores_B + soft_overlong_penalty(
+                    packed.mask_BxT.sum(axis=1), self.cfg.completion_tokens,
+                    algo.overlong_buffer_len, algo.overlong_penalty_factor)
+        totals["sample"] += sample_span.seconds
+        totals["reward"] += score_span.seconds
+        samples = Samples(rows, done.prompt_BxP, done.pmask_BxP, packed.tokens_BxT,
+                          packed.mask_BxT, packed.logps_BxT, done.truncated_B, scores_B,
+                          rewards_B, parts_BxF, model_mask_BxT=packed.model_mask_BxT,
+                          records=done.records)
         return samples, reward_metrics, version
 
     def produce(self, step: int) -> Rollout:
@@ -311,6 +372,7 @@ class Loop:
             "time/sample_s": totals["sample"],
             "time/reward_s": totals["reward"],
             **self.sampler.metrics(),  # sampler/compiles, sampler/kept_mass
+            **(self.multiturn.metrics() if self.multiturn is not None else {}),
         }
         if algo.overlong_buffer_len is not None:
             metrics["reward/overlong_penalty_mean"] = float(
@@ -336,8 +398,12 @@ class Loop:
         # statistics but contribute no loss.
         mask_BxT = np.asarray(batch.mask_BxT, bool)
         loss_mask = mask_BxT
+        if batch.model_mask_BxT is not None:
+            # Multi-turn: observation tokens are attended (mask_BxT) but carry no loss and
+            # count in no aggregation; only the model's own tokens have behaviour logprobs.
+            loss_mask = np.asarray(batch.model_mask_BxT, bool)
         if self.cfg.algorithm.overlong_filtering:
-            loss_mask = mask_BxT & ~np.asarray(batch.truncated_B, bool)[:, None]
+            loss_mask = loss_mask & ~np.asarray(batch.truncated_B, bool)[:, None]
         # Prompt columns left-padded (masked) to the sampler's bucket width: the trainer, too,
         # compiles once per bucket rather than once per prompt width.
         width = bucket_width(batch.prompt_tokens_BxP.shape[1], self.cfg.sampling.prompt_bucket)
@@ -347,6 +413,8 @@ class Loop:
         return TrainBatch(prompt_BxP, pmask_BxP, np.asarray(batch.tokens_BxT, np.int32),
                           mask_BxT, np.zeros(len(batch.rows), np.float32),
                           np.asarray(batch.logps_BxT, np.float32), loss_mask,
+                          sampled_mask_BxT=None if batch.model_mask_BxT is None
+                          else np.asarray(batch.model_mask_BxT, bool),
                           group=self.prompt_group)
 
     def _pretrace_update(self, prompt_tokens: np.ndarray, prompt_mask: np.ndarray) -> None:
@@ -355,11 +423,13 @@ class Loop:
         if self._pretraced:
             return
         self._pretraced = True
-        b, t = len(prompt_tokens), self.cfg.sampling.max_new_tokens
+        b, t = len(prompt_tokens), self.cfg.completion_tokens
         placeholder = Samples([{}] * b, prompt_tokens, prompt_mask, np.zeros((b, t), np.int32),
                               np.ones((b, t), bool), np.zeros((b, t), np.float32),
                               np.zeros(b, bool), np.zeros(b, np.float32), np.zeros(b, np.float32),
-                              np.zeros((b, 0), np.float32))
+                              np.zeros((b, 0), np.float32),
+                              model_mask_BxT=None if self.multiturn is None
+                              else np.ones((b, t), bool))
         self.trainer.pretrace(self._train_batch(placeholder))
 
     def consume(self, r: Rollout) -> dict[str, float]:
@@ -431,6 +501,9 @@ class Loop:
                 "truncated": bool(b.truncated_B[i]),
                 "policy_version": r.policy_version,
             })
+            if b.records is not None:  # multi-turn: the whole row, and how it went
+                out[-1]["completion"] = b.records[i]["transcript"]
+                out[-1].update({k: v for k, v in b.records[i].items() if k != "transcript"})
         return out
 
     # -- schedule interface ------------------------------------------------------------------
@@ -439,7 +512,9 @@ class Loop:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Stops any threads; safe to call more than once."""
+        """Stops any threads and tool workers; safe to call more than once."""
+        if self.multiturn is not None:
+            self.multiturn.close()
 
 
 class SyncLoop(Loop):
@@ -560,6 +635,7 @@ class AsyncLoop(Loop):
         if self._thread is not None:
             self._thread.join(timeout=60)
             self._thread = None
+        super().close()
 
 
 def build_loop(cfg: JobConfig, *args: Any, **kwargs: Any) -> Loop:

@@ -50,10 +50,11 @@ class Call:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How one call ended. `value` is a float or a dict of float components when kind="ok"."""
+    """How one call ended. `value` is a float or a dict of float components when kind="ok"
+    (a tool call's value is its answer as text: `rewards.tools.ToolCall`)."""
 
     kind: str  # "ok" or one of FAILURE_KINDS
-    value: float | dict[str, float] | None = None
+    value: float | dict[str, float] | str | None = None
     detail: str = ""  # the traceback or reason of a failure
     elapsed_s: float = 0.0
 

@@ -73,12 +73,12 @@ def normalize_spec(spec: str) -> str:
     return f"{Path(split[0]).expanduser().resolve()}:{split[1]}"
 
 
-def _check_file(path: str, spec: str) -> Path:
+def _check_file(path: str, spec: str, field: str = "rewards.functions") -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
         what = "is a directory" if p.is_dir() else "does not exist"
         raise RewardError(
-            f"rewards.functions: {spec!r}: the file {path!r} {what} (fix: check the path; a "
+            f"{field}: {spec!r}: the file {path!r} {what} (fix: check the path; a "
             f"relative path is read from the current directory, {Path.cwd()})")
     return p
 
@@ -97,29 +97,37 @@ def check_spec(spec: str) -> None:
     them before JAX starts. Raises RewardError."""
     if spec in _names:
         return
+    if _split_file_spec(spec) is None and ":" not in spec:
+        raise _unknown(spec)
+    check_attribute_spec(spec, "rewards.functions", "function")
+
+
+def check_attribute_spec(spec: str, field: str, what: str = "function") -> None:
+    """`check_spec` for any `package.module:name` or `path/to/file.py:name` spec (an
+    environment class, a tool), naming `field` in its errors. Imports no user code."""
     split = _split_file_spec(spec)
     if split is not None:
-        _check_file(split[0], spec)
+        _check_file(split[0], spec, field)
         return
-    if ":" not in spec:
-        raise _unknown(spec)
     module_name, _, attr = spec.partition(":")
     parts = module_name.split(".")
     if not attr.isidentifier() or not all(p.isidentifier() for p in parts):
         raise RewardError(
-            f"rewards.functions: {spec!r} is not 'package.module:function' (fix: e.g. "
-            f"'my_rewards:score', or 'path/to/file.py:score' for a file)")
+            f"{field}: {spec!r} is not 'package.module:{what}' (fix: e.g. "
+            f"'my_module:{what}', or 'path/to/file.py:{what}' for a file)")
     # Only the top-level package is looked up: finding a submodule would run its parents.
     if importlib.util.find_spec(parts[0]) is None:
-        raise RewardError(_import_message(spec, module_name, f"no module named {parts[0]!r}"))
+        raise RewardError(_import_message(spec, module_name, f"no module named {parts[0]!r}",
+                                          field))
 
 
-def _import_message(spec: str, module_name: str, why: str) -> str:
+def _import_message(spec: str, module_name: str, why: str,
+                    field: str = "rewards.functions") -> str:
     fix = "install it or add its directory to PYTHONPATH, or name the file instead: "
     file = Path(*module_name.split(".")).with_suffix(".py")
     fix += (f"'{file}:{spec.partition(':')[2]}'" if file.is_file()
             else "'path/to/file.py:function'")
-    return f"rewards.functions: {spec!r}: cannot import {module_name!r} ({why}) (fix: {fix})"
+    return f"{field}: {spec!r}: cannot import {module_name!r} ({why}) (fix: {fix})"
 
 
 def _where_in(path: Path, e: BaseException) -> str:
@@ -129,8 +137,8 @@ def _where_in(path: Path, e: BaseException) -> str:
     return f" (line {lines[-1]})" if lines else ""
 
 
-def _load_file(path: str) -> Any:
-    p = _check_file(path, path)
+def _load_file(path: str, field: str = "rewards.functions") -> Any:
+    p = _check_file(path, path, field)
     # One module per file path, reused: loading twice would re-run the file's top level.
     name = "tandem_reward_" + hashlib.sha1(str(p).encode()).hexdigest()[:12]
     if name in sys.modules:
@@ -144,7 +152,7 @@ def _load_file(path: str) -> Any:
     except BaseException as e:
         del sys.modules[name]
         raise RewardError(
-            f"rewards.functions: loading {path!r} failed{_where_in(p, e)}: "
+            f"{field}: loading {path!r} failed{_where_in(p, e)}: "
             f"{type(e).__name__}: {e} (fix: repair the file; `python {path}` shows the "
             f"traceback)") from e
     return module
@@ -154,33 +162,41 @@ def get_reward(spec: str) -> RewardFn:
     """A registered name, `package.module:function`, or `path/to/file.py[:function]`."""
     if spec in _names:
         return _names[spec]
+    if _split_file_spec(spec) is None and ":" not in spec:
+        raise _unknown(spec)
+    return load_attribute(spec, "rewards.functions", "function", inspect.isfunction)
+
+
+def load_attribute(spec: str, field: str, what: str = "function",
+                   kind: Callable[[Any], bool] = inspect.isfunction) -> Any:
+    """The callable `package.module:name` or `path/to/file.py[:name]` names (a reward function,
+    an environment class, a tool). Errors are RewardErrors naming `field`; `what` and `kind`
+    describe what the fix should name (its candidates in the module are listed)."""
     split = _split_file_spec(normalize_spec(spec))
     if split is not None:
         path, attr = split
-        module = _load_file(path)
+        module = _load_file(path, field)
         where = path
-    elif ":" in spec:
+    else:
         module_name, _, attr = spec.partition(":")
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
-            raise RewardError(_import_message(spec, module_name, str(e))) from e
+            raise RewardError(_import_message(spec, module_name, str(e), field)) from e
         except Exception as e:  # the module's own code failed: the user's to repair
             raise RewardError(
-                f"rewards.functions: {spec!r}: importing {module_name!r} failed: "
+                f"{field}: {spec!r}: importing {module_name!r} failed: "
                 f"{type(e).__name__}: {e} (fix: repair the module; `python -c 'import "
                 f"{module_name}'` shows the traceback)") from e
         where = module_name
-    else:
-        raise _unknown(spec)
     fn = getattr(module, attr, None)
     if not callable(fn):
-        what = (f"{where!r} has no function {attr!r}" if fn is None else
-                f"{attr!r} in {where!r} is a {type(fn).__name__}, not a function")
-        functions = sorted(k for k, v in vars(module).items()
-                           if inspect.isfunction(v) and not k.startswith("_"))[:8]
-        raise RewardError(f"rewards.functions: {spec!r}: {what} (fix: name one of its "
-                          f"functions: {functions})")
+        why = (f"{where!r} has no {what} {attr!r}" if fn is None else
+               f"{attr!r} in {where!r} is a {type(fn).__name__}, not a {what}")
+        candidates = sorted(k for k, v in vars(module).items()
+                            if kind(v) and not k.startswith("_"))[:8]
+        raise RewardError(f"{field}: {spec!r}: {why} (fix: name one of its "
+                          f"{what}s: {candidates})")
     return fn
 
 

@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from rewards.base import Call, Outcome, RewardError, RewardSpec
+from rewards.base import BoundReward, Call, Outcome, RewardError, RewardSpec
+from rewards.environments import run_tool_call
 from rewards.lookup import resolve_all
+from rewards.tools import ToolCall
 
 _STARTUP_TIMEOUT_S = 120.0  # a worker that cannot import its rewards in this long is an error
 _MAX_STARTUP_DEATHS = 5  # workers dying before they are up this often is an error
@@ -41,6 +43,14 @@ _MAX_STARTUP_DEATHS = 5  # workers dying before they are up this often is an err
 
 # ---------------------------------------------------------------------------------------------
 # In-process
+
+
+def run_call(fns: Sequence[BoundReward], call: Call | ToolCall) -> Outcome:
+    """One call in this process: a reward function on a completion, or a tool call (see
+    rewards/tools.py); never raises for the user code's own errors."""
+    if isinstance(call, ToolCall):
+        return run_tool_call(call)
+    return fns[call.fn_index].call(call)
 
 
 class _CallTimeout(BaseException):  # BaseException: a reward's `except Exception` can't eat it
@@ -62,7 +72,7 @@ class LocalBackend:
         use_alarm = (self.timeout_s is not None and hasattr(signal, "setitimer")
                      and threading.current_thread() is threading.main_thread())
         if not use_alarm:
-            return [self.fns[c.fn_index].call(c) for c in calls]
+            return [run_call(self.fns, c) for c in calls]
 
         def on_alarm(signum: int, frame: Any) -> None:
             raise _CallTimeout
@@ -75,7 +85,7 @@ class LocalBackend:
                 try:
                     signal.setitimer(signal.ITIMER_REAL, self.timeout_s)
                     try:
-                        res = self.fns[c.fn_index].call(c)
+                        res = run_call(self.fns, c)
                     finally:
                         signal.setitimer(signal.ITIMER_REAL, 0)
                 except _CallTimeout:
@@ -113,7 +123,7 @@ def _worker_main(conn: Connection, specs: list[RewardSpec]) -> None:
         if chunk is None:
             return
         for call_id, call in chunk:
-            conn.send((call_id, fns[call.fn_index].call(call)))
+            conn.send((call_id, run_call(fns, call)))
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Any
 
 from rewards.base import Call, Outcome, RewardError, RewardSpec
 from rewards.lookup import resolve_all
+from rewards.pool import run_call
 
 try:
     import ray
@@ -36,7 +37,7 @@ class _RewardActor:
         return True
 
     def run(self, call: Call) -> Outcome:
-        return self.fns[call.fn_index].call(call)
+        return run_call(self.fns, call)  # a reward call or a tool call
 
 
 class RayBackend:

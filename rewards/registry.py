@@ -27,6 +27,8 @@ never import it back:
     pool.py         LocalBackend (in-process) and ProcessPool (worker processes)
     ray_backend.py  RayBackend (Ray actors)
     synthetic.py    the synthetic benchmark task's reward (standard library only)
+    tools.py        tools for multi-turn rollouts: JSON schemas, Hermes calls, ToolCall
+    environments.py environments (multi-turn), the built-ins, run_tool_call (what a worker runs)
     sandbox.py      run_python: untrusted code in a sandboxed subprocess, which starts by
                     running _sandbox_boot.py as a script (it is never imported)
 """
@@ -67,6 +69,7 @@ __all__ = [
     "RewardSet",
     "build_backend",
     "build_specs",
+    "build_tool_backend",
     "get_reward",
     "register_reward",
     "registered_rewards",
@@ -110,6 +113,17 @@ def build_backend(cfg: RewardsConfig, specs: Sequence[RewardSpec]) -> Backend:
 
     return RayBackend(specs, num_workers=cfg.num_workers, timeout_s=cfg.timeout_s,
                       address=cfg.ray_address, num_cpus=cfg.ray_num_cpus)
+
+
+def build_tool_backend(cfg: RewardsConfig, rewards: RewardSet) -> tuple[Backend, bool]:
+    """Where tool calls (rewards/tools.py) run, and whether the caller owns (must close) it:
+    the reward set's own workers for `process` and `ray`; for `local`, worker processes of
+    their own (`rewards.num_workers`), so that a tool that hangs is killed at
+    `rewards.timeout_s` from any thread, not only the main one."""
+    if cfg.backend == "local":
+        return ProcessPool([], num_workers=cfg.num_workers, timeout_s=cfg.timeout_s,
+                           max_calls_per_worker=cfg.worker_max_calls), True
+    return rewards.backend, False
 
 
 @dataclass(frozen=True)

@@ -188,25 +188,15 @@ class JaxSampler:
         sharding = self._cache_sharding(b, s)
         return jax.jit(lambda: init_cache(spec, b, s), out_shardings=sharding)()
 
-    def _cache_sharding(self, b: int, s: int) -> Any:
-        spec = self.mdef.spec
-        k_shape, v_shape = cache_shapes(spec, b, s)
-        pair = (self.submesh.sharding(K_CACHE_AXES, k_shape),
-                self.submesh.sharding(V_CACHE_AXES, v_shape))
-        return [pair for _ in range(spec.num_layers)]
+    def token_sampler(self, rng: jax.Array, n_new: int, b: int):
+        """sample(logits_BxV, rng, t) -> (tokens, logprobs, kept, rng) for step t of n_new, on
+        b rows (traced inside a generate program).
 
-    def _generate_impl(self, params, prompt_BxP, pmask_BxP, rng, cache, group: int = 1):
-        self._traces += 1  # runs only while tracing, i.e. once per compiled program
-        cfg, mdef = self.cfg, self.mdef
-        n_new = cfg.max_new_tokens
-        b, p = prompt_BxP.shape
-        cache_sh = self._cache_sharding(b, p + n_new - 1)
-        stop_ids = jnp.asarray(self.stop_ids, jnp.int32)
-
-        # One split per token: token t is drawn with the second half, the first carries on.
-        # When the noise of all T steps is small, it is drawn up front from those same keys in
-        # one vectorised pass (not T small single-threaded ones in the loop): the same tokens.
-        vocab = mdef.spec.vocab_size
+        One split per token: token t is drawn with the second half, the first carries on. When
+        the noise of all n_new steps is small, it is drawn up front from those same keys in one
+        vectorised pass (not n_new small single-threaded ones in the loop): the same tokens.
+        """
+        cfg, vocab = self.cfg, self.mdef.spec.vocab_size
         gumbel_TxBxV = None
         if cfg.temperature > 0 and n_new * b * vocab * 4 <= GUMBEL_BUDGET_BYTES:
             def split(r, _):
@@ -225,6 +215,25 @@ class JaxSampler:
                                        g), rng)
             rng, key = jax.random.split(rng)
             return (*sample_tokens(logits_BxV, key, cfg.temperature, cfg.top_k, cfg.top_p), rng)
+
+        return sample
+
+    def _cache_sharding(self, b: int, s: int) -> Any:
+        spec = self.mdef.spec
+        k_shape, v_shape = cache_shapes(spec, b, s)
+        pair = (self.submesh.sharding(K_CACHE_AXES, k_shape),
+                self.submesh.sharding(V_CACHE_AXES, v_shape))
+        return [pair for _ in range(spec.num_layers)]
+
+    def _generate_impl(self, params, prompt_BxP, pmask_BxP, rng, cache, group: int = 1):
+        self._traces += 1  # runs only while tracing, i.e. once per compiled program
+        cfg, mdef = self.cfg, self.mdef
+        n_new = cfg.max_new_tokens
+        b, p = prompt_BxP.shape
+        cache_sh = self._cache_sharding(b, p + n_new - 1)
+        stop_ids = jnp.asarray(self.stop_ids, jnp.int32)
+
+        sample = self.token_sampler(rng, n_new, b)
 
         def stopped(tok_B):
             if not self.stop_ids:

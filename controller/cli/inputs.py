@@ -31,6 +31,7 @@ def check_run_inputs(cfg: JobConfig) -> None:
     """Raises ConfigError naming the field, the value and a fix for the first bad input."""
     _check_data(cfg)
     _check_rewards(cfg)
+    _check_env(cfg)
     if cfg.model.path:
         _check_model_dir(cfg.model.path)
     prompt_budget(cfg)  # prompts + sampling.max_new_tokens within the model's positions
@@ -106,6 +107,22 @@ def _check_rewards(cfg: JobConfig) -> None:
         for spec in r.functions:
             check_spec(spec)
         build_specs(r.functions, r.weights, r.kwargs)  # labels: do rewards.kwargs name them?
+    except RewardError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_env(cfg: JobConfig) -> None:
+    """env.name and env.tools name an environment and tools that exist (no user code runs)."""
+    if cfg.env.name is None:
+        return
+    from rewards.base import RewardError
+    from rewards.environments import check_environment_spec
+    from rewards.lookup import check_attribute_spec
+
+    try:
+        check_environment_spec(cfg.env.name)
+        for spec in cfg.env.tools:
+            check_attribute_spec(spec, "env.tools")
     except RewardError as e:
         raise ConfigError(str(e)) from None
 

@@ -101,7 +101,9 @@ def _run(cfg: JobConfig, ns: argparse.Namespace) -> int:
                     progress.console.print(
                         f"step {s:>4}  reward {m['reward/mean']:.3f}  loss "
                         f"{m['loss/total']:+.4f}  kl {m.get('kl/mean', 0.0):.4f}  len "
-                        f"{m['completion/len_mean']:.1f}  {m['time/step_s']:.2f}s")
+                        f"{m['completion/len_mean']:.1f}  "
+                        + (f"turns {m['env/turns_mean']:.2f}  " if "env/turns_mean" in m else "")
+                        + f"{m['time/step_s']:.2f}s")
                 if "eval/accuracy" in m:  # this step's policy was evaluated
                     progress.console.print(format_eval(s, m), highlight=False, soft_wrap=True)
 

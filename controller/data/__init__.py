@@ -7,6 +7,7 @@
     datasets.py      file datasets: bundled GSM8K, JSONL, Parquet
     budget.py        the prompt budget: data.max_prompt_tokens against the model's positions
     batch.py         rows -> the left-padded `PromptBatch` (left truncation to the budget)
+    chat.py          a multi-turn row's turns as tokens: the chat template, or concatenation
 
 Every dataset has `position` (rows handed out, the resumable data position) and
 `next_batch(n) -> PromptBatch`.
@@ -40,6 +41,10 @@ def build_tokenizer(cfg: JobConfig) -> Tokenizer:
         return ByteTokenizer()
     from controller.data.tasks import digits_tokenizer
 
+    if cfg.env.name is not None:  # the characters a multi-turn environment writes, too
+        from rewards.environments import load_environment
+
+        return digits_tokenizer(load_environment(cfg.env.name).alphabet)
     return digits_tokenizer()
 
 

@@ -64,7 +64,9 @@ def model_max_positions(model: ModelConfig) -> int | None:
 
 def prompt_budget(cfg: JobConfig) -> PromptBudget:
     """P_max for the job (see the module docstring); a ConfigError when the config cannot fit."""
-    data, new = cfg.data, cfg.sampling.max_new_tokens
+    data, new = cfg.data, cfg.completion_tokens
+    # T: one completion's tokens, or with an environment a row's turns and observations.
+    new_field = "env.max_total_tokens" if cfg.env.name else "sampling.max_new_tokens"
     budget = PromptBudget.from_data(data)
     limit = model_max_positions(cfg.model)
     if limit is None:
@@ -74,16 +76,16 @@ def prompt_budget(cfg: JobConfig) -> PromptBudget:
     room = limit - new
     if room < 1:
         raise ConfigError(
-            f"sampling.max_new_tokens={new} leaves no position for a prompt: {where} (fix: e.g. "
-            f"sampling.max_new_tokens={max(1, limit // 2)})")
+            f"{new_field}={new} leaves no position for a prompt: {where} (fix: e.g. "
+            f"{new_field}={max(1, limit // 2)})")
     given = data.max_prompt_tokens
     if given is not None and given + new > limit and not data.truncate_prompts:
         raise ConfigError(
-            f"data.max_prompt_tokens={given} + sampling.max_new_tokens={new} = {given + new} "
+            f"data.max_prompt_tokens={given} + {new_field}={new} = {given + new} "
             f"positions, but {where} (fix: data.max_prompt_tokens={room}, or "
             f"data.truncate_prompts=true to keep the last {room} tokens of longer prompts)")
     if room >= budget.tokens:
         return budget
     return PromptBudget(room, data.truncate_prompts,
                         f"the {room} tokens the model leaves for a prompt (max_position_embeddings"
-                        f"={limit} in model.path's config.json - sampling.max_new_tokens={new})")
+                        f"={limit} in model.path's config.json - {new_field}={new})")

@@ -116,6 +116,11 @@ class HFTokenizer:
                 break
         return self._tok.decode(out, skip_special_tokens=True)
 
+    def decode_all(self, ids: Sequence[int]) -> str:
+        """Text of every id, special tokens included and no stop: the text a chat template
+        renders for them (multi-turn rollouts compare the two)."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
     def apply_chat_template(self, messages: list[dict[str, Any]], *,
                             add_generation_prompt: bool = True, **kwargs: Any) -> str:
         """The chat template rendered for `messages` ([{"role": ..., "content": ...}])."""

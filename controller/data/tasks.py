@@ -24,8 +24,11 @@ SYNTHETIC_VOCAB = 1024  # the synthetic task's vocabulary when model.vocab_size 
 SYNTHETIC_TEST_SEED = 1_000_003  # added to data.seed for the synthetic task's test split
 
 
-def digits_tokenizer() -> CharTokenizer:
-    return CharTokenizer(DIGITS_ALPHABET, stop=".")
+def digits_tokenizer(extra: str = "") -> CharTokenizer:
+    """The task's characters, and after them `extra` ones a multi-turn environment writes
+    (`Environment.alphabet`): the task's ids stay the same."""
+    more = "".join(dict.fromkeys(c for c in extra if c not in DIGITS_ALPHABET))
+    return CharTokenizer(DIGITS_ALPHABET + more, stop=".")
 
 
 def held_out(digits: str) -> bool:

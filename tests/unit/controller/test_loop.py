@@ -21,6 +21,8 @@ class StubTrainer:
     """What `Loop.consume` uses of a `Trainer`: a known per-row KL, and an update that records
     the batch it was handed."""
 
+    lora = False  # full fine-tuning: the whole params move to the sampler
+
     def __init__(self, kl_B=None):
         self.kl_B = kl_B
         self.params = {"w": np.zeros(2, np.float32)}

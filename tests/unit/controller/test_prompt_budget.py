@@ -100,6 +100,7 @@ class _EchoSampler:
 
 class _Trainer:
     params = None
+    lora = False
 
     def pretrace(self, batch):
         pass
