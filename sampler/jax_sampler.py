@@ -81,6 +81,19 @@ def prefill(mdef: ModelDef, params: Any, prompt_BxP: jax.Array, valid_BxS: jax.A
     return logits_Bx1xV[:, 0], cache
 
 
+def record_token(tokens_BxT: jax.Array, logps_BxT: jax.Array, mask_BxT: jax.Array,
+                 tok_B: jax.Array, lp_B: jax.Array, live_B: jax.Array, t: jax.Array,
+                 pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Writes step t's tokens and logprobs into the outputs: rows already done get the pad id,
+    logprob 0 and mask False. Returns (the tokens as written, tokens, logprobs, mask)."""
+    tok_B = jnp.where(live_B, tok_B, pad_id)
+    tokens_BxT = jax.lax.dynamic_update_slice_in_dim(tokens_BxT, tok_B[:, None], t, 1)
+    logps_BxT = jax.lax.dynamic_update_slice_in_dim(
+        logps_BxT, jnp.where(live_B, lp_B, 0.0)[:, None], t, 1)
+    mask_BxT = jax.lax.dynamic_update_slice_in_dim(mask_BxT, live_B[:, None], t, 1)
+    return tok_B, tokens_BxT, logps_BxT, mask_BxT
+
+
 def decode_step(mdef: ModelDef, params: Any, tok_B: jax.Array, pos_B: jax.Array,
                 valid_BxS: jax.Array, col: jax.Array, cache: list) -> tuple[jax.Array, list]:
     """Feeds one token per row at cache column `col` (position pos_B); returns (logits_BxV,
@@ -272,11 +285,8 @@ class JaxSampler:
             logits_BxV, cache = decode_step(mdef, params, tok_B, pos_B, valid_BxS, col, cache)
             tok_B, lp_B, kept_B, rng = sample(logits_BxV, rng, t)
             live_B = ~done_B
-            tok_B = jnp.where(live_B, tok_B, self.pad_id)
-            tokens_BxT = jax.lax.dynamic_update_slice_in_dim(tokens_BxT, tok_B[:, None], t, 1)
-            logps_BxT = jax.lax.dynamic_update_slice_in_dim(
-                logps_BxT, jnp.where(live_B, lp_B, 0.0)[:, None], t, 1)
-            mask_BxT = jax.lax.dynamic_update_slice_in_dim(mask_BxT, live_B[:, None], t, 1)
+            tok_B, tokens_BxT, logps_BxT, mask_BxT = record_token(
+                tokens_BxT, logps_BxT, mask_BxT, tok_B, lp_B, live_B, t, self.pad_id)
             kept = kept + jnp.sum(jnp.where(live_B, kept_B, 0.0))
             done_B = done_B | stopped(tok_B)
             return (t + 1, cache, tok_B, tokens_BxT, logps_BxT, mask_BxT, done_B, valid_BxS,

@@ -47,6 +47,7 @@ from sampler.jax_sampler import (
     JaxSampler,
     bucket_width,
     decode_step,
+    record_token,
 )
 from trainer.model import (
     apply_model,
@@ -297,11 +298,8 @@ class TurnSampler:
             pos_B = pos_B + fed_B.astype(jnp.int32)
             tok_B, lp_B, rng = sample(logits_BxV, rng, t)
             live_B = ~done_B
-            tok_B = jnp.where(live_B, tok_B, self.pad_id)
-            tokens_BxT = jax.lax.dynamic_update_slice_in_dim(tokens_BxT, tok_B[:, None], t, 1)
-            logps_BxT = jax.lax.dynamic_update_slice_in_dim(
-                logps_BxT, jnp.where(live_B, lp_B, 0.0)[:, None], t, 1)
-            mask_BxT = jax.lax.dynamic_update_slice_in_dim(mask_BxT, live_B[:, None], t, 1)
+            tok_B, tokens_BxT, logps_BxT, mask_BxT = record_token(
+                tokens_BxT, logps_BxT, mask_BxT, tok_B, lp_B, live_B, t, self.pad_id)
             done_B = done_B | stopped(tok_B) | (t + 1 >= budget_B)
             return (t + 1, cache, tok_B, tokens_BxT, logps_BxT, mask_BxT, done_B, valid_BxS,
                     pos_B, rng)
