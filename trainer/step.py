@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from controller.config import AlgorithmConfig
+from controller.config import AlgorithmConfig, TrainerConfig
 from trainer import lora
 from trainer.logprobs import sequence_logprobs_and_entropy
 from trainer.loss import KL_ESTIMATORS, aggregation_weights, grpo_loss, truncated_is_weights
@@ -55,8 +55,7 @@ class UpdateStep:
     def __init__(self, mdef: ModelDef, shardings: Params, optimizer: optax.GradientTransformation,
                  submesh: Any, algo: AlgorithmConfig, temperature: float, *,
                  lr_schedule: optax.Schedule | None, is_cap: float, state_shardings: Any,
-                 compiler_options: dict[str, Any], logits_chunk: int | None = None,
-                 remat: str = "none", attention_chunk: int | None = None,
+                 compiler_options: dict[str, Any], memory: TrainerConfig | None = None,
                  device_bytes: int | None = None, lora: bool = False):
         self.mdef = mdef
         self.shardings = shardings  # the params' shardings on the trainer mesh
@@ -68,9 +67,9 @@ class UpdateStep:
         self.is_cap = is_cap  # C of the truncated IS weight for stale (async) batches
         self.state_shardings = state_shardings
         self.compiler_options = compiler_options
-        self.logits_chunk = logits_chunk  # trainer.logits_chunk (None: from the shapes)
-        self.remat = remat  # trainer.remat ("auto": from the shapes and device_bytes)
-        self.attention_chunk = attention_chunk  # trainer.attention_chunk (None: from the shapes)
+        # trainer.logits_chunk, remat, attention_chunk; "automatic" is decided from the shapes
+        # and device_bytes (`memory_plan`).
+        self.memory = memory or TrainerConfig(remat="none")
         self.device_bytes = device_bytes  # what one trainer device holds, if known
         # LoRA (trainer/lora.py): the state's params are the adapters, and the programs' frozen
         # argument (`ref_params`) is the base, which is also the reference model.
@@ -84,6 +83,8 @@ class UpdateStep:
                               compiler_options=compiler_options)
         self.sequence_kl = jax.jit(self.sequence_kl_rows, static_argnames=("group",),
                                    compiler_options=compiler_options)
+        self.policy_logprobs = jax.jit(self.policy_logprobs_rows, static_argnames=("group",),
+                                       compiler_options=compiler_options)
 
     # -- rows and chunks ----------------------------------------------------------------------
 
@@ -115,8 +116,9 @@ class UpdateStep:
         rows, t = b.completion_tokens_BxT.shape
         local = self.rows_per_device(rows) if rows_per_device is None else rows_per_device
         return plan_memory(self.mdef.spec, local, b.prompt_tokens_BxP.shape[1], t,
-                           logits=self.logits_chunk, remat=self.remat,
-                           attention=self.attention_chunk, device_bytes=self.device_bytes)
+                           logits=self.memory.logits_chunk, remat=self.memory.remat,
+                           attention=self.memory.attention_chunk,
+                           device_bytes=self.device_bytes)
 
     def policy(self, params: Params, frozen: Params | None) -> Params:
         """The policy's whole params tree: the trained params, with the frozen base under
@@ -146,6 +148,12 @@ class UpdateStep:
             b.completion_mask_BxT, self.temperature, group, chunk=plan.logits_chunk,
             remat=plan.remat, attention_chunk=plan.attention_chunk,
             entropy_grad=self.algo.entropy_coef > 0)
+
+    def policy_logprobs_rows(self, params: Params, frozen: Params | None, b: Batch,
+                             group: int = 1) -> jax.Array:
+        """log π at every completion position, for the trained params and the frozen half
+        (`policy_logprobs` is this, jitted)."""
+        return self.logprobs(self.policy(params, frozen), b, group)
 
     def logprobs(self, params: Params, b: Batch, group: int = 1) -> jax.Array:
         """log π at every completion position of the batch, one forward."""

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from controller.config import AlgorithmConfig, TrainerConfig
+from reshard.plan import per_device_bytes
 from trainer import lora
 from trainer.cpu_heap import cpu_heap_options, ignore_cache_write_warnings
 from trainer.layered import LAYERED_MIN_PARAMS, LayeredUpdate
@@ -125,8 +126,7 @@ class Trainer:
             mdef, self.shardings, optimizer, submesh, algo, temperature,
             lr_schedule=lr_schedule, is_cap=is_cap,
             state_shardings=jax.tree.map(lambda x: x.sharding, self.state),
-            compiler_options=self._compiler_options, logits_chunk=memory.logits_chunk,
-            remat=memory.remat, attention_chunk=memory.attention_chunk,
+            compiler_options=self._compiler_options, memory=memory,
             device_bytes=self.device_bytes, lora=self.lora)
         self._layered_update = LayeredUpdate(self._update_step)
         # None: layered for models of LAYERED_MIN_PARAMS or more (see there).
@@ -144,10 +144,6 @@ class Trainer:
     def params(self) -> Params:
         """The params the update trains: the whole model, or under LoRA the adapters."""
         return self.state["params"]
-
-    def policy_params(self) -> Params:
-        """The policy's whole params tree (under LoRA: the base with the adapters in it)."""
-        return lora.combine(self.base, self.params) if self.lora else self.params
 
     def merged_params(self) -> Params:
         """The policy as a model without adapters takes it (under LoRA: each adapter folded
@@ -220,10 +216,9 @@ class Trainer:
         shapes = TrainBatch(np.zeros((local, prompt_len), np.int32), None,
                             np.zeros((local, completion_len), np.int32), None, None, None)
         plan = step.memory_plan(shapes, rows_per_device=local)
-        def device_bytes(tree: Params, shardings: Params) -> int:
-            return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
-                       for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings),
-                                       strict=True))
+
+        def device_bytes(tree: Params, shardings: Params) -> int:  # the most one device holds
+            return max(per_device_bytes(tree, shardings).values(), default=0)
 
         trained = device_bytes(self.params, self.shardings)
         frozen = device_bytes(self.base, self.base_shardings) if self.lora else 0
@@ -310,13 +305,8 @@ class Trainer:
 
     def logprobs(self, batch: TrainBatch) -> jax.Array:
         """Per-token logprobs of the batch's completions under the current params."""
-        step = self._update_step
-
-        def fn(params, frozen, b, group):
-            return step.logprobs(step.policy(params, frozen), b, group)
-
-        jitted = jax.jit(fn, static_argnums=3, compiler_options=self._compiler_options)
-        return jitted(self.params, self.base, self.place_batch(batch), self._group(batch))
+        return self._update_step.policy_logprobs(self.params, self.base, self.place_batch(batch),
+                                                 group=self._group(batch))
 
     def sequence_kl(self, batch: TrainBatch) -> jax.Array:
         """Σ_t KL_t(π_θ || π_ref) per row with `algorithm.kl_estimator` (for KL in the reward).
