@@ -88,7 +88,7 @@ class Job:
         local = staged_inputs(cfg)
         self.model_dir = local.model.path
         self._base_digest: str | None = None  # see _base_fingerprint
-        self._init_digest: str | None = None  # model.init_from's weights, see _initial_weights
+        self._init_digest: str | None = None  # SHA-256 of model.init_from's weights
         hf_spec = None
         if self.model_dir:
             from trainer.hf import load_hf_spec
@@ -142,11 +142,9 @@ class Job:
         if cfg.model.lora is not None:
             from trainer import lora
 
-            lc = cfg.model.lora
-            self.policy_def = define_model(lora.with_lora(spec, lc.rank, lc.scale_alpha,
-                                                          tuple(lc.targets), lc.dtype))
+            self.policy_def = define_model(lora.configured(spec, cfg.model.lora))
             adapters = lora.init_adapters(self.policy_def.shapes(), cfg.model.init_seed)
-            if lc.sampler == "unmerged" and cfg.sampling.backend != "vllm":
+            if cfg.model.lora.sampler == "unmerged" and cfg.sampling.backend != "vllm":
                 self.sampler_def = self.policy_def
         # η(s) over optimizer steps: μ × num_minibatches per GRPO step.
         schedule = build_schedule(cfg.optimizer, cfg.run.steps * cfg.algorithm.num_iterations
@@ -349,7 +347,7 @@ class Job:
             digest = hashlib.sha256()
             for leaf in jax.tree.leaves(jax.device_get(params)):
                 digest.update(np.ascontiguousarray(leaf).tobytes())
-            self._init_digest = f"{step_dir}:{digest.hexdigest()}"
+            self._init_digest = digest.hexdigest()
             log.info("initial weights: the checkpoint of step %s in %s", step_dir.name,
                      step_dir.parent)
             return params
@@ -363,7 +361,7 @@ class Job:
         if self._base_digest is None:
             h = hashlib.sha256()
             if self._init_digest is not None:  # model.init_from: the weights themselves
-                h.update(self._init_digest.split(":")[-1].encode())
+                h.update(self._init_digest.encode())
             elif self.model_dir is not None:
                 for f in sorted(Path(self.model_dir).glob("*.safetensors")):
                     h.update(f.name.encode())
@@ -381,13 +379,14 @@ class Job:
         """A resume must train what the checkpoint trained: adapters on the same base, or the
         whole model. Checked from the newest checkpoint's record, before any restore (a
         mismatch there is a config error, not a corrupt checkpoint)."""
+        from controller.cli.export import ExportError, read_meta
+
         steps = ckpt.steps()
         if not steps:
             return
-        file = as_path(ckpt.directory) / str(steps[-1]) / "meta" / "metadata"
         try:
-            meta = json.loads(file.read_text())
-        except (OSError, ValueError):
+            meta = read_meta(as_path(ckpt.directory) / str(steps[-1]))
+        except ExportError:
             return  # an unreadable newest checkpoint: restore_latest sets it aside
         saved = meta.get("lora_base")
         if self.trainer.lora and saved is None:

@@ -130,7 +130,7 @@ class AdapterSync:
         from trainer import lora
         from trainer.model import param_shardings
 
-        self.trainer, self.sampler, self.resharder, self.mode = trainer, sampler, resharder, mode
+        self.trainer, self.sampler, self.resharder = trainer, sampler, resharder
         self.spec = trainer.mdef.spec
         self.base: Any = None  # the base on the sampler's devices, after the first push
         if sampler.shardings is None:  # vLLM: it takes whole merged weights by HF name

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from controller.config import LoraConfig
 from trainer.model import ModelSpec, Params
 
 # Config names of the projections an adapter can target, and the module that holds each.
@@ -43,9 +44,9 @@ def with_lora(spec: ModelSpec, rank: int, alpha: float, targets: tuple[str, ...]
                                lora_targets=tuple(targets), lora_dtype=jnp.dtype(dtype))
 
 
-def without_lora(spec: ModelSpec) -> ModelSpec:
-    return dataclasses.replace(spec, lora_rank=0, lora_alpha=0.0, lora_targets=(),
-                               lora_dtype=None)
+def configured(spec: ModelSpec, lc: LoraConfig) -> ModelSpec:
+    """spec with the adapters model.lora asks for."""
+    return with_lora(spec, lc.rank, lc.scale_alpha, tuple(lc.targets), lc.dtype)
 
 
 def is_adapter(key: Any) -> bool:

@@ -134,12 +134,10 @@ def _model_for(cfg: Any, model_dir: Path | None) -> Any:
 
 def lora_model_for(cfg: Any, base: Any) -> Any:
     """The ModelDef with the adapters a LoRA config (cfg.model.lora) puts on `base`."""
-    from trainer.lora import with_lora
+    from trainer.lora import configured
     from trainer.model import define_model
 
-    lc = cfg.model.lora
-    return define_model(with_lora(base.spec, lc.rank, lc.scale_alpha, tuple(lc.targets),
-                                  lc.dtype))
+    return define_model(configured(base.spec, cfg.model.lora))
 
 
 def base_params_for(cfg: Any, base: Any, model_dir: Path | None) -> Any:

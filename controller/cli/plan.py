@@ -131,12 +131,12 @@ def build_plan(cfg: JobConfig, topology: str, num_slices: int = 1) -> PlannedJob
     spec = model_spec(cfg)
     shapes, logical_axes = abstract_params(cfg, spec)  # abstract: no weights
 
-    def shardings(sub: Any) -> Any:
+    def shardings(sub: Any, axes_tree: Any, shapes_tree: Any) -> Any:
         return jax.tree.map(
             lambda axes, s: AbstractSharding(sub.mesh, tuple(sub.spec(axes, s.shape))),
-            logical_axes, shapes, is_leaf=lambda x: isinstance(x, tuple))
+            axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
 
-    src, dst = shardings(trainer), shardings(sampler)
+    src, dst = shardings(trainer, logical_axes, shapes), shardings(sampler, logical_axes, shapes)
     dtype = cfg.reshard.dtype
     plan = plan_reshard(shapes, src, dst, dtype=dtype)
     src_dtype = jax.tree.leaves(shapes)[0].dtype
@@ -148,17 +148,12 @@ def build_plan(cfg: JobConfig, topology: str, num_slices: int = 1) -> PlannedJob
     lora_plan = lora_estimate = None
     lora_params = 0
     if cfg.model.lora is not None:
-        from trainer.lora import split, with_lora
+        from trainer.lora import configured, split
 
-        lc = cfg.model.lora
-        lshapes, laxes = abstract_params(cfg, with_lora(spec, lc.rank, lc.scale_alpha,
-                                                        tuple(lc.targets), lc.dtype))
+        lshapes, laxes = abstract_params(cfg, configured(spec, cfg.model.lora))
         lshapes, laxes = split(lshapes)[1], split(laxes)[1]
-        lsh = {side: jax.tree.map(
-            lambda axes, s, sub=sub: AbstractSharding(sub.mesh, tuple(sub.spec(axes, s.shape))),
-            laxes, lshapes, is_leaf=lambda x: isinstance(x, tuple))
-            for side, sub in (("trainer", trainer), ("sampler", sampler))}
-        lora_plan = plan_reshard(lshapes, lsh["trainer"], lsh["sampler"], dtype=dtype)
+        lora_plan = plan_reshard(lshapes, shardings(trainer, laxes, lshapes),
+                                 shardings(sampler, laxes, lshapes), dtype=dtype)
         lora_estimate = estimate_on(lora_plan, topo)
         lora_params = sum(s.size for s in jax.tree.leaves(lshapes))
     return PlannedJob(
