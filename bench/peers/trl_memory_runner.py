@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from trl_runner import qwen2_config
+
 T_START = time.perf_counter()
 GIB = 1 << 30
 
@@ -70,7 +72,7 @@ def run(ns: argparse.Namespace, scratch: Path) -> int:
     import trl
     from datasets import Dataset
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
     from trl import GRPOConfig, GRPOTrainer
     from trl.models.utils import disable_gradient_checkpointing
 
@@ -88,16 +90,9 @@ def run(ns: argparse.Namespace, scratch: Path) -> int:
     tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>")
     tok.padding_side = "left"
 
-    # MODEL: Qwen2 layout (q/k/v biases, SwiGLU, RMSNorm, RoPE), tied embeddings, fp32.
-    cfg = Qwen2Config(
-        vocab_size=vocab, hidden_size=m["hidden_size"], intermediate_size=m["mlp_dim"],
-        num_hidden_layers=m["num_layers"], num_attention_heads=m["num_heads"],
-        num_key_value_heads=m["num_kv_heads"], head_dim=m["head_dim"],
-        tie_word_embeddings=m["tie_embeddings"], rms_norm_eps=m["norm_eps"],
-        rope_theta=m["rope_theta"], max_position_embeddings=prompt_ids.shape[1] + t,
-        eos_token_id=vocab - 1, pad_token_id=vocab - 1, bos_token_id=None,
-        use_sliding_window=False, torch_dtype="float32",
-    )
+    # MODEL: bench/peers/trl_runner.py's, as long as the rows.
+    cfg = qwen2_config(m, max_positions=prompt_ids.shape[1] + t, eos_id=vocab - 1,
+                       pad_id=vocab - 1)
     # GRPOTrainer builds its reference model from the policy's path, so the random init is
     # saved locally and both are loaded from it.
     model_dir = scratch / "model"

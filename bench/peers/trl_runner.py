@@ -23,8 +23,25 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 T_START = time.perf_counter()
+
+
+def qwen2_config(m: dict, *, max_positions: int, eos_id: int, pad_id: int | None) -> Any:
+    """A `Qwen2Config` with the bench model's shapes `m`: the Qwen2 layout (q/k/v biases,
+    SwiGLU, RMSNorm, RoPE), tied embeddings, fp32."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=m["vocab_size"], hidden_size=m["hidden_size"], intermediate_size=m["mlp_dim"],
+        num_hidden_layers=m["num_layers"], num_attention_heads=m["num_heads"],
+        num_key_value_heads=m["num_kv_heads"], head_dim=m["head_dim"],
+        tie_word_embeddings=m["tie_embeddings"], rms_norm_eps=m["norm_eps"],
+        rope_theta=m["rope_theta"], max_position_embeddings=max_positions,
+        eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None,
+        use_sliding_window=False, torch_dtype="float32",
+    )
 
 
 def main() -> int:
@@ -35,7 +52,7 @@ def main() -> int:
     import trl
     from datasets import Dataset
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
+    from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from rewards.synthetic import synthetic_even
@@ -52,17 +69,8 @@ def main() -> int:
     tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>")
     tok.padding_side = "left"
 
-    # MODEL: Qwen2 layout (q/k/v biases, SwiGLU, RMSNorm, RoPE), tied embeddings, fp32.
-    cfg = Qwen2Config(
-        vocab_size=vocab, hidden_size=m["hidden_size"], intermediate_size=m["mlp_dim"],
-        num_hidden_layers=m["num_layers"], num_attention_heads=m["num_heads"],
-        num_key_value_heads=m["num_kv_heads"], head_dim=m["head_dim"],
-        tie_word_embeddings=m["tie_embeddings"], rms_norm_eps=m["norm_eps"],
-        rope_theta=m["rope_theta"], max_position_embeddings=512,
-        eos_token_id=vocab, pad_token_id=None, bos_token_id=None,  # <eos> is not an embedding row
-        use_sliding_window=False, torch_dtype="float32",
-    )
-    model = Qwen2ForCausalLM(cfg).float()
+    # <eos> is not an embedding row: it can never be sampled.
+    model = Qwen2ForCausalLM(qwen2_config(m, max_positions=512, eos_id=vocab, pad_id=None)).float()
     model.generation_config.eos_token_id = vocab
     model.generation_config.pad_token_id = vocab
     # GRPOTrainer builds its reference model from the policy's path, so the random init is

@@ -74,6 +74,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 def _evaluate(cfg: Any, step_dir: Any, ns: argparse.Namespace, out: Any) -> int:
     from controller.api import Job
     from controller.eval.evaluator import format_eval
+    from controller.storage import write_text
 
     with Job(cfg) as job:
         step = 0
@@ -101,9 +102,7 @@ def _evaluate(cfg: Any, step_dir: Any, ns: argparse.Namespace, out: Any) -> int:
     width = max(len(k) for k in result.metrics)
     for k, v in result.metrics.items():
         print(f"  {k:<{width}}  {v:.4f}")
-    text = "".join(json.dumps({"step": step, **r}) + "\n" for r in result.records)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_text(out, "".join(json.dumps({"step": step, **r}) + "\n" for r in result.records))
     print(f"wrote {len(result.records)} prompts with their completions to {ns.out}")
     return 0
 
