@@ -129,23 +129,27 @@ def test_sequence_logprobs_by_chunks_and_policies_equal_the_plain_forward(
             assert _rel(a, b) <= 1e-5, (chunk, remat, attention)
 
 
-def test_chunks_shrink_the_compiled_programs_memory():
-    # What the chunk is for: XLA's own accounting of the gradient program's temporaries. At a
-    # vocabulary of 32,768 the whole head holds [4, 256, 32768] float32 logits several times;
-    # by chunks of 16 positions a sixteenth of that.
-    spec = _spec(vocab_size=32768, num_layers=1)
+def _gradient_temp_bytes(spec: ModelSpec, completion_len: int, **options) -> int:
+    """XLA's own accounting of the temporaries of the gradient of Σ log π over 4 rows of 8 prompt
+    and `completion_len` completion columns, with `sequence_logprobs_and_entropy`'s options."""
     mdef = define_model(spec)
     params = jax.eval_shape(lambda: init_params(spec, 0))
     shapes = [jax.ShapeDtypeStruct((4, n), dt) for n, dt in
-              ((8, jnp.int32), (8, jnp.bool_), (256, jnp.int32), (256, jnp.bool_))]
+              ((8, jnp.int32), (8, jnp.bool_), (completion_len, jnp.int32),
+               (completion_len, jnp.bool_))]
 
-    def temp_bytes(chunk):
-        def loss(p, *rows):
-            return jnp.sum(sequence_logprobs_and_entropy(mdef, p, *rows, 1.0, chunk=chunk)[0])
-        compiled = jax.jit(jax.grad(loss)).lower(params, *shapes).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
+    def loss(p, *rows):
+        return jnp.sum(sequence_logprobs_and_entropy(mdef, p, *rows, 1.0, **options)[0])
+    compiled = jax.jit(jax.grad(loss)).lower(params, *shapes).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
 
-    whole, chunked = temp_bytes(None), temp_bytes(16)
+
+def test_chunks_shrink_the_compiled_programs_memory():
+    # What the chunk is for: at a vocabulary of 32,768 the whole head holds [4, 256, 32768]
+    # float32 logits several times; by chunks of 16 positions a sixteenth of that.
+    spec = _spec(vocab_size=32768, num_layers=1)
+    whole = _gradient_temp_bytes(spec, 256, chunk=None)
+    chunked = _gradient_temp_bytes(spec, 256, chunk=16)
     assert whole >= 2 * (4 * 256 * 32768 * 4) and chunked < whole / 4, (whole, chunked)
 
 
@@ -153,19 +157,8 @@ def test_attention_chunks_shrink_the_compiled_programs_memory():
     # All 1,032 queries' scores at once: [4, 2, 1032, 1032] float32 (34 MB) several times; by
     # chunks of 64 queries, one chunk's (recomputed in the backward).
     spec = _spec(num_layers=1)
-    mdef = define_model(spec)
-    params = jax.eval_shape(lambda: init_params(spec, 0))
-    shapes = [jax.ShapeDtypeStruct((4, n), dt) for n, dt in
-              ((8, jnp.int32), (8, jnp.bool_), (1024, jnp.int32), (1024, jnp.bool_))]
-
-    def temp_bytes(attention):
-        def loss(p, *rows):
-            return jnp.sum(sequence_logprobs_and_entropy(mdef, p, *rows, 1.0,
-                                                         attention_chunk=attention)[0])
-        compiled = jax.jit(jax.grad(loss)).lower(params, *shapes).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
-
-    whole, chunked = temp_bytes(None), temp_bytes(64)
+    whole = _gradient_temp_bytes(spec, 1024, attention_chunk=None)
+    chunked = _gradient_temp_bytes(spec, 1024, attention_chunk=64)
     scores = 4 * 2 * 1032 * 1032 * 4
     assert whole >= 2 * scores and chunked < whole / 4, (whole, chunked)
 
