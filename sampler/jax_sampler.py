@@ -29,6 +29,7 @@ Design choices, each for speed or for never recompiling:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -43,14 +44,14 @@ from trainer.model import (
     apply_model,
     cache_shapes,
     causal_mask,
+    define_model,
     init_cache,
+    out_major_params,
     param_shardings,
     positions_from_mask,
     prefill_groups,
 )
 
-# Draw every decode step's Gumbel noise [T, B, V] before the loop when it fits in this much.
-GUMBEL_BUDGET_BYTES = 64 * 2**20
 # Logical axes of each layer's cached keys [B, K, Dh, S] and values [B, K, S, Dh].
 K_CACHE_AXES = ("batch", "kv_heads", "head_dim", None)
 V_CACHE_AXES = ("batch", "kv_heads", None, "head_dim")
@@ -109,6 +110,8 @@ class JaxSampler:
     def __init__(self, mdef: ModelDef, submesh: Any, cfg: SamplingConfig, *, pad_id: int,
                  stop_ids: tuple[int, ...], param_dtype: Any = None):
         self.mdef = mdef
+        # The program runs the model on the weights moved output-major (see ModelSpec.out_major)
+        self.decode_mdef = define_model(dataclasses.replace(mdef.spec, out_major=True))
         self.submesh = submesh
         self.cfg = cfg
         self.pad_id = pad_id
@@ -202,32 +205,25 @@ class JaxSampler:
         return jax.jit(lambda: init_cache(spec, b, s), out_shardings=sharding)()
 
     def token_sampler(self, rng: jax.Array, n_new: int, b: int):
-        """sample(logits_BxV, rng, t) -> (tokens, logprobs, kept, rng) for step t of n_new, on
-        b rows (traced inside a generate program).
+        """sample(logits_BxV, t) -> (tokens, logprobs, kept) for step t of n_new, on b rows
+        (traced inside a generate program).
 
-        One split per token: token t is drawn with the second half, the first carries on. When
-        the noise of all n_new steps is small, it is drawn up front from those same keys in one
-        vectorised pass (not n_new small single-threaded ones in the loop): the same tokens.
+        One split per token: token t is drawn with the second half, the first carries on. The
+        uniforms of all n_new steps ([T, B], one per row: `sampling.inverse_cdf`) are drawn
+        from those keys up front in one vectorised pass, not n_new small ones in the loop.
         """
-        cfg, vocab = self.cfg, self.mdef.spec.vocab_size
-        gumbel_TxBxV = None
-        if cfg.temperature > 0 and n_new * b * vocab * 4 <= GUMBEL_BUDGET_BYTES:
-            def split(r, _):
-                r, key = jax.random.split(r)
-                return r, key
+        cfg = self.cfg
 
-            _, keys_T = jax.lax.scan(split, rng, None, length=n_new)
-            gumbel_TxBxV = jax.lax.with_sharding_constraint(
-                jax.vmap(lambda k: jax.random.gumbel(k, (b, vocab), jnp.float32))(keys_T),
-                self.submesh.sharding((None, "batch", None), (n_new, b, vocab)))
+        def split(r, _):
+            r, key = jax.random.split(r)
+            return r, key
 
-        def sample(logits_BxV, rng, t=0):
-            if gumbel_TxBxV is not None:
-                g = jax.lax.dynamic_index_in_dim(gumbel_TxBxV, t, keepdims=False)
-                return (*sample_tokens(logits_BxV, rng, cfg.temperature, cfg.top_k, cfg.top_p,
-                                       g), rng)
-            rng, key = jax.random.split(rng)
-            return (*sample_tokens(logits_BxV, key, cfg.temperature, cfg.top_k, cfg.top_p), rng)
+        _, keys_T = jax.lax.scan(split, rng, None, length=n_new)
+        uniform_TxB = jax.vmap(lambda k: jax.random.uniform(k, (b,), jnp.float32))(keys_T)
+
+        def sample(logits_BxV, t=0):
+            u_B = jax.lax.dynamic_index_in_dim(uniform_TxB, t, keepdims=False)
+            return sample_tokens(logits_BxV, rng, cfg.temperature, cfg.top_k, cfg.top_p, u_B)
 
         return sample
 
@@ -240,7 +236,10 @@ class JaxSampler:
 
     def _generate_impl(self, params, prompt_BxP, pmask_BxP, rng, cache, group: int = 1):
         self._traces += 1  # runs only while tracing, i.e. once per compiled program
-        cfg, mdef = self.cfg, self.mdef
+        cfg, mdef = self.cfg, self.decode_mdef
+        # One pass over the weights per call (a transposed copy for the call's duration), so
+        # that each of the T decode steps streams them in the layout its products read fastest.
+        params = out_major_params(params)
         n_new = cfg.max_new_tokens
         b, p = prompt_BxP.shape
         cache_sh = self._cache_sharding(b, p + n_new - 1)
@@ -265,7 +264,7 @@ class JaxSampler:
             logits_BxV, cache = prefill_groups(mdef, params, prompt_BxP, pmask_BxP, group,
                                                n_new - 1, cache[0][0].dtype)
             cache = jax.lax.with_sharding_constraint(cache, cache_sh)
-        tok_B, lp_B, kept_B, rng = sample(logits_BxV, rng)
+        tok_B, lp_B, kept_B = sample(logits_BxV)
         tokens_BxT = jnp.full((b, n_new), self.pad_id, jnp.int32).at[:, 0].set(tok_B)
         logps_BxT = jnp.zeros((b, n_new), jnp.float32).at[:, 0].set(lp_B)
         mask_BxT = jnp.zeros((b, n_new), bool).at[:, 0].set(True)
@@ -277,25 +276,25 @@ class JaxSampler:
             return (t < n_new) & ~jnp.all(done_B)
 
         def body(carry):
-            (t, cache, tok_B, tokens_BxT, logps_BxT, mask_BxT, done_B, valid_BxS, pos_B, kept,
-             rng) = carry
+            (t, cache, tok_B, tokens_BxT, logps_BxT, mask_BxT, done_B, valid_BxS, pos_B,
+             kept) = carry
             col = p + t - 1
             valid_BxS = jax.lax.dynamic_update_slice_in_dim(
                 valid_BxS, jnp.ones((b, 1), bool), col, axis=1)
             logits_BxV, cache = decode_step(mdef, params, tok_B, pos_B, valid_BxS, col, cache)
-            tok_B, lp_B, kept_B, rng = sample(logits_BxV, rng, t)
+            tok_B, lp_B, kept_B = sample(logits_BxV, t)
             live_B = ~done_B
             tok_B, tokens_BxT, logps_BxT, mask_BxT = record_token(
                 tokens_BxT, logps_BxT, mask_BxT, tok_B, lp_B, live_B, t, self.pad_id)
             kept = kept + jnp.sum(jnp.where(live_B, kept_B, 0.0))
             done_B = done_B | stopped(tok_B)
             return (t + 1, cache, tok_B, tokens_BxT, logps_BxT, mask_BxT, done_B, valid_BxS,
-                    pos_B + 1, kept, rng)
+                    pos_B + 1, kept)
 
         init = (jnp.int32(1), cache, tok_B, tokens_BxT, logps_BxT, mask_BxT, stopped(tok_B),
-                valid_BxS, pos_B, jnp.sum(kept_B), rng)
+                valid_BxS, pos_B, jnp.sum(kept_B))
         out = jax.lax.while_loop(cond, body, init)
-        _, cache, _, tokens_BxT, logps_BxT, mask_BxT, _, _, _, kept, _ = out
+        _, cache, _, tokens_BxT, logps_BxT, mask_BxT, _, _, _, kept = out
         kept_mean = kept / jnp.maximum(jnp.sum(mask_BxT), 1).astype(jnp.float32)
         cache = jax.lax.with_sharding_constraint(cache, cache_sh)
         return tokens_BxT, logps_BxT, mask_BxT, kept_mean, cache

@@ -54,6 +54,7 @@ from trainer.model import (
     cache_shapes,
     causal_mask,
     init_cache,
+    out_major_params,
     positions_from_mask,
     prefill_groups,
 )
@@ -239,7 +240,8 @@ class TurnSampler:
     def _turn_impl(self, params, cache, valid_BxS, pos_B, feed_BxF, fmask_BxF, col0, live_B,
                    budget_B, rng, *, fresh: bool, group: int):
         self.traces += 1  # runs only while tracing: once per compiled program
-        mdef, n_new = self.mdef, self.n_new
+        mdef, n_new = self.base.decode_mdef, self.n_new
+        params = out_major_params(params)  # the single-turn sampler's decode layout
         b, f = feed_BxF.shape
         s = valid_BxS.shape[1]
         cache_sh = self._cache_sharding(b, s)
@@ -253,7 +255,7 @@ class TurnSampler:
         token = self.base.token_sampler(rng, n_new, b)  # as the single-turn sampler draws
 
         def sample(logits_BxV, rng, t=0):
-            tok, lp, _, rng = token(logits_BxV, rng, t)
+            tok, lp, _ = token(logits_BxV, t)
             return tok, lp, rng
 
         # FEED: what the cache lacks, at columns [col0, col0 + F); a fresh turn starts from a

@@ -104,6 +104,11 @@ class ModelSpec:
     lora_alpha: float = 0.0
     lora_targets: tuple[str, ...] = ()
     lora_dtype: Any = None
+    # Matmul weights held output-major, [out..., in...] (`out_major_params`): the sampler's
+    # decode layout. Each product is then x·Wᵀ with float32 accumulation, the form XLA:CPU's
+    # dot streams fastest when a few rows meet a large weight (and, with bf16 weights, the one
+    # that does not fall back to a slow bf16-output kernel).
+    out_major: bool = False
 
     @property
     def lora_scale(self) -> float:
@@ -198,6 +203,34 @@ def _linear_bwd(res, dy):
 
 
 linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def dense(spec: ModelSpec, x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+    """x [..., I] times a matmul weight whose first n_in axes (canonical layout) or last n_in
+    axes (`spec.out_major`) hold I; returns [..., O] in x's dtype."""
+    if not spec.out_major:
+        return linear(x, w.reshape(math.prod(w.shape[:n_in]), -1))
+    w_OxI = w.reshape(-1, math.prod(w.shape[w.ndim - n_in:]))
+    y = jax.lax.dot_general(x.astype(w.dtype), w_OxI, (((x.ndim - 1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
+
+
+# Each matmul weight and how many of its leading axes are inputs in the canonical layout.
+MATMUL_INPUT_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1,
+                     "up_proj": 1, "down_proj": 1, "lm_head": 1}
+
+
+def out_major_params(params: Params) -> Params:
+    """The params with every matmul weight moved to [out..., in...] (for a spec with
+    out_major=True); everything else (embedding, norms, biases, adapters) is shared as is."""
+    def move(path, w):
+        n_in = MATMUL_INPUT_AXES.get(getattr(path[-1], "key", None))
+        if n_in is None:
+            return w
+        return jnp.moveaxis(w, tuple(range(n_in)), tuple(range(w.ndim - n_in, w.ndim)))
+
+    return jax.tree_util.tree_map_with_path(move, params)
 
 
 def rope_inv_freq(dh: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
@@ -317,14 +350,14 @@ class Attention(nnx.Module):
         """
         spec = self.spec
         b, l_ = x_BxLxD.shape[:2]
-        d = x_BxLxD.shape[-1]
 
-        def heads(name, w):  # [D, N, Dh] -> [B, L, N, Dh], as one [D, N·Dh] matmul
-            y = lora_update(self, spec, name, x_BxLxD, linear(x_BxLxD, w.reshape(d, -1)))
-            return y.reshape(b, l_, w.shape[1], w.shape[2])
+        def heads(name, n):  # -> [B, L, n, Dh], as one [D, n·Dh] matmul
+            w = getattr(self, f"{name}_proj")[...]
+            y = lora_update(self, spec, name, x_BxLxD, dense(spec, x_BxLxD, w, 1))
+            return y.reshape(b, l_, n, spec.head_dim)
 
-        q, k, v = (heads("q", self.q_proj[...]), heads("k", self.k_proj[...]),
-                   heads("v", self.v_proj[...]))
+        q, k, v = (heads("q", spec.num_heads), heads("k", spec.num_kv_heads),
+                   heads("v", spec.num_kv_heads))
         if spec.qkv_bias:
             q = q + self.q_bias[...][None, None]
             k = k + self.k_bias[...][None, None]
@@ -361,7 +394,7 @@ class Attention(nnx.Module):
         else:
             out = self._attend_by_chunks(q, k, v, mask_BxLxS, q_cols_L, kv is not None, chunk)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, l_, h * dh)
-        out = lora_update(self, spec, "o", out, linear(out, self.o_proj[...].reshape(h * dh, -1)))
+        out = lora_update(self, spec, "o", out, dense(spec, out, self.o_proj[...], 2))
         if spec.o_bias:
             out = out + self.o_bias[...][None, None]
         return out, kv
@@ -423,11 +456,11 @@ class MLP(nnx.Module):
     def __call__(self, x_BxLxD):
         """down(act(x·gate) ⊙ x·up); act = silu (SwiGLU) or tanh-approximate gelu (GeGLU)."""
         spec = self.spec
-        pre = lora_update(self, spec, "gate", x_BxLxD, linear(x_BxLxD, self.gate_proj[...]))
+        pre = lora_update(self, spec, "gate", x_BxLxD, dense(spec, x_BxLxD, self.gate_proj[...], 1))
         gate = jax.nn.silu(pre) if self.activation == "silu" else jax.nn.gelu(pre, approximate=True)
-        up = lora_update(self, spec, "up", x_BxLxD, linear(x_BxLxD, self.up_proj[...]))
+        up = lora_update(self, spec, "up", x_BxLxD, dense(spec, x_BxLxD, self.up_proj[...], 1))
         hidden = gate * up
-        return lora_update(self, spec, "down", hidden, linear(hidden, self.down_proj[...]))
+        return lora_update(self, spec, "down", hidden, dense(spec, hidden, self.down_proj[...], 1))
 
 
 class Block(nnx.Module):
@@ -515,6 +548,11 @@ def head_logits(spec: ModelSpec, top: Params, x_BxLxD: jax.Array) -> jax.Array:
     """Final norm, LM head and soft-cap: hidden states -> float32 logits."""
     x = rms_norm(x_BxLxD, top["final_norm"]["scale"], spec.norm_eps, spec.norm_plus_one)
     # Tied: the embedding transposed (its weight gradient is a small [D, V] transpose).
+    if spec.out_major:  # the tied embedding [V, D] is output-major already
+        head = top["embed"] if spec.tie_embeddings else top["lm_head"]
+        logits = jax.lax.dot_general(x.astype(head.dtype), head, (((x.ndim - 1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+        return softcap(logits, spec.final_softcap)
     head = top["embed"].T if spec.tie_embeddings else top["lm_head"]
     return softcap(linear(x, head).astype(jnp.float32), spec.final_softcap)
 

@@ -9,7 +9,7 @@ import pytest
 
 from controller.config import ConfigError, load_config
 from sampler import sampling
-from sampler.sampling import top_k_mask, top_p_mask, truncation_mask
+from sampler.sampling import CDF_BLOCK, inverse_cdf, top_k_mask, top_p_mask, truncation_mask
 
 # Jitted once per knob setting: op-by-op eager dispatch would compile every primitive.
 sample_tokens = jax.jit(sampling.sample_tokens, static_argnames=("temperature", "top_k", "top_p"))
@@ -159,26 +159,37 @@ def test_top_k_1_draws_the_argmax_and_reports_its_mass():
     np.testing.assert_allclose(np.asarray(kept), np.exp(logp[np.arange(64), want]), atol=1e-6)
 
 
-def test_gumbel_noise_given_beforehand_decides_the_draw():
-    # argmax(logits/τ + g): logits [0, 0, 3], g [1, 0, 0] -> [1, 0, 3] -> token 2.
-    tok, _, _ = sample_tokens(jnp.array([[0.0, 0.0, 3.0]]), jax.random.key(0), temperature=1.0,
-                              gumbel_BxV=jnp.array([[1.0, 0.0, 0.0]]))
-    assert int(tok[0]) == 2
-    # A token truncated away cannot be drawn, whatever its noise: top-k = 2 of [3, 2, 1, 0]
-    # keeps tokens 0 and 1; g = [0, 0, 0, 100] -> [3, 2, -inf, -inf] -> token 0.
+def test_inverse_cdf_hand_worked():
+    # p = [0.1, 0.2, 0.7]: CDF intervals [0, .1), [.1, .3), [.3, 1).
+    logits = jnp.log(jnp.array([[0.1, 0.2, 0.7]] * 6))
+    u = jnp.array([0.0, 0.05, 0.15, 0.29, 0.31, 0.999])
+    np.testing.assert_array_equal(np.asarray(inverse_cdf(logits, u)), [0, 0, 1, 1, 2, 2])
+    # -inf logits have empty intervals: never drawn, at a boundary or at u = 0 or 1.
+    logits = jnp.array([[-jnp.inf, 0.0, -jnp.inf, 0.0, -jnp.inf]] * 4)
+    u = jnp.array([0.0, 0.5, 0.7, 1.0])
+    np.testing.assert_array_equal(np.asarray(inverse_cdf(logits, u)), [1, 3, 3, 3])
+    # u given to sample_tokens decides the draw (rng unused), truncation applied first:
+    # top-k = 2 of [3, 2, 1, 0] keeps tokens 0 and 1, so u close to 1 draws token 1.
     tok, _, _ = sample_tokens(jnp.array([[3.0, 2.0, 1.0, 0.0]]), jax.random.key(0),
-                              temperature=1.0, top_k=2,
-                              gumbel_BxV=jnp.array([[0.0, 0.0, 0.0, 100.0]]))
-    assert int(tok[0]) == 0
-    # g = jax.random.gumbel(key) gives the very tokens `rng=key` would (and `rng` is unused).
-    logits = jnp.asarray(np.random.default_rng(6).normal(size=(64, 32)), jnp.float32)
-    key = jax.random.key(5)
-    g = jax.random.gumbel(key, (64, 32), jnp.float32)
-    for knobs in ({}, {"top_k": 8}):
-        given, _, _ = sample_tokens(logits, jax.random.key(99), temperature=0.7, gumbel_BxV=g,
-                                    **knobs)
-        drawn, _, _ = sample_tokens(logits, key, temperature=0.7, **knobs)
-        np.testing.assert_array_equal(np.asarray(given), np.asarray(drawn))
+                              temperature=1.0, top_k=2, uniform_B=jnp.array([0.999]))
+    assert int(tok[0]) == 1
+
+
+def test_inverse_cdf_across_blocks_matches_searchsorted():
+    # A vocabulary of several CDF blocks plus a ragged tail, mass on a few scattered tokens
+    # (whole blocks empty): every draw is numpy's searchsorted on the cumulative sum.
+    v = 3 * CDF_BLOCK + 5
+    logits = np.full(v, -np.inf, np.float32)
+    hot = [0, 300, 301, 700, v - 1]
+    logits[hot] = [0.5, -1.0, 2.0, 0.0, 1.0]
+    u = np.linspace(0.0, 0.9999, 401, dtype=np.float32)
+    got = np.asarray(inverse_cdf(jnp.asarray(np.tile(logits, (u.size, 1))), jnp.asarray(u)))
+    e = np.exp(logits - logits.max())
+    want = np.searchsorted(np.cumsum(e), u * e.sum(), side="right")
+    np.testing.assert_array_equal(got, want)
+    assert set(got) == set(hot)
+    # u = 1 (rounding's worst case): the last token with mass, not a padded column after it.
+    assert int(inverse_cdf(jnp.asarray(logits[None, :-1]), jnp.array([1.0]))[0]) == 700
 
 
 def test_bfloat16_logits_are_scored_in_float32():
