@@ -110,8 +110,13 @@ class JaxSampler:
     def __init__(self, mdef: ModelDef, submesh: Any, cfg: SamplingConfig, *, pad_id: int,
                  stop_ids: tuple[int, ...], param_dtype: Any = None):
         self.mdef = mdef
-        # The program runs the model on the weights moved output-major (see ModelSpec.out_major)
-        self.decode_mdef = define_model(dataclasses.replace(mdef.spec, out_major=True))
+        # The programs run the model on weights held output-major (ModelSpec.out_major), moved
+        # once per push: each decode step streams them in the order its products read fastest.
+        # Unsharded weights also get q/k/v and gate/up joined: fewer, larger products.
+        self.shardings = param_shardings(mdef, submesh)
+        fuse = all(s.is_fully_replicated for s in jax.tree.leaves(self.shardings))
+        self.decode_mdef = define_model(dataclasses.replace(mdef.spec, out_major=True,
+                                                            fused_projections=fuse))
         self.submesh = submesh
         self.cfg = cfg
         self.pad_id = pad_id
@@ -124,12 +129,14 @@ class JaxSampler:
                 f"sampling.stop_tokens={list(cfg.stop_tokens)}: ids {bad} are outside the "
                 f"model's vocabulary [0, {vocab}) (fix: use token ids below {vocab})"
             )
-        self.shardings = param_shardings(mdef, submesh)
         # param_dtype (reshard.dtype): the dtype the weight sync sends floating params in.
         self._expected = jax.tree.map(
             lambda s: (s.shape, jnp.dtype(param_dtype) if param_dtype is not None
                        and jnp.issubdtype(s.dtype, jnp.floating) else s.dtype), mdef.shapes())
-        self._params: Any = None
+        self._decode_params: Any = None  # the pushed weights, matmul weights output-major
+        self._to_decode = jax.jit(lambda p: out_major_params(p, fuse=fuse))
+        self._to_canonical = jax.jit(lambda p: out_major_params(p, inverse=True, fuse=fuse),
+                                     out_shardings=self.shardings)
         self._cache: tuple[tuple[int, int], list] | None = None  # ((B, S), donated buffer)
         self._traces = 0  # how many times generate was traced = compiled (see metrics())
         self._last: dict[str, Any] = {}
@@ -145,11 +152,21 @@ class JaxSampler:
         also what guarantees that a push never recompiles.
         """
         check_weights(params, self._expected, self.shardings)
-        self._params = params
+        self._decode_params = None  # the old weights go before the new copy is made
+        self._decode_params = self._to_decode(params)
 
     @property
     def params(self) -> Any:
-        return self._params
+        """The weights held, in the model's canonical layout and the sampler's shardings (a
+        copy moved back from the decode layout: for evaluation and checks, not per step)."""
+        if self._decode_params is None:
+            return None
+        return self._to_canonical(self._decode_params)
+
+    @property
+    def decode_params(self) -> Any:
+        """The weights as the programs take them: matmul weights output-major."""
+        return self._decode_params
 
     # -- generation ------------------------------------------------------------------------
 
@@ -160,7 +177,7 @@ class JaxSampler:
         group > 1: rows come in consecutive groups of `group` with one prompt each, and each
         prompt is prefilled once per group (see `trainer.model.prefill_groups`).
         """
-        if self._params is None:
+        if self._decode_params is None:
             raise RuntimeError("sampler has no weights yet: call load_weights(params) first")
         tokens = np.asarray(prompt_tokens_BxP, np.int32)
         mask = np.asarray(prompt_mask_BxP, bool)
@@ -179,7 +196,7 @@ class JaxSampler:
         rng = jax.device_put(rng, self.submesh.replicated())
         cache = self._take_cache(b, width + self.cfg.max_new_tokens - 1)
         out_tokens, out_logps, out_mask, kept_mass, cache = self._generate(
-            self._params, tokens, mask, rng, cache, group=group)
+            self._decode_params, tokens, mask, rng, cache, group=group)
         self._cache = ((b, width + self.cfg.max_new_tokens - 1), cache)
         self._last = {"prompt_width": width, "kept_mass": kept_mass}
         return Completions(out_tokens, out_logps, out_mask)
@@ -236,10 +253,7 @@ class JaxSampler:
 
     def _generate_impl(self, params, prompt_BxP, pmask_BxP, rng, cache, group: int = 1):
         self._traces += 1  # runs only while tracing, i.e. once per compiled program
-        cfg, mdef = self.cfg, self.decode_mdef
-        # One pass over the weights per call (a transposed copy for the call's duration), so
-        # that each of the T decode steps streams them in the layout its products read fastest.
-        params = out_major_params(params)
+        cfg, mdef = self.cfg, self.decode_mdef  # params: the decode layout
         n_new = cfg.max_new_tokens
         b, p = prompt_BxP.shape
         cache_sh = self._cache_sharding(b, p + n_new - 1)

@@ -54,7 +54,6 @@ from trainer.model import (
     cache_shapes,
     causal_mask,
     init_cache,
-    out_major_params,
     positions_from_mask,
     prefill_groups,
 )
@@ -132,7 +131,7 @@ class TurnSampler:
 
         HOST SYNC: the drawn tokens are fetched (the environment needs their text).
         """
-        params = self.base.params
+        params = self.base.decode_params
         if params is None:
             raise RuntimeError("sampler has no weights yet: call load_weights(params) first")
         b = len(self._rows)
@@ -240,8 +239,7 @@ class TurnSampler:
     def _turn_impl(self, params, cache, valid_BxS, pos_B, feed_BxF, fmask_BxF, col0, live_B,
                    budget_B, rng, *, fresh: bool, group: int):
         self.traces += 1  # runs only while tracing: once per compiled program
-        mdef, n_new = self.base.decode_mdef, self.n_new
-        params = out_major_params(params)  # the single-turn sampler's decode layout
+        mdef, n_new = self.base.decode_mdef, self.n_new  # params: the decode layout
         b, f = feed_BxF.shape
         s = valid_BxS.shape[1]
         cache_sh = self._cache_sharding(b, s)

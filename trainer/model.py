@@ -109,6 +109,10 @@ class ModelSpec:
     # dot streams fastest when a few rows meet a large weight (and, with bf16 weights, the one
     # that does not fall back to a slow bf16-output kernel).
     out_major: bool = False
+    # With out_major only: q/k/v held as one weight `qkv_proj` [N + 2K, Dh, D] and gate/up as
+    # `gate_up_proj` [2F, D] (`out_major_params(fuse=True)`): one product each per layer, for
+    # a sampler whose weights are not sharded (the split would cut across shards otherwise).
+    fused_projections: bool = False
 
     @property
     def lora_scale(self) -> float:
@@ -210,10 +214,16 @@ def dense(spec: ModelSpec, x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
     axes (`spec.out_major`) hold I; returns [..., O] in x's dtype."""
     if not spec.out_major:
         return linear(x, w.reshape(math.prod(w.shape[:n_in]), -1))
-    w_OxI = w.reshape(-1, math.prod(w.shape[w.ndim - n_in:]))
-    y = jax.lax.dot_general(x.astype(w.dtype), w_OxI, (((x.ndim - 1,), (1,)), ((), ())),
+    return dot_out_major(x, w.reshape(-1, math.prod(w.shape[w.ndim - n_in:]))).astype(x.dtype)
+
+
+def dot_out_major(x: jax.Array, w_OxI: jax.Array) -> jax.Array:
+    """x [..., I] · w_OxIᵀ -> float32 [..., O], as one 2-D product: with x of more than two
+    axes XLA:CPU rewrites the product with the weight transposed to [I, O], and copies every
+    weight to that layout before the products run."""
+    y = jax.lax.dot_general(_rows(x).astype(w_OxI.dtype), w_OxI, (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)
-    return y.astype(x.dtype)
+    return y.reshape(*x.shape[:-1], w_OxI.shape[0])
 
 
 # Each matmul weight and how many of its leading axes are inputs in the canonical layout.
@@ -221,16 +231,66 @@ MATMUL_INPUT_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_p
                      "up_proj": 1, "down_proj": 1, "lm_head": 1}
 
 
-def out_major_params(params: Params) -> Params:
+def out_major_params(params: Params, inverse: bool = False, fuse: bool = False) -> Params:
     """The params with every matmul weight moved to [out..., in...] (for a spec with
-    out_major=True); everything else (embedding, norms, biases, adapters) is shared as is."""
+    out_major=True), or back (inverse); everything else (embedding, norms, biases, adapters)
+    is shared as is. fuse: q/k/v and gate/up also joined (or split back) as
+    `ModelSpec.fused_projections` holds them.
+
+    Call it outside the program that uses the result: inside one XLA folds the transpose into
+    each product, and the products read the weights in the canonical order after all.
+    """
+    if inverse and fuse:
+        params = _split_projections(params)
+
     def move(path, w):
         n_in = MATMUL_INPUT_AXES.get(getattr(path[-1], "key", None))
         if n_in is None:
             return w
+        if inverse:
+            n_out = w.ndim - n_in
+            return jnp.moveaxis(w, tuple(range(n_out)), tuple(range(n_in, w.ndim)))
         return jnp.moveaxis(w, tuple(range(n_in)), tuple(range(w.ndim - n_in, w.ndim)))
 
-    return jax.tree_util.tree_map_with_path(move, params)
+    moved = jax.tree_util.tree_map_with_path(move, params)
+    return _join_projections(moved) if fuse and not inverse else moved
+
+
+FUSED = {"attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+         "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
+
+
+def _join_projections(params: Params) -> Params:
+    """Output-major q/k/v -> qkv_proj and gate/up -> gate_up_proj, concatenated on axis 0."""
+    layers = {}
+    for i, layer in params["layers"].items():
+        layer = {**layer}
+        for part, (fused, names) in FUSED.items():
+            sub = {**layer[part]}
+            sub[fused] = jnp.concatenate([sub.pop(n) for n in names], axis=0)
+            layer[part] = sub
+        layers[i] = layer
+    return {**params, "layers": layers}
+
+
+def _split_projections(params: Params) -> Params:
+    """The inverse of _join_projections: the parts' sizes are their heads (mlp: halves)."""
+    layers = {}
+    for i, layer in params["layers"].items():
+        layer = {**layer}
+        for part, (fused, names) in FUSED.items():
+            sub = {**layer[part]}
+            w = sub.pop(fused)
+            if part == "attn":
+                n_q = layer["attn"]["o_proj"].shape[1]  # out-major o_proj: [D, N, Dh]
+                n_kv = (w.shape[0] - n_q) // 2
+                pieces = jnp.split(w, [n_q, n_q + n_kv], axis=0)
+            else:
+                pieces = jnp.split(w, 2, axis=0)
+            sub.update(zip(names, pieces, strict=True))
+            layer[part] = sub
+        layers[i] = layer
+    return {**params, "layers": layers}
 
 
 def rope_inv_freq(dh: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
@@ -316,9 +376,12 @@ class Attention(nnx.Module):
         d, h, k, dh, dt = (spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
                            spec.dtype)
         s_in, s_out = d**-0.5, (h * dh) ** -0.5
-        self.q_proj = _param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), dt, s_in)
-        self.k_proj = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), dt, s_in)
-        self.v_proj = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), dt, s_in)
+        if spec.fused_projections:
+            self.qkv_proj = _param(rngs, (h + 2 * k, dh, d), (None, "head_dim", "embed"), dt, s_in)
+        else:
+            self.q_proj = _param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), dt, s_in)
+            self.k_proj = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), dt, s_in)
+            self.v_proj = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), dt, s_in)
         self.o_proj = _param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), dt, s_out)
         if spec.qkv_bias:
             self.q_bias = _const((h, dh), ("heads", "head_dim"), dt, 0.0)
@@ -351,13 +414,16 @@ class Attention(nnx.Module):
         spec = self.spec
         b, l_ = x_BxLxD.shape[:2]
 
-        def heads(name, n):  # -> [B, L, n, Dh], as one [D, n·Dh] matmul
-            w = getattr(self, f"{name}_proj")[...]
-            y = lora_update(self, spec, name, x_BxLxD, dense(spec, x_BxLxD, w, 1))
-            return y.reshape(b, l_, n, spec.head_dim)
-
-        q, k, v = (heads("q", spec.num_heads), heads("k", spec.num_kv_heads),
-                   heads("v", spec.num_kv_heads))
+        sizes = {"q": spec.num_heads, "k": spec.num_kv_heads, "v": spec.num_kv_heads}
+        if spec.fused_projections:
+            y = dense(spec, x_BxLxD, self.qkv_proj[...], 1)
+            cuts = np.cumsum([n * spec.head_dim for n in sizes.values()])[:-1]
+            outs = dict(zip(sizes, jnp.split(y, cuts, axis=-1), strict=True))
+        else:  # each [D, n·Dh] as one matmul
+            outs = {name: dense(spec, x_BxLxD, getattr(self, f"{name}_proj")[...], 1)
+                    for name in sizes}
+        q, k, v = (lora_update(self, spec, name, x_BxLxD, outs[name]).reshape(
+            b, l_, n, spec.head_dim) for name, n in sizes.items())
         if spec.qkv_bias:
             q = q + self.q_bias[...][None, None]
             k = k + self.k_bias[...][None, None]
@@ -444,8 +510,11 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
         d, f, dt = spec.hidden_size, spec.mlp_dim, spec.dtype
-        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), dt, d**-0.5)
-        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), dt, d**-0.5)
+        if spec.fused_projections:
+            self.gate_up_proj = _param(rngs, (2 * f, d), (None, "embed"), dt, d**-0.5)
+        else:
+            self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), dt, d**-0.5)
+            self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), dt, d**-0.5)
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dt, f**-0.5)
         self.activation = spec.mlp_activation
         add_lora_params(self, spec, {"gate": ((d,), ("embed",), (f,), ("mlp",)),
@@ -456,9 +525,14 @@ class MLP(nnx.Module):
     def __call__(self, x_BxLxD):
         """down(act(x·gate) ⊙ x·up); act = silu (SwiGLU) or tanh-approximate gelu (GeGLU)."""
         spec = self.spec
-        pre = lora_update(self, spec, "gate", x_BxLxD, dense(spec, x_BxLxD, self.gate_proj[...], 1))
+        if spec.fused_projections:
+            pre, up = jnp.split(dense(spec, x_BxLxD, self.gate_up_proj[...], 1), 2, axis=-1)
+        else:
+            pre = dense(spec, x_BxLxD, self.gate_proj[...], 1)
+            up = dense(spec, x_BxLxD, self.up_proj[...], 1)
+        pre = lora_update(self, spec, "gate", x_BxLxD, pre)
         gate = jax.nn.silu(pre) if self.activation == "silu" else jax.nn.gelu(pre, approximate=True)
-        up = lora_update(self, spec, "up", x_BxLxD, dense(spec, x_BxLxD, self.up_proj[...], 1))
+        up = lora_update(self, spec, "up", x_BxLxD, up)
         hidden = gate * up
         return lora_update(self, spec, "down", hidden, dense(spec, hidden, self.down_proj[...], 1))
 
@@ -537,7 +611,13 @@ def top_params(params: Params) -> Params:
 
 
 def embed_tokens(spec: ModelSpec, embed_VxD: jax.Array, tokens_BxL: jax.Array) -> jax.Array:
-    x = jnp.take(embed_VxD, tokens_BxL, axis=0)
+    if spec.out_major and embed_VxD.dtype == jnp.bfloat16:
+        # The rows as 16-bit integers: XLA:CPU gathers bf16 from a float32 copy of the whole
+        # table, made once per program run (not differentiable: the decode layout only).
+        bits = jnp.take(jax.lax.bitcast_convert_type(embed_VxD, jnp.uint16), tokens_BxL, axis=0)
+        x = jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+    else:
+        x = jnp.take(embed_VxD, tokens_BxL, axis=0)
     if spec.embed_scale != 1.0:
         # HF multiplies by the scale rounded to the weights' dtype (sqrt(D) in bf16).
         x = x * jnp.asarray(spec.embed_scale, x.dtype)
@@ -550,9 +630,7 @@ def head_logits(spec: ModelSpec, top: Params, x_BxLxD: jax.Array) -> jax.Array:
     # Tied: the embedding transposed (its weight gradient is a small [D, V] transpose).
     if spec.out_major:  # the tied embedding [V, D] is output-major already
         head = top["embed"] if spec.tie_embeddings else top["lm_head"]
-        logits = jax.lax.dot_general(x.astype(head.dtype), head, (((x.ndim - 1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-        return softcap(logits, spec.final_softcap)
+        return softcap(dot_out_major(x, head), spec.final_softcap)
     head = top["embed"].T if spec.tie_embeddings else top["lm_head"]
     return softcap(linear(x, head).astype(jnp.float32), spec.final_softcap)
 

@@ -275,3 +275,30 @@ def test_first_tokens_follow_the_models_distribution(tiny_model, meshes, tokeniz
     stderr_V = np.sqrt(p_V * (1 - p_V) / n)
     assert np.all(np.abs(freq_V - p_V) <= 4.5 * stderr_V + 1e-3), (freq_V, p_V)
     assert (p_V > 0.05).sum() >= 2  # a spread-out distribution, so the check has teeth
+
+
+def test_unsharded_sampler_joins_projections_and_draws_the_same(tiny_model, meshes, tokenizer):
+    # On one device the sampler holds q/k/v and gate/up joined (fewer products per step); on
+    # the tensor-parallel mesh it keeps them apart. Same key, same completions either way, and
+    # both hand back the weights they were given, in the model's own layout.
+    from jax.sharding import Mesh
+
+    from controller.config import JobConfig
+    from controller.topology import SubMesh
+
+    mdef, params = tiny_model
+    one = SubMesh("sampler", Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("dp", "tp")),
+                  dict(JobConfig().topology.sampler_rules))
+    cfg = SamplingConfig(max_new_tokens=6, temperature=1.0)
+    tokens, mask = _prompts(tokenizer, ["12=", "98765=", "4="], repeat=2)
+    outs = []
+    for submesh, fused in ((one, True), (meshes.sampler, False)):
+        s = JaxSampler(mdef, submesh, cfg, pad_id=tokenizer.pad_id, stop_ids=())
+        assert s.decode_mdef.spec.fused_projections is fused
+        s.load_weights(jax.device_put(params, s.shardings))
+        outs.append(s.generate(tokens, mask, jax.random.key(4)))
+        for got, want in zip(jax.tree.leaves(s.params), jax.tree.leaves(params), strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(outs[0].tokens_BxT), np.asarray(outs[1].tokens_BxT))
+    np.testing.assert_allclose(np.asarray(outs[0].logps_BxT), np.asarray(outs[1].logps_BxT),
+                               atol=1e-4)

@@ -34,7 +34,8 @@ def _logits(spec, params, tokens, mask):
     {"lora_rank": 2, "lora_alpha": 4.0, "lora_targets": ("q", "o", "up", "down"),
      "lora_dtype": jnp.float32},
 ])
-def test_out_major_weights_give_the_canonical_logits(variant):
+@pytest.mark.parametrize("fuse", [False, True])
+def test_out_major_weights_give_the_canonical_logits(variant, fuse):
     spec = dataclasses.replace(SPEC, **variant)
     params = init_params(spec, seed=3)
     # Nonzero biases and adapters, so that each is seen to be applied where it belongs.
@@ -45,14 +46,25 @@ def test_out_major_weights_give_the_canonical_logits(variant):
     tokens = jnp.asarray(rng.integers(1, 96, (3, 7)), jnp.int32)
     mask = jnp.asarray(np.arange(7)[None] >= np.array([[0], [2], [4]]))
     want = _logits(spec, params, tokens, mask)
-    moved = out_major_params(params)
-    got = _logits(dataclasses.replace(spec, out_major=True), moved, tokens, mask)
+    moved = out_major_params(params, fuse=fuse)
+    got = _logits(dataclasses.replace(spec, out_major=True, fused_projections=fuse), moved,
+                  tokens, mask)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
     # Every matmul weight moved its input axes last; everything else is the same array.
     layer = params["layers"][0]
-    assert moved["layers"][0]["attn"]["q_proj"].shape == (4, 8, 32)  # [N, Dh, D]
+    if fuse:  # q/k/v and gate/up joined on the output axis
+        assert moved["layers"][0]["attn"]["qkv_proj"].shape == (4 + 2 + 2, 8, 32)
+        assert moved["layers"][0]["mlp"]["gate_up_proj"].shape == (96, 32)
+        assert "q_proj" not in moved["layers"][0]["attn"]
+    else:
+        assert moved["layers"][0]["attn"]["q_proj"].shape == (4, 8, 32)  # [N, Dh, D]
     assert moved["layers"][0]["attn"]["o_proj"].shape == (32, 4, 8)  # [D, N, Dh]
     assert moved["layers"][0]["mlp"]["down_proj"].shape == (32, 48)
+    # And back: the canonical tree, exactly.
+    back = out_major_params(moved, inverse=True, fuse=fuse)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert moved["embed"] is params["embed"]
     assert moved["layers"][0]["input_norm"]["scale"] is layer["input_norm"]["scale"]
     if not spec.tie_embeddings:
