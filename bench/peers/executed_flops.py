@@ -169,7 +169,7 @@ def decode_step_flops(sampler: Any, generate_args: tuple) -> float:
     s = p + cfg.max_new_tokens - 1
 
     def body(params, tok_B, pos_B, valid_BxS, col, cache, rng):
-        logits_BxV, cache = decode_step(sampler.mdef, params, tok_B, pos_B, valid_BxS, col,
+        logits_BxV, cache = decode_step(sampler.decode_mdef, params, tok_B, pos_B, valid_BxS, col,
                                         cache)
         return sample_tokens(logits_BxV, rng, cfg.temperature, cfg.top_k, cfg.top_p), cache
 
