@@ -165,7 +165,14 @@ class Resharder:
     # -- the move --------------------------------------------------------------------------
 
     def transfer(self, tree: Any, target_shardings: Any) -> tuple[Any, TransferStats]:
+        """`tree` on `target_shardings` (a tree of the same structure), and its stats.
+
+        target_shardings None: the receiver has no device layout (vLLM copies host arrays
+        into its own engine), so the tree is handed over as it is: no move and no cast.
+        """
         start = time.perf_counter()
+        if target_shardings is None:
+            return tree, TransferStats(0, time.perf_counter() - start, method="none")
         leaves, treedef = jax.tree.flatten(tree)
         targets = jax.tree.leaves(target_shardings, is_leaf=_is_sharding)
         if len(targets) != len(leaves):

