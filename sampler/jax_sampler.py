@@ -110,13 +110,16 @@ class JaxSampler:
     def __init__(self, mdef: ModelDef, submesh: Any, cfg: SamplingConfig, *, pad_id: int,
                  stop_ids: tuple[int, ...], param_dtype: Any = None):
         self.mdef = mdef
-        # The programs run the model on weights held output-major (ModelSpec.out_major), moved
-        # once per push: each decode step streams them in the order its products read fastest.
-        # Unsharded weights also get q/k/v and gate/up joined: fewer, larger products.
+        # On one device the programs run the model on weights held output-major, q/k/v and
+        # gate/up joined (ModelSpec.out_major, fused_projections), moved once per push: each
+        # decode step streams them in the order its products read fastest. On a mesh of
+        # several devices the weights stay as pushed (measured: moving them there made the
+        # GRPO step's sampling slower, not faster).
         self.shardings = param_shardings(mdef, submesh)
-        fuse = all(s.is_fully_replicated for s in jax.tree.leaves(self.shardings))
-        self.decode_mdef = define_model(dataclasses.replace(mdef.spec, out_major=True,
-                                                            fused_projections=fuse))
+        one = submesh.size == 1
+        self.decode_mdef = (define_model(dataclasses.replace(mdef.spec, out_major=True,
+                                                             fused_projections=True))
+                            if one else mdef)
         self.submesh = submesh
         self.cfg = cfg
         self.pad_id = pad_id
@@ -134,9 +137,10 @@ class JaxSampler:
             lambda s: (s.shape, jnp.dtype(param_dtype) if param_dtype is not None
                        and jnp.issubdtype(s.dtype, jnp.floating) else s.dtype), mdef.shapes())
         self._decode_params: Any = None  # the pushed weights, matmul weights output-major
-        self._to_decode = jax.jit(lambda p: out_major_params(p, fuse=fuse))
-        self._to_canonical = jax.jit(lambda p: out_major_params(p, inverse=True, fuse=fuse),
-                                     out_shardings=self.shardings)
+        self._to_decode = (jax.jit(lambda p: out_major_params(p, fuse=True)) if one
+                           else lambda p: p)
+        self._to_canonical = (jax.jit(lambda p: out_major_params(p, inverse=True, fuse=True),
+                                      out_shardings=self.shardings) if one else lambda p: p)
         self._cache: tuple[tuple[int, int], list] | None = None  # ((B, S), donated buffer)
         self._traces = 0  # how many times generate was traced = compiled (see metrics())
         self._last: dict[str, Any] = {}
@@ -236,7 +240,9 @@ class JaxSampler:
             return r, key
 
         _, keys_T = jax.lax.scan(split, rng, None, length=n_new)
-        uniform_TxB = jax.vmap(lambda k: jax.random.uniform(k, (b,), jnp.float32))(keys_T)
+        uniform_TxB = jax.lax.with_sharding_constraint(  # split like the rows they draw for
+            jax.vmap(lambda k: jax.random.uniform(k, (b,), jnp.float32))(keys_T),
+            self.submesh.sharding((None, "batch"), (n_new, b)))
 
         def sample(logits_BxV, t=0):
             u_B = jax.lax.dynamic_index_in_dim(uniform_TxB, t, keepdims=False)

@@ -111,7 +111,7 @@ class ModelSpec:
     out_major: bool = False
     # With out_major only: q/k/v held as one weight `qkv_proj` [N + 2K, Dh, D] and gate/up as
     # `gate_up_proj` [2F, D] (`out_major_params(fuse=True)`): one product each per layer, for
-    # a sampler whose weights are not sharded (the split would cut across shards otherwise).
+    # a sampler on one device (the split would cut across shards otherwise).
     fused_projections: bool = False
 
     @property

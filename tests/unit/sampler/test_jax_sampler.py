@@ -277,10 +277,11 @@ def test_first_tokens_follow_the_models_distribution(tiny_model, meshes, tokeniz
     assert (p_V > 0.05).sum() >= 2  # a spread-out distribution, so the check has teeth
 
 
-def test_unsharded_sampler_joins_projections_and_draws_the_same(tiny_model, meshes, tokenizer):
-    # On one device the sampler holds q/k/v and gate/up joined (fewer products per step); on
-    # the tensor-parallel mesh it keeps them apart. Same key, same completions either way, and
-    # both hand back the weights they were given, in the model's own layout.
+def test_one_device_sampler_joins_projections_and_draws_the_same(tiny_model, meshes, tokenizer):
+    # On one device the sampler holds its weights output-major with q/k/v and gate/up joined
+    # (fewer products per step); on the tensor-parallel mesh it keeps them as pushed. Same
+    # key, same completions either way, and both hand back the weights they were given, in
+    # the model's own layout.
     from jax.sharding import Mesh
 
     from controller.config import JobConfig
