@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,33 +263,37 @@ FUSED = {"attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
 
 def _join_projections(params: Params) -> Params:
     """Output-major q/k/v -> qkv_proj and gate/up -> gate_up_proj, concatenated on axis 0."""
-    layers = {}
-    for i, layer in params["layers"].items():
-        layer = {**layer}
-        for part, (fused, names) in FUSED.items():
-            sub = {**layer[part]}
-            sub[fused] = jnp.concatenate([sub.pop(n) for n in names], axis=0)
-            layer[part] = sub
-        layers[i] = layer
-    return {**params, "layers": layers}
+    def join(sub: dict, fused: str, names: tuple[str, ...]) -> None:
+        sub[fused] = jnp.concatenate([sub.pop(n) for n in names], axis=0)
+
+    return _each_fused_part(params, join)
 
 
 def _split_projections(params: Params) -> Params:
     """The inverse of _join_projections: the parts' sizes are their heads (mlp: halves)."""
+    def split(sub: dict, fused: str, names: tuple[str, ...]) -> None:
+        w = sub.pop(fused)
+        if "o_proj" in sub:  # attention: N query heads (out-major o_proj [D, N, Dh]), K, K
+            n_q = sub["o_proj"].shape[1]
+            n_kv = (w.shape[0] - n_q) // 2
+            pieces = jnp.split(w, [n_q, n_q + n_kv], axis=0)
+        else:
+            pieces = jnp.split(w, 2, axis=0)
+        sub.update(zip(names, pieces, strict=True))
+
+    return _each_fused_part(params, split)
+
+
+def _each_fused_part(params: Params, change: Callable[[dict, str, tuple[str, ...]], None]
+                     ) -> Params:
+    """A copy of params where change(sub, fused name, part names) rewrote each layer's attn
+    and mlp dicts in place."""
     layers = {}
     for i, layer in params["layers"].items():
         layer = {**layer}
         for part, (fused, names) in FUSED.items():
-            sub = {**layer[part]}
-            w = sub.pop(fused)
-            if part == "attn":
-                n_q = layer["attn"]["o_proj"].shape[1]  # out-major o_proj: [D, N, Dh]
-                n_kv = (w.shape[0] - n_q) // 2
-                pieces = jnp.split(w, [n_q, n_q + n_kv], axis=0)
-            else:
-                pieces = jnp.split(w, 2, axis=0)
-            sub.update(zip(names, pieces, strict=True))
-            layer[part] = sub
+            layer[part] = {**layer[part]}
+            change(layer[part], fused, names)
         layers[i] = layer
     return {**params, "layers": layers}
 
