@@ -380,14 +380,15 @@ def test_model_path_config_errors(hf_dirs, tmp_path):
 
 def test_cli_run_from_a_hf_model_dir(tmp_path):
     # `tandem run model.path=<dir>`, in a fresh process with 8 simulated devices; the trained
-    # policy is exported and transformers loads it.
+    # policy is exported and transformers loads it. Weight decay changes every weight on each
+    # update, whatever the rewards: with 4 groups of 2 a random model's advantages can all be 0.
     model_dir = write_tiny_hf_model("qwen3", tmp_path / "qwen3")
     export = tmp_path / "trained"
     env = {**os.environ, **simulation_env(8), "COLUMNS": "120"}
     out = subprocess.run(
         [sys.executable, "-m", "controller.cli", "run", f"model.path={model_dir}",
          "run.steps=2", "run.progress=false", "data.prompts_per_step=4",
-         "sampling.group_size=2", f"run.export_hf_dir={export}"],
+         "sampling.group_size=2", "optimizer.weight_decay=0.1", f"run.export_hf_dir={export}"],
         capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"from {model_dir} (qwen3), 2 layers, d=32" in out.stdout
