@@ -250,11 +250,7 @@ class TurnSampler:
                 return jnp.zeros(tok_B.shape, bool)
             return jnp.isin(tok_B, stop_ids)
 
-        token = self.base.token_sampler(rng, n_new, b)  # as the single-turn sampler draws
-
-        def sample(logits_BxV, rng, t=0):
-            tok, lp, _ = token(logits_BxV, t)
-            return tok, lp, rng
+        sample = self.base.token_sampler(rng, n_new, b)  # as the single-turn sampler draws
 
         # FEED: what the cache lacks, at columns [col0, col0 + F); a fresh turn starts from a
         # zeroed buffer (a stale NaN in a masked column would leak through 0 * NaN).
@@ -275,7 +271,7 @@ class TurnSampler:
         pos_B = pos_B + jnp.sum(fmask_BxF, axis=1, dtype=jnp.int32)
 
         # SAMPLE token 0 of the turn for the live rows.
-        tok_B, lp_B, rng = sample(logits_BxV, rng)
+        tok_B, lp_B, _ = sample(logits_BxV)
         tok_B = jnp.where(live_B, tok_B, self.pad_id)
         tokens_BxT = jnp.full((b, n_new), self.pad_id, jnp.int32).at[:, 0].set(tok_B)
         logps_BxT = jnp.zeros((b, n_new), jnp.float32).at[:, 0].set(jnp.where(live_B, lp_B, 0))
@@ -289,24 +285,23 @@ class TurnSampler:
             return (t < n_new) & ~jnp.all(done_B)
 
         def body(carry):
-            t, cache, tok_B, tokens_BxT, logps_BxT, mask_BxT, done_B, valid_BxS, pos_B, rng = \
-                carry
+            t, cache, tok_B, tokens_BxT, logps_BxT, mask_BxT, done_B, valid_BxS, pos_B = carry
             col = c + t - 1
             fed_B = jax.lax.dynamic_index_in_dim(mask_BxT, t - 1, axis=1, keepdims=False)
             valid_BxS = jax.lax.dynamic_update_slice_in_dim(valid_BxS, fed_B[:, None], col, 1)
             logits_BxV, cache = decode_step(mdef, params, tok_B, pos_B, valid_BxS, col, cache)
             pos_B = pos_B + fed_B.astype(jnp.int32)
-            tok_B, lp_B, rng = sample(logits_BxV, rng, t)
+            tok_B, lp_B, _ = sample(logits_BxV, t)
             live_B = ~done_B
             tok_B, tokens_BxT, logps_BxT, mask_BxT = record_token(
                 tokens_BxT, logps_BxT, mask_BxT, tok_B, lp_B, live_B, t, self.pad_id)
             done_B = done_B | stopped(tok_B) | (t + 1 >= budget_B)
             return (t + 1, cache, tok_B, tokens_BxT, logps_BxT, mask_BxT, done_B, valid_BxS,
-                    pos_B, rng)
+                    pos_B)
 
         init = (jnp.int32(1), cache, tok_B, tokens_BxT, logps_BxT, mask_BxT, done_B, valid_BxS,
-                pos_B, rng)
-        t, cache, _, tokens_BxT, logps_BxT, mask_BxT, _, valid_BxS, pos_B, _ = \
+                pos_B)
+        t, cache, _, tokens_BxT, logps_BxT, mask_BxT, _, valid_BxS, pos_B = \
             jax.lax.while_loop(cond, body, init)
         cache = jax.lax.with_sharding_constraint(cache, cache_sh)
         # The longest row's length; a row whose last token is the t-th was never fed it.
