@@ -152,7 +152,7 @@ class Job:
         self.trainer = Trainer(self.policy_def, params, build_optimizer(cfg.optimizer, schedule),
                                self.meshes.trainer, cfg.algorithm, cfg.sampling.temperature,
                                lr_schedule=schedule, is_cap=cfg.schedule.is_cap,
-                               memory=cfg.trainer, adapters=adapters)
+                               memory=cfg.trainer, adapters=adapters, seed=cfg.run.seed)
         # The completions alone (prompt widths come with the data) must fit before any rollout.
         self.trainer.check_memory(cfg.data.prompts_per_step * cfg.sampling.group_size, 0,
                                   cfg.completion_tokens)

@@ -101,6 +101,13 @@ class LoraConfig(_Section):
     """Projections that get adapters: q, k, v, o (attention) and gate, up, down (MLP)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """The adapters' dtype (the base keeps model.dtype)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """p: in the update's policy forward each adapter's input is zeroed with probability p
+    (the rest scaled by 1 / (1 - p)), as PEFT's lora_dropout; the sampler, the reference and
+    recomputed π_old logprobs run without it. The masks follow run.seed and the update count,
+    so a resumed run draws the same ones. With p > 0 and one optimizer step per update,
+    sampler/logp_abs_diff compares the sampler with the dropped-out forward, so it reads above
+    float rounding."""
     sampler: Literal["merged", "unmerged"] = "merged"
     """How the sampler applies the adapters: "merged" folds W + (alpha / rank)·A·B into its
     own copy of the weights on its devices after each sync; "unmerged" runs the two small

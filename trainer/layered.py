@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from trainer import lora
 from trainer.logprobs import (
@@ -31,7 +32,7 @@ from trainer.logprobs import (
     with_attention_chunk,
 )
 from trainer.loss import aggregation_weights
-from trainer.model import Params, top_params
+from trainer.model import Params, lora_dropout_key, top_params
 from trainer.step import Batch, UpdateStep
 
 # The smallest model (in parameters) whose update runs as per-layer programs by default. The
@@ -90,8 +91,11 @@ class LayeredUpdate:
         h = run(self._embed_j, top, b, group=group)
         pullbacks = []
         for i in range(spec.num_layers):
+            # LoRA dropout: the update's count and the layer, from which the block's program
+            # draws the key the one-program update uses (optimizer step 0, microbatch 0).
+            dropout = (state["step"], np.int32(i)) if step.dropout else None
             h, pullback = run(self._block_fwd_j, *self._layer(trained, ref_params, i), h, b,
-                              sliding=spec.is_sliding(i), group=group)
+                              dropout, sliding=spec.is_sliding(i), group=group)
             pullbacks.append(pullback)
         aux, g_top, dh = run(self._head_j, top, h, b, ref_logps, off_policy, group=group)
         g_layers: list[Any] = [None] * spec.num_layers
@@ -163,7 +167,7 @@ class LayeredUpdate:
             embed_rows(self.step.mdef, top, b.prompt_tokens_BxP, b.completion_tokens_BxT, group))
 
     def _block(self, trained_l: Params, frozen_l: Params, h: Hidden, b: Batch, sliding: bool,
-               group: int, adapters_off: bool = False) -> Hidden:
+               group: int, adapters_off: bool = False, dropout: Any = None) -> Hidden:
         step = self.step
         if step.lora:
             params_l = lora.combine(frozen_l, lora.switched_off(trained_l) if adapters_off
@@ -171,16 +175,22 @@ class LayeredUpdate:
         else:
             params_l = trained_l
         mdef = with_attention_chunk(step.mdef, step.memory_plan(b).attention_chunk)
+        key = None
+        if dropout is not None:  # (update count, layer)
+            count, layer = dropout
+            key = lora_dropout_key(step.dropout_key(count, 0, 0), layer)
         return self._constrain_hidden(block_rows(
-            mdef, sliding, params_l, h, b.prompt_mask_BxP, b.completion_mask_BxT, group))
+            mdef, sliding, params_l, h, b.prompt_mask_BxP, b.completion_mask_BxT, group, key))
 
     def _block_fwd(self, trained_l: Params, frozen_l: Params, h: Hidden, b: Batch,
-                   sliding: bool, group: int) -> tuple[Hidden, Any]:
+                   dropout: Any, sliding: bool, group: int) -> tuple[Hidden, Any]:
         # (output, pullback: a pytree of the residuals the backward needs, as few as the
-        # checkpointing policy keeps); gradients for the trained params only.
+        # checkpointing policy keeps); gradients for the trained params only. dropout: see
+        # `__call__`.
         remat = self.step.memory_plan(b).remat
         return jax.vjp(rematerialized(
-            lambda p, x: self._block(p, frozen_l, x, b, sliding, group), remat), trained_l, h)
+            lambda p, x: self._block(p, frozen_l, x, b, sliding, group, dropout=dropout),
+            remat), trained_l, h)
 
     def _block_bwd(self, pullback: Any, dh: Hidden) -> tuple[Params, Hidden]:
         g_layer, dh = pullback(dh)

@@ -31,6 +31,7 @@ from trainer.model import (
     group_kv_to_rows,
     head_logits,
     linear,
+    lora_dropout_key,
     positions_from_mask,
     rms_norm,
     softcap,
@@ -71,13 +72,16 @@ def sequence_logprobs_and_entropy(mdef: ModelDef, params: Params, prompt_BxP, pr
                                   completion_BxT, completion_mask_BxT, temperature: float,
                                   group: int = 1, *, chunk: int | None = None,
                                   remat: str = "none", attention_chunk: int | None = None,
-                                  entropy_grad: bool = True) -> tuple[jax.Array, jax.Array]:
+                                  entropy_grad: bool = True, dropout_key: jax.Array | None = None
+                                  ) -> tuple[jax.Array, jax.Array]:
     """(log π(completion token | prefix), entropy of π there) per completion position.
 
     The logits at column j predict the token at column j + 1, so only the T columns P - 1 ..
     P + T - 2 go through the LM head, `chunk` positions of every row at a time when chunk is
     set (`chunked_head`). remat: what each block keeps for a backward pass (`rematerialized`).
     attention_chunk: each block's attention runs this many queries at a time (`Attention`).
+    dropout_key: LoRA dropout in this forward (the update's policy forward); layer i runs with
+    the key folded with i, as `Decoder` does.
 
     group > 1: rows come in consecutive groups of `group` that share one prompt (GRPO's G
     completions of a prompt). Each prompt then runs through the model once, as a prefill into a
@@ -94,11 +98,11 @@ def sequence_logprobs_and_entropy(mdef: ModelDef, params: Params, prompt_BxP, pr
     h = embed_rows(mdef, top, prompt_BxP, completion_BxT, group)
     blocks = with_attention_chunk(mdef, attention_chunk)
     for i in range(mdef.spec.num_layers):
-        sliding = mdef.spec.is_sliding(i)
+        sliding, key = mdef.spec.is_sliding(i), lora_dropout_key(dropout_key, i)
 
-        def block(p, x, sliding=sliding):
+        def block(p, x, sliding=sliding, key=key):
             return block_rows(blocks, sliding, p, x, prompt_mask_BxP, completion_mask_BxT,
-                              group)
+                              group, key)
 
         h = rematerialized(block, remat)(params["layers"][i], h)
     return head_rows(mdef, top, h, completion_BxT, temperature, group, chunk, entropy_grad)
@@ -151,25 +155,29 @@ def embed_rows(mdef: ModelDef, top: Params, prompt_BxP, completion_BxT, group: i
 
 
 def block_rows(mdef: ModelDef, sliding: bool, params_l: Params, h: Hidden, prompt_mask_BxP,
-               completion_mask_BxT, group: int) -> Hidden:
+               completion_mask_BxT, group: int, dropout_key: jax.Array | None = None
+               ) -> Hidden:
     """One block on the hidden states: for group > 1 the prompts first, into a KV cache that
-    each row's completion then attends to at cache columns [P, P + T)."""
+    each row's completion then attends to at cache columns [P, P + T). dropout_key: the
+    block's LoRA dropout key (for group > 1 folded with 0 for the prompts, 1 for the rest)."""
     spec = mdef.spec
     p, t = prompt_mask_BxP.shape[1], completion_mask_BxT.shape[1]
     mask_BxL = jnp.concatenate([prompt_mask_BxP, completion_mask_BxT], axis=1).astype(bool)
     if group == 1:
         x, _ = apply_block(spec, sliding, params_l, h[0], positions_from_mask(mask_BxL),
-                           causal_mask(mask_BxL, 0, p + t))
+                           causal_mask(mask_BxL, 0, p + t), dropout_key=dropout_key)
         return (x,)
     x_NxPxD, x_BxTxD = h
     pmask_NxP = group_firsts(prompt_mask_BxP, group).astype(bool)
     empty = tuple(jnp.zeros(shape, x_NxPxD.dtype)
                   for shape in cache_shapes(spec, x_NxPxD.shape[0], p))
     x_NxPxD, kv = apply_block(spec, sliding, params_l, x_NxPxD, positions_from_mask(pmask_NxP),
-                              causal_mask(pmask_NxP, 0, p), empty, 0)
+                              causal_mask(pmask_NxP, 0, p), empty, 0,
+                              lora_dropout_key(dropout_key, 0))
     x_BxTxD, _ = apply_block(spec, sliding, params_l, x_BxTxD,
                              positions_from_mask(mask_BxL)[:, p:], causal_mask(mask_BxL, p, t),
-                             group_kv_to_rows(spec, kv, group, t), p)
+                             group_kv_to_rows(spec, kv, group, t), p,
+                             lora_dropout_key(dropout_key, 1))
     return x_NxPxD, x_BxTxD
 
 

@@ -38,15 +38,17 @@ WEIGHTS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "
 
 
 def with_lora(spec: ModelSpec, rank: int, alpha: float, targets: tuple[str, ...],
-              dtype: Any) -> ModelSpec:
-    """spec with adapters of `rank` on `targets` (config names, see TARGETS)."""
+              dtype: Any, dropout: float = 0.0) -> ModelSpec:
+    """spec with adapters of `rank` on `targets` (config names, see TARGETS), whose inputs the
+    update's policy forward drops with probability `dropout`."""
     return dataclasses.replace(spec, lora_rank=rank, lora_alpha=alpha,
-                               lora_targets=tuple(targets), lora_dtype=jnp.dtype(dtype))
+                               lora_targets=tuple(targets), lora_dtype=jnp.dtype(dtype),
+                               lora_dropout=float(dropout))
 
 
 def configured(spec: ModelSpec, lc: LoraConfig) -> ModelSpec:
     """spec with the adapters model.lora asks for."""
-    return with_lora(spec, lc.rank, lc.scale_alpha, tuple(lc.targets), lc.dtype)
+    return with_lora(spec, lc.rank, lc.scale_alpha, tuple(lc.targets), lc.dtype, lc.dropout)
 
 
 def is_adapter(key: Any) -> bool:
@@ -150,7 +152,7 @@ def peft_config(spec: ModelSpec, base_model: str | None) -> dict[str, Any]:
     """PEFT's adapter_config.json for these adapters."""
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.lora_rank,
-        "lora_alpha": spec.lora_alpha, "lora_dropout": 0.0, "bias": "none",
+        "lora_alpha": spec.lora_alpha, "lora_dropout": spec.lora_dropout, "bias": "none",
         "target_modules": sorted(PEFT_MODULES[t].split(".")[-1] for t in spec.lora_targets),
         "base_model_name_or_path": base_model, "fan_in_fan_out": False,
         "inference_mode": True, "use_rslora": False, "use_dora": False,

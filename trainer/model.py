@@ -105,6 +105,9 @@ class ModelSpec:
     lora_alpha: float = 0.0
     lora_targets: tuple[str, ...] = ()
     lora_dtype: Any = None
+    # p: each adapter's input x is dropped elementwise with probability p (and the rest scaled
+    # by 1 / (1 - p)) in forwards given a dropout key, i.e. the update's policy forward only.
+    lora_dropout: float = 0.0
     # Matmul weights held output-major, [out..., in...] (`out_major_params`): the sampler's
     # decode layout. Each product is then x·Wᵀ with float32 accumulation, the form XLA:CPU's
     # dot streams fastest when a few rows meet a large weight (and, with bf16 weights, the one
@@ -363,12 +366,38 @@ def add_lora_params(module: nnx.Module, spec: ModelSpec,
             setattr(module, f"{name}_lora_b", _const((r, *out_shape), (None, *out_axes), dt, 0.0))
 
 
-def lora_update(module: nnx.Module, spec: ModelSpec, name: str, x: jax.Array, y: jax.Array
-                ) -> jax.Array:
-    """y + (alpha / rank) · (x·A)·B for projection `name` (y unchanged if it has no adapter).
-    x [..., in] is the projection's input flattened as its matmul takes it, y [..., out]."""
+# The adapters' order when a block's dropout key is split among them (`lora_dropout_key`).
+_LORA_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def lora_dropout_key(key: jax.Array | None, *path: int) -> jax.Array | None:
+    """`key` folded with each index of `path` (None stays None): the dropout key of one layer,
+    one call of a block, or one adapter, drawn from the update's key."""
+    for i in path:
+        if key is None:
+            return None
+        key = jax.random.fold_in(key, i)
+    return key
+
+
+def lora_dropped(spec: ModelSpec, x: jax.Array, key: jax.Array | None) -> jax.Array:
+    """x with each element kept with probability 1 - p and scaled by 1 / (1 - p), else zero
+    (p = spec.lora_dropout; PEFT's dropout before A). x itself without a key or with p = 0."""
+    p = spec.lora_dropout
+    if key is None or p == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - p, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - p, x.dtype), jnp.zeros((), x.dtype))
+
+
+def lora_update(module: nnx.Module, spec: ModelSpec, name: str, x: jax.Array, y: jax.Array,
+                dropout_key: jax.Array | None = None) -> jax.Array:
+    """y + (alpha / rank) · (dropout(x)·A)·B for projection `name` (y unchanged if it has no
+    adapter). x [..., in] is the projection's input flattened as its matmul takes it, y
+    [..., out]. dropout_key: the block's key (`lora_dropped`); None: no dropout."""
     if name not in spec.lora_targets:
         return y
+    x = lora_dropped(spec, x, lora_dropout_key(dropout_key, _LORA_NAMES.index(name)))
     r = spec.lora_rank
     a = getattr(module, f"{name}_lora_a")[...].reshape(-1, r)
     b = getattr(module, f"{name}_lora_b")[...].reshape(r, -1)
@@ -410,8 +439,10 @@ class Attention(nnx.Module):
         else:
             self.rope_theta, self.rope_scaling = spec.rope_theta, spec.rope_scaling
 
-    def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, kv=None, cache_index=None):
+    def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, kv=None, cache_index=None,
+                 dropout_key=None):
         """Attention; with `kv` (a (k, v) cache of length S) the new keys go in at cache_index.
+        dropout_key: the adapters' dropout key (`lora_update`).
 
         A sliding layer also masks keys W or more columns behind the query (HF's window counts
         cache columns too; rows are left-padded, so within a row columns and positions agree).
@@ -427,7 +458,7 @@ class Attention(nnx.Module):
         else:  # each [D, n·Dh] as one matmul
             outs = {name: dense(spec, x_BxLxD, getattr(self, f"{name}_proj")[...], 1)
                     for name in sizes}
-        q, k, v = (lora_update(self, spec, name, x_BxLxD, outs[name]).reshape(
+        q, k, v = (lora_update(self, spec, name, x_BxLxD, outs[name], dropout_key).reshape(
             b, l_, n, spec.head_dim) for name, n in sizes.items())
         if spec.qkv_bias:
             q = q + self.q_bias[...][None, None]
@@ -465,7 +496,8 @@ class Attention(nnx.Module):
         else:
             out = self._attend_by_chunks(q, k, v, mask_BxLxS, q_cols_L, kv is not None, chunk)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, l_, h * dh)
-        out = lora_update(self, spec, "o", out, dense(spec, out, self.o_proj[...], 2))
+        out = lora_update(self, spec, "o", out, dense(spec, out, self.o_proj[...], 2),
+                          dropout_key)
         if spec.o_bias:
             out = out + self.o_bias[...][None, None]
         return out, kv
@@ -527,19 +559,21 @@ class MLP(nnx.Module):
                                      "down": ((f,), ("mlp",), (d,), ("embed",))})
         self.spec = spec
 
-    def __call__(self, x_BxLxD):
-        """down(act(x·gate) ⊙ x·up); act = silu (SwiGLU) or tanh-approximate gelu (GeGLU)."""
+    def __call__(self, x_BxLxD, dropout_key=None):
+        """down(act(x·gate) ⊙ x·up); act = silu (SwiGLU) or tanh-approximate gelu (GeGLU).
+        dropout_key: the adapters' dropout key (`lora_update`)."""
         spec = self.spec
         if spec.fused_projections:
             pre, up = jnp.split(dense(spec, x_BxLxD, self.gate_up_proj[...], 1), 2, axis=-1)
         else:
             pre = dense(spec, x_BxLxD, self.gate_proj[...], 1)
             up = dense(spec, x_BxLxD, self.up_proj[...], 1)
-        pre = lora_update(self, spec, "gate", x_BxLxD, pre)
+        pre = lora_update(self, spec, "gate", x_BxLxD, pre, dropout_key)
         gate = jax.nn.silu(pre) if self.activation == "silu" else jax.nn.gelu(pre, approximate=True)
-        up = lora_update(self, spec, "up", x_BxLxD, up)
+        up = lora_update(self, spec, "up", x_BxLxD, up, dropout_key)
         hidden = gate * up
-        return lora_update(self, spec, "down", hidden, dense(spec, hidden, self.down_proj[...], 1))
+        return lora_update(self, spec, "down", hidden, dense(spec, hidden, self.down_proj[...], 1),
+                           dropout_key)
 
 
 class Block(nnx.Module):
@@ -557,13 +591,13 @@ class Block(nnx.Module):
         self.mlp = MLP(spec, rngs)
         self.sandwich = spec.sandwich_norm
 
-    def __call__(self, x, positions, mask, kv=None, cache_index=None):
-        h, kv = self.attn(self.input_norm(x), positions, mask, kv, cache_index)
+    def __call__(self, x, positions, mask, kv=None, cache_index=None, dropout_key=None):
+        h, kv = self.attn(self.input_norm(x), positions, mask, kv, cache_index, dropout_key)
         if self.sandwich:
             x = x + self.post_attn_norm(h)
-            return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x))), kv
+            return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x), dropout_key)), kv
         x = x + h
-        return x + self.mlp(self.post_attn_norm(x)), kv
+        return x + self.mlp(self.post_attn_norm(x), dropout_key), kv
 
 
 class Decoder(nnx.Module):
@@ -579,19 +613,21 @@ class Decoder(nnx.Module):
             self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), dt, d**-0.5)
 
     def __call__(self, tokens_BxL, positions_BxL, mask_BxLxS, cache=None, cache_index=None,
-                 logit_cols: slice | None = None):
+                 logit_cols: slice | None = None, dropout_key=None):
         """Returns (logits_BxLxV in float32, new cache or None).
 
         cache: a list of (k, v) per layer, k [B, K, Dh, S], v [B, K, S, Dh] (`init_cache`); the
         L new positions are written at `cache_index` and `mask_BxLxS` covers all S cache slots.
         logit_cols: compute logits only for these query columns (a static slice); the LM head
         is then applied to those hidden states alone (a prefill needs just the last one).
+        dropout_key: LoRA dropout in this forward (`lora_update`), layer i's key folded with i.
         """
         x = embed_tokens(self.spec, self.embed[...], tokens_BxL)
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.layers):
             kv = cache[i] if cache is not None else None
-            x, kv = layer(x, positions_BxL, mask_BxLxS, kv, cache_index)
+            x, kv = layer(x, positions_BxL, mask_BxLxS, kv, cache_index,
+                          lora_dropout_key(dropout_key, i))
             if new_cache is not None:
                 new_cache.append(kv)
         if logit_cols is not None:
@@ -648,12 +684,12 @@ def _block_def(spec: ModelSpec, sliding: bool) -> tuple[Any, Any]:
 
 
 def apply_block(spec: ModelSpec, sliding: bool, params_l: Params, x, positions, mask, kv=None,
-                cache_index=None):
+                cache_index=None, dropout_key=None):
     """One `Block` (a sliding-window one or not) on its pure params dict; see `Block`."""
     graphdef, abstract = _block_def(spec, sliding)
     state = jax.tree.map(lambda a: a, abstract)
     nnx.replace_by_pure_dict(state, params_l)
-    return nnx.merge(graphdef, state)(x, positions, mask, kv, cache_index)
+    return nnx.merge(graphdef, state)(x, positions, mask, kv, cache_index, dropout_key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -692,12 +728,14 @@ def init_params(spec: ModelSpec, seed: int) -> Params:
 
 
 def apply_model(mdef: ModelDef, params: Params, tokens_BxL, positions_BxL, mask_BxLxS,
-                cache=None, cache_index=None, logit_cols: slice | None = None):
+                cache=None, cache_index=None, logit_cols: slice | None = None,
+                dropout_key=None):
     """Runs the decoder on a pure params dict (call inside jit); see `Decoder.__call__`."""
     state = jax.tree.map(lambda x: x, mdef.abstract_state)  # a fresh State to fill
     nnx.replace_by_pure_dict(state, params)
     model = nnx.merge(mdef.graphdef, state)
-    return model(tokens_BxL, positions_BxL, mask_BxLxS, cache, cache_index, logit_cols)
+    return model(tokens_BxL, positions_BxL, mask_BxLxS, cache, cache_index, logit_cols,
+                 dropout_key)
 
 
 def positions_from_mask(mask_BxL: jax.Array) -> jax.Array:

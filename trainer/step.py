@@ -36,7 +36,7 @@ from trainer import lora
 from trainer.logprobs import sequence_logprobs_and_entropy
 from trainer.loss import KL_ESTIMATORS, aggregation_weights, grpo_loss, truncated_is_weights
 from trainer.memory import MemoryPlan, plan_memory
-from trainer.model import ModelDef, Params
+from trainer.model import ModelDef, Params, lora_dropout_key
 
 # The batch the programs take: a `trainer.trainer.TrainBatch` on the trainer mesh (its rows
 # split over the "batch" rule's axis). Typed Any: trainer.trainer imports this module.
@@ -56,7 +56,7 @@ class UpdateStep:
                  submesh: Any, algo: AlgorithmConfig, temperature: float, *,
                  lr_schedule: optax.Schedule | None, is_cap: float, state_shardings: Any,
                  compiler_options: dict[str, Any], memory: TrainerConfig | None = None,
-                 device_bytes: int | None = None, lora: bool = False):
+                 device_bytes: int | None = None, lora: bool = False, seed: int = 0):
         self.mdef = mdef
         self.shardings = shardings  # the params' shardings on the trainer mesh
         self.optimizer = optimizer
@@ -74,6 +74,7 @@ class UpdateStep:
         # LoRA (trainer/lora.py): the state's params are the adapters, and the programs' frozen
         # argument (`ref_params`) is the base, which is also the reference model.
         self.lora = lora
+        self.seed = seed  # LoRA dropout's masks come from this seed and the update's count
         # Times the update was traced (each trace is a compile): `update_step` for this
         # update, its last program for the layered one.
         self.traces = 0
@@ -139,15 +140,29 @@ class UpdateStep:
         return (self.algo.kl_penalty == "loss" and self.algo.uses_reference
                 and (self.lora or frozen is not None))
 
-    def logprobs_entropy(self, params: Params, b: Batch, group: int = 1
-                         ) -> tuple[jax.Array, jax.Array]:
-        """(log π, entropy of π) at every completion position of the batch, one forward."""
+    def logprobs_entropy(self, params: Params, b: Batch, group: int = 1,
+                         dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(log π, entropy of π) at every completion position of the batch, one forward;
+        with LoRA dropout when given a key (`dropout_key`)."""
         plan = self.memory_plan(b)
         return sequence_logprobs_and_entropy(
             self.mdef, params, b.prompt_tokens_BxP, b.prompt_mask_BxP, b.completion_tokens_BxT,
             b.completion_mask_BxT, self.temperature, group, chunk=plan.logits_chunk,
             remat=plan.remat, attention_chunk=plan.attention_chunk,
-            entropy_grad=self.algo.entropy_coef > 0)
+            entropy_grad=self.algo.entropy_coef > 0, dropout_key=dropout_key)
+
+    @property
+    def dropout(self) -> bool:
+        """Whether the update's policy forwards drop the adapters' inputs (LoRA dropout)."""
+        return self.lora and self.mdef.spec.lora_dropout > 0
+
+    def dropout_key(self, count: jax.Array, *path: Any) -> jax.Array | None:
+        """The LoRA dropout key of update number `count` (the state's "step"), folded with
+        `path` (optimizer step, microbatch): a pure function of the run's seed and the update,
+        so a resumed run draws the masks it would have drawn. None without dropout."""
+        if not self.dropout:
+            return None
+        return lora_dropout_key(jax.random.fold_in(jax.random.key(self.seed), count), *path)
 
     def policy_logprobs_rows(self, params: Params, frozen: Params | None, b: Batch,
                              group: int = 1) -> jax.Array:
@@ -291,9 +306,9 @@ class UpdateStep:
         data = {"b": b, "w": weights, "old": old_logps, "ref": ref_logps}
         data = jax.tree.map(lambda x: self.chunks(x, n_chunks), data)
 
-        def loss_fn(params, d):
+        def loss_fn(params, d, key):
             return self.loss(*self.logprobs_entropy(self.policy(params, ref_params), d["b"],
-                                                    group), d, off_policy)
+                                                    group, key), d, off_policy)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -304,12 +319,12 @@ class UpdateStep:
 
             def micro(g_acc, k):
                 d = jax.tree.map(lambda x: self.constrain_rows(x[mb_index * n_acc + k]), data)
-                (_, aux), g = grad_fn(params, d)
+                (_, aux), g = grad_fn(params, d, self.dropout_key(state["step"], i, k))
                 return jax.tree.map(jnp.add, g_acc, g), aux
 
             if n_acc == 1:  # no accumulation: no scan (and no zero gradient tree to add to)
                 d = jax.tree.map(lambda x: self.constrain_rows(x[mb_index]), data)
-                (_, aux), grads = grad_fn(params, d)
+                (_, aux), grads = grad_fn(params, d, self.dropout_key(state["step"], i, 0))
                 aux_K = jax.tree.map(lambda x: x[None], aux)
             else:
                 zeros = jax.tree.map(jnp.zeros_like, params)

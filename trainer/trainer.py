@@ -82,7 +82,8 @@ class Trainer:
                  submesh: Any, algo: AlgorithmConfig, temperature: float, *,
                  lr_schedule: optax.Schedule | None = None, is_cap: float = 2.0,
                  share_min_width: int = SHARE_MIN_WIDTH, layered: bool | None = None,
-                 memory: TrainerConfig | None = None, adapters: Params | None = None):
+                 memory: TrainerConfig | None = None, adapters: Params | None = None,
+                 seed: int = 0):
         self.mdef = mdef
         self.submesh = submesh
         self.algo = algo
@@ -127,7 +128,7 @@ class Trainer:
             lr_schedule=lr_schedule, is_cap=is_cap,
             state_shardings=jax.tree.map(lambda x: x.sharding, self.state),
             compiler_options=self._compiler_options, memory=memory,
-            device_bytes=self.device_bytes, lora=self.lora)
+            device_bytes=self.device_bytes, lora=self.lora, seed=seed)
         self._layered_update = LayeredUpdate(self._update_step)
         # None: layered for models of LAYERED_MIN_PARAMS or more (see there).
         size = param_count(params) + (param_count(self.base) if self.lora else 0)

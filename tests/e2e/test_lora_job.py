@@ -86,21 +86,24 @@ def test_unmerged_sampler_and_schedules_run_the_same_policy(tmp_path):
 
 
 def test_kill_9_then_resume_equals_uninterrupted_lora_run(tmp_path):
+    # With dropout: its masks follow the update count, so the resumed run draws the same ones.
     n = 8
+    lora_cfg = "model.lora={rank: 16, dropout: 0.1}"
     every = ["checkpoint.every_steps=2", "eval.enabled=false"]
-    with Job(load_config(overrides=[*SMALL, LORA, *every, f"run.steps={n}",
+    with Job(load_config(overrides=[*SMALL, lora_cfg, *every, f"run.steps={n}",
                                     f"run.output_dir={tmp_path / 'ref'}"])) as ref:
         ref.run()
         want = _host(ref.trainer.params)
 
     out = tmp_path / "killed"
-    proc = cli_run(out, LORA, *every, "run.steps=1000", "status.enabled=false")
+    proc = cli_run(out, lora_cfg, *every, "run.steps=1000", "status.enabled=false")
     wait_for_steps(proc, out, 5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     meta = json.loads(next(out.glob("checkpoints/*/meta/metadata")).read_text())
     assert meta["lora_base"].startswith("sha256:")
-    resume = [*SMALL, LORA, *every, f"run.steps={n}", f"run.output_dir={out}", "run.resume=true"]
+    resume = [*SMALL, lora_cfg, *every, f"run.steps={n}", f"run.output_dir={out}",
+              "run.resume=true"]
     with Job(load_config(overrides=resume)) as job:
         assert job.resumed_from is not None and job.resumed_from >= 2
         job.run()
@@ -113,7 +116,7 @@ def test_kill_9_then_resume_equals_uninterrupted_lora_run(tmp_path):
     with pytest.raises(ConfigError, match="trained on another base model"):
         Job(load_config(overrides=[*resume, "model.init_seed=7"]))
     with pytest.raises(ConfigError, match="holds LoRA adapters but model.lora is unset"):
-        Job(load_config(overrides=[r for r in resume if r != LORA]))
+        Job(load_config(overrides=[r for r in resume if r != lora_cfg]))
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if "corrupt" in p.name) == []
 
 

@@ -9,8 +9,16 @@ import pytest
 
 from controller.config import AlgorithmConfig, JobConfig
 from trainer import lora
-from trainer.logprobs import sequence_logprobs
-from trainer.model import ModelSpec, apply_model, causal_mask, define_model, init_params
+from trainer.logprobs import sequence_logprobs, sequence_logprobs_and_entropy
+from trainer.model import (
+    ModelSpec,
+    apply_model,
+    causal_mask,
+    define_model,
+    init_params,
+    lora_dropout_key,
+    lora_dropped,
+)
 from trainer.trainer import TrainBatch, Trainer
 
 B, P, T, V = 4, 3, 6, 61
@@ -39,12 +47,12 @@ def _random_adapters(lmdef, seed):
                         lora.split(lmdef.shapes())[1])
 
 
-def _forward(mdef, params, tokens):
+def _forward(mdef, params, tokens, dropout_key=None):
     mask = jnp.ones(tokens.shape, bool)
     pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    return np.asarray(jax.jit(lambda p: apply_model(mdef, p, tokens, pos,
-                                                    causal_mask(mask, 0, tokens.shape[1]))[0])(
-        params))
+    return np.asarray(jax.jit(lambda p, k: apply_model(
+        mdef, p, tokens, pos, causal_mask(mask, 0, tokens.shape[1]), dropout_key=k)[0])(
+        params, dropout_key))
 
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 9)), jnp.int32)
@@ -199,3 +207,81 @@ def test_lora_config_errors_name_the_field():
         JobConfig.model_validate({"model": {"lora": {"targets": ["x"]}}})
     c = JobConfig.model_validate({"model": {"lora": {"rank": 16}}}).model.lora
     assert c.scale_alpha == 32.0 and c.targets == list(ALL) and c.sampler == "merged"
+
+
+# -- dropout --------------------------------------------------------------------------------
+
+def test_dropout_zeroes_a_fraction_p_of_the_input_and_rescales_the_rest():
+    spec = lora.with_lora(_spec(), 4, 8.0, ALL, "float32", dropout=0.25)
+    x = jnp.full((400, 250), 3.0)
+    y = np.asarray(lora_dropped(spec, x, jax.random.key(0)))
+    dropped = y == 0
+    assert abs(dropped.mean() - 0.25) < 0.01
+    np.testing.assert_array_equal(y[~dropped], 4.0)  # 3 / (1 - 0.25)
+    assert abs(y.mean() - 3.0) < 0.03  # unbiased: E[dropout(x)] = x
+    # Another key, another mask; no key or p = 0: x untouched.
+    assert not np.array_equal(dropped, np.asarray(lora_dropped(spec, x, jax.random.key(1))) == 0)
+    assert lora_dropped(spec, x, None) is x
+    assert lora_dropped(_spec(lora_dropout=0.0), x, jax.random.key(0)) is x
+
+
+def test_dropout_acts_on_the_adapter_path_only(model):
+    mdef, base, _ = model
+    lmdef = define_model(lora.with_lora(mdef.spec, 4, 8.0, ALL, "float32", dropout=0.5))
+    adapters = _random_adapters(lmdef, 1)
+    params = lora.combine(base, adapters)
+    key = jax.random.key(3)
+    plain = _forward(lmdef, params, TOKENS)
+    dropped = _forward(lmdef, params, TOKENS, key)
+    assert np.abs(dropped - plain).max() > 0.1
+    np.testing.assert_array_equal(_forward(lmdef, params, TOKENS, key), dropped)  # same key
+    assert np.abs(_forward(lmdef, params, TOKENS, jax.random.key(4)) - dropped).max() > 0.1
+    # Zero adapters: the base exactly, whatever the dropout draws (the base path keeps x).
+    off = lora.combine(base, lora.switched_off(adapters))
+    np.testing.assert_array_equal(_forward(lmdef, off, TOKENS, key), _forward(mdef, base, TOKENS))
+
+
+@pytest.mark.parametrize("layered", [False, True])
+def test_an_update_with_dropout_follows_the_gradient_through_the_dropped_forward(
+        model, meshes, layered):
+    # One SGD step with p = 0.3: the adapters move by -lr ∇ of the REINFORCE loss through the
+    # forward with the masks of update 0 (run seed 5, optimizer step 0, microbatch 0), the same
+    # masks in the one-program and the per-layer update; not by the gradient without dropout.
+    mdef, base, _ = model
+    lmdef = define_model(lora.with_lora(mdef.spec, 4, 8.0, ALL, "float32", dropout=0.3))
+    adapters = _random_adapters(lmdef, 4)
+    batch = _batch()
+    lr = 0.3
+    trainer = Trainer(lmdef, _host(base), optax.sgd(lr), meshes.trainer,
+                      AlgorithmConfig(beta=0.0), 1.0, layered=layered, adapters=_host(adapters),
+                      seed=5)
+    trainer.update(batch)
+    b = jax.tree.map(jnp.asarray, batch)
+    key = lora_dropout_key(jax.random.fold_in(jax.random.key(5), 0), 0, 0)
+
+    def loss(a, k):
+        lp, _ = sequence_logprobs_and_entropy(
+            lmdef, lora.combine(base, a), b.prompt_tokens_BxP, b.prompt_mask_BxP,
+            b.completion_tokens_BxT, b.completion_mask_BxT, 1.0, dropout_key=k)
+        m = b.completion_mask_BxT.astype(jnp.float32)
+        return -jnp.sum(b.advantages_B[:, None] * lp * m) / jnp.sum(m)
+
+    got = jax.tree.leaves(_host(trainer.params))
+    for k, close in ((key, True), (None, False)):
+        g = jax.jit(jax.grad(loss))(adapters, k)
+        want = jax.tree.leaves(_host(jax.tree.map(lambda x, gx: x - lr * gx, adapters, g)))
+        gap = max(np.abs(x - y).max() for x, y in zip(got, want, strict=True))
+        assert (gap < 2e-6) if close else (gap > 1e-4), (k, gap)
+    assert all(np.array_equal(x, y) for x, y in zip(
+        jax.tree.leaves(_host(trainer.base)), jax.tree.leaves(base), strict=True))
+
+
+def test_dropout_config_and_peft_config():
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"model\.lora\.dropout"):
+            JobConfig.model_validate({"model": {"lora": {"dropout": bad}}})
+    c = JobConfig.model_validate({"model": {"lora": {"dropout": 0.05}}}).model.lora
+    spec = lora.configured(_spec(), c)
+    assert spec.lora_dropout == 0.05
+    assert lora.peft_config(spec, None)["lora_dropout"] == 0.05
+    assert JobConfig.model_validate({"model": {"lora": {}}}).model.lora.dropout == 0.0
