@@ -111,7 +111,10 @@ class LoraConfig(_Section):
     sampler: Literal["merged", "unmerged"] = "merged"
     """How the sampler applies the adapters: "merged" folds W + (alpha / rank)·A·B into its
     own copy of the weights on its devices after each sync; "unmerged" runs the two small
-    matmuls beside each projection in every forward."""
+    matmuls beside each projection in every forward. With sampling.backend=vllm, "merged"
+    pushes whole merged weights after each update; "unmerged" loads the base into vLLM once
+    and then hands it only the adapters, which it serves with its LoRA support (merged pushes
+    where vLLM cannot)."""
 
     @field_validator("targets")
     @classmethod

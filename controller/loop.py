@@ -124,16 +124,25 @@ class AdapterSync:
     """LoRA's weight sync: the frozen base moves to the sampler's layout once, then after each
     update only the adapters move, and the sampler's params are put together on its devices:
     "merged" folds W + (alpha / rank)·A·B into a copy of each weight (the sampler runs the plain
-    model), "unmerged" hands it the base and the adapters (it runs the model with adapters)."""
+    model), "unmerged" hands it the base and the adapters (it runs the model with adapters).
+
+    vLLM has no device layout to move to: "unmerged" hands it the base and the adapters, and it
+    loads the base once and serves each new adapter set with its own LoRA support
+    (`VllmSampler.enable_adapters`); "merged", and "unmerged" where vLLM cannot serve the
+    adapters, push whole merged weights after each update."""
 
     def __init__(self, trainer: Trainer, sampler: Sampler, resharder: Resharder, mode: str):
+        from sampler.vllm_backend import VllmSampler
         from trainer import lora
         from trainer.model import param_shardings
 
         self.trainer, self.sampler, self.resharder = trainer, sampler, resharder
         self.spec = trainer.mdef.spec
         self.base: Any = None  # the base on the sampler's devices, after the first push
-        if sampler.shardings is None:  # vLLM: it takes whole merged weights by HF name
+        # vLLM with its LoRA support: only the adapters move after the first push.
+        self.vllm_adapters = (isinstance(sampler, VllmSampler) and mode == "unmerged"
+                              and sampler.enable_adapters(trainer.mdef))
+        if sampler.shardings is None:  # vLLM: it takes host arrays by HF name
             return
         self.base_shardings, self.adapter_shardings = lora.split(
             param_shardings(trainer.mdef, sampler.submesh))
@@ -145,6 +154,13 @@ class AdapterSync:
 
     def weights(self) -> tuple[Any, Any]:
         """(the sampler's new params, TransferStats of the adapters' move)."""
+        from trainer import lora
+
+        if self.vllm_adapters:
+            # vLLM copies host arrays itself (nothing moves on devices); what it takes after
+            # the first push is the adapters, so their bytes are the push's.
+            adapters, stats = self.resharder.transfer(self.trainer.params, None)
+            return lora.combine(self.trainer.base, adapters), stats
         if self.sampler.shardings is None:
             return self.resharder.transfer(self.trainer.merged_params(), None)
         if self.base is None:

@@ -168,11 +168,13 @@ class Resharder:
         """`tree` on `target_shardings` (a tree of the same structure), and its stats.
 
         target_shardings None: the receiver has no device layout (vLLM copies host arrays
-        into its own engine), so the tree is handed over as it is: no move and no cast.
+        into its own engine), so the tree is handed over as it is, uncast; its bytes are what
+        the receiver takes (method "handover").
         """
         start = time.perf_counter()
         if target_shardings is None:
-            return tree, TransferStats(0, time.perf_counter() - start, method="none")
+            return tree, TransferStats(tree_bytes(tree), time.perf_counter() - start,
+                                       method="handover")
         leaves, treedef = jax.tree.flatten(tree)
         targets = jax.tree.leaves(target_shardings, is_leaf=_is_sharding)
         if len(targets) != len(leaves):

