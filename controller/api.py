@@ -198,13 +198,15 @@ class Job:
             write_text(as_path(cfg.run.output_dir) / "config.yaml", cfg.to_yaml())
         if self.status_server is not None:
             from controller.status.server import topology_message
-            from trainer.lora import split
+            from trainer.model import param_shardings
 
-            # The model's own weights, without adapters, on both sides.
+            # Every param the trainer holds (with LoRA the base and the adapters), and its
+            # layout on the sampler's devices (none for vLLM, which places weights itself).
             self.status_server.set_topology(topology_message(
-                self.meshes, self.trainer.base_shardings or self.trainer.shardings,
-                split(self.sampler.shardings)[0] if self.sampler.shardings else None,
-                self.model_def.shapes(), cfg.topology.backend))
+                self.meshes, param_shardings(self.policy_def, self.meshes.trainer),
+                param_shardings(self.policy_def, self.meshes.sampler)
+                if self.sampler.shardings is not None else None,
+                self.policy_def.shapes(), cfg.topology.backend))
         self.board.set_phase(Phase.IDLE)
 
     _PHASES: ClassVar[dict[str, Phase]] = {

@@ -115,7 +115,8 @@ def metrics_reply(records: list[StepRecord]) -> pb.MetricsReply:
 
 def topology_message(meshes: Any, trainer_shardings: Any, sampler_shardings: Any,
                      shapes: Any, backend: str) -> pb.TopologyReply:
-    """Devices, the two sub-meshes (controller.topology.SubMesh) and per-parameter specs.
+    """Devices, the two sub-meshes (controller.topology.SubMesh) and per-parameter specs
+    (sampler_shardings None: a sampler that places weights itself; its specs are empty).
 
     Built once, on the loop's thread, when the job has its meshes; served as is afterwards.
     """
@@ -136,12 +137,13 @@ def topology_message(meshes: Any, trainer_shardings: Any, sampler_shardings: Any
             dst.rules[logical] = physical or ""
     flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
     t_leaves = jax.tree.leaves(trainer_shardings)
-    s_leaves = jax.tree.leaves(sampler_shardings)
+    s_leaves = (jax.tree.leaves(sampler_shardings) if sampler_shardings is not None
+                else [None] * len(t_leaves))
     for (path, leaf), t, s in zip(flat_shapes, t_leaves, s_leaves, strict=True):
         name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         reply.params.append(pb.ParamSharding(
             path=name, shape=[int(x) for x in leaf.shape], dtype=str(leaf.dtype),
-            trainer_spec=str(t.spec), sampler_spec=str(s.spec)))
+            trainer_spec=str(t.spec), sampler_spec="" if s is None else str(s.spec)))
     return reply
 
 

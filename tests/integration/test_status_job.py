@@ -7,6 +7,7 @@ import sys
 import threading
 
 import grpc
+import jax
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -255,3 +256,29 @@ def test_watchers_of_a_running_job_share_each_step():
     assert [m.step for m in steps] == [1, 2, 3, 4]
     assert [m.values["reward/mean"] for m in steps] == [m["reward/mean"] for m in job.metrics]
     assert stats.step_messages_built == 4
+
+
+def test_a_lora_job_serves_its_adapter_sync_and_adapters():
+    # With LoRA, what a client sees of the weight sync is the adapters' bytes (the base moved
+    # once, before step 1), and the topology lists the adapters with the params they train.
+    from trainer import lora
+
+    job = Job(load_config(overrides=[*TINY, "run.steps=3", "status.port=0",
+                                     "model.lora={rank: 4, targets: [q, down]}",
+                                     "eval.enabled=false"]))
+    client = StatusClient(job.status_address)
+    try:
+        job.run()
+        adapter_bytes = lora.adapter_bytes(job.trainer.params)
+        full_bytes = sum(x.nbytes for x in jax.tree.leaves(job.trainer.base)) + adapter_bytes
+        latest = client.metrics(window=3)
+        assert latest.latest.step == 3
+        assert latest.latest.values["reshard/bytes"] == adapter_bytes < full_bytes / 4
+        assert latest.windowed["reshard/bytes"].max == adapter_bytes
+        params = {p.path: p for p in client.topology().params}
+        assert len(params) == 9 + 2 + 4  # the base's, and A and B of q and down
+        b = params["layers/0/mlp/down_lora_b"]  # [rank, embed]
+        assert list(b.shape) == [4, 16] and b.trainer_spec == "P(None, 'fsdp')"
+    finally:
+        client.close()
+        job.close()
