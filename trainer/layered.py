@@ -4,7 +4,8 @@ For one optimizer step on one microbatch (μ = 1, one minibatch, no accumulation
 GRPO setting) this computes what `UpdateStep.update` (trainer/step.py) computes, as separate
 jitted programs: the reference logprobs; the embedding; each block's forward, which returns its
 pullback (a pytree of the residuals its backward needs); the head and loss with their gradient;
-each block's backward, last block first; the embedding's backward and the optimizer step.
+each block's backward, last block first; the embedding's backward (added in place to the
+head's gradient of a tied embedding); the optimizer step.
 
 Why: XLA compiles a block once however many layers share its kind, so the first update
 compiles ~2 of the model's L blocks' worth of code instead of 2·L; and each program's
@@ -37,10 +38,10 @@ from trainer.step import Batch, UpdateStep
 
 # The smallest model (in parameters) whose update runs as per-layer programs by default. The
 # layered update compiles each kind of block once rather than every layer, and keeps each
-# program's temporaries small; in exchange, each of its programs (3 + 2·L for L layers, 5 + 3·L
-# with the reference model's KL in the loss) costs a launch on every device, with its
-# collectives. Below this size the update is short enough that those launches cost more than
-# the smaller compile and temporaries save.
+# program's temporaries small; in exchange, each of its programs (4 + 2·L for L layers, 6 + 3·L
+# with the reference model's KL in the loss, one fewer under LoRA) costs a launch on every
+# device, with its collectives. Below this size the update is short enough that those
+# launches cost more than the smaller compile and temporaries save.
 LAYERED_MIN_PARAMS = 1_000_000
 
 
@@ -70,6 +71,10 @@ class LayeredUpdate:
                                 compiler_options=opts)
         self._block_bwd_j = jax.jit(self._block_bwd, compiler_options=opts)
         self._head_j = jax.jit(self._head, static_argnames=("group",), compiler_options=opts)
+        self._embed_grad_j = jax.jit(self._embed_grad, donate_argnums=(0,),
+                                     static_argnames=("group",),
+                                     out_shardings=top_params(step.shardings),
+                                     compiler_options=opts)
         self._finish_j = jax.jit(self._finish, donate_argnums=(0,), static_argnames=("group",),
                                  out_shardings=(step.state_shardings, step.submesh.replicated()),
                                  compiler_options=opts)
@@ -101,7 +106,9 @@ class LayeredUpdate:
         g_layers: list[Any] = [None] * spec.num_layers
         for i in reversed(range(spec.num_layers)):
             g_layers[i], dh = run(self._block_bwd_j, pullbacks.pop(), dh)  # frees residuals
-        return run(self._finish_j, state, g_top, g_layers, dh, b, aux, group=group)
+        if not step.lora:  # the embedding lookup's gradient, added to the head's in place
+            g_top = run(self._embed_grad_j, g_top, dh, b, group=group)
+        return run(self._finish_j, state, g_top, g_layers, b, aux, group=group)
 
     def _layer(self, trained: Params, frozen: Params | None, i: int) -> tuple[Params, Params]:
         """Layer i's (trained params, frozen params): under LoRA its adapters and its base
@@ -145,6 +152,8 @@ class LayeredUpdate:
         out = traced.out_info
         if fn is self._block_fwd_j:
             return rows(out[0]), None
+        if fn is self._embed_grad_j:
+            return like(out, top_params(step.shardings))
         if fn is self._head_j:
             aux, g_top, dh = out
             return (jax.tree.map(lambda o: like(o, step.submesh.replicated()), aux),
@@ -222,20 +231,23 @@ class LayeredUpdate:
                 jax.lax.with_sharding_constraint(g_top, top_params(step.shardings)),
                 self._constrain_hidden(dh))
 
-    def _finish(self, state, g_top: Params, g_layers: list[Params], dh: Hidden,
-                b: Batch, aux: dict[str, jax.Array], group: int):
+    def _embed_grad(self, g_top: Params, dh: Hidden, b: Batch, group: int) -> Params:
+        # g_top (donated) with the embedding lookup's gradient added to the embedding's (the
+        # tied head's, or zero): XLA scatters dh into the donated buffer, so no second [V, D]
+        # array exists (in `_finish` it would sit beside the optimizer's temporaries).
+        step = self.step
+        _, embed_pullback = jax.vjp(
+            lambda e: embed_rows(step.mdef, {"embed": e}, b.prompt_tokens_BxP,
+                                 b.completion_tokens_BxT, group), g_top["embed"])
+        (g_embed,) = embed_pullback(dh)
+        return {**g_top, "embed": g_top["embed"] + g_embed}
+
+    def _finish(self, state, g_top: Params, g_layers: list[Params], b: Batch,
+                aux: dict[str, jax.Array], group: int):
         step = self.step
         step.traces += 1  # Python side effect: runs once per trace, not per call
         params = state["params"]
-        if step.lora:
-            grads = {"layers": dict(enumerate(g_layers))}
-        else:
-            _, embed_pullback = jax.vjp(
-                lambda e: embed_rows(step.mdef, {"embed": e}, b.prompt_tokens_BxP,
-                                     b.completion_tokens_BxT, group), params["embed"])
-            (g_embed,) = embed_pullback(dh)
-            grads = {**g_top, "embed": g_top["embed"] + g_embed,
-                     "layers": dict(enumerate(g_layers))}
+        grads = {**g_top, "layers": dict(enumerate(g_layers))}
         aux_K = jax.tree.map(lambda x: x[None], aux)
         params, opt_state, aux = step.apply_grads(params, state["opt_state"], grads, aux_K,
                                                   state["step"])

@@ -214,22 +214,31 @@ def head_rows(mdef: ModelDef, top: Params, h: Hidden, completion_BxT, temperatur
 
 # -- the head by chunks of the sequence --------------------------------------------------------
 
+# The head weight's gradient is summed into its float32 total one vocabulary block at a time,
+# each block's share at most this many bytes: the backward holds no second [V, D] array.
+HEAD_GRAD_BLOCK_BYTES = 16 * 2**20
+
+
 def chunked_head(spec: ModelSpec, top: Params, x_BxTxD: jax.Array, tokens_BxT: jax.Array,
-                 temperature: float, chunk: int, entropy_grad: bool = True
-                 ) -> tuple[jax.Array, jax.Array]:
+                 temperature: float, chunk: int, entropy_grad: bool = True,
+                 vocab_block: int | None = None) -> tuple[jax.Array, jax.Array]:
     """(log p_τ(token), H(p_τ)) at every position of x, the head's input hidden states, with
     at most [B, chunk, V] logits alive at once, in the forward and in the backward.
 
     The final norm runs on the whole of x (its activations are [B, T, D]); the LM head, the
     soft-cap and the tempered log-softmax run `chunk` positions at a time under a custom VJP
     whose residuals are the normed hidden states, the head weight and the tokens. Its backward
-    recomputes each chunk's logits and pulls the chunk's cotangents back through them, summing
-    the weight's gradient over chunks in float32. A chunk that does not divide T is padded with
+    recomputes each chunk's logits and pulls the chunk's cotangents back through them, adding
+    the weight's gradient to its float32 total `vocab_block` vocabulary entries at a time (None:
+    blocks of HEAD_GRAD_BLOCK_BYTES), in place. A chunk that does not divide T is padded with
     position 0's token; the padded positions' outputs are cut off and their cotangents are zero.
     """
     x_BxTxD = rms_norm(x_BxTxD, top["final_norm"]["scale"], spec.norm_eps, spec.norm_plus_one)
     w = top["embed"] if spec.tie_embeddings else top["lm_head"]
-    opts = _HeadOpts(spec.tie_embeddings, spec.final_softcap, temperature, chunk, entropy_grad)
+    if vocab_block is None:
+        vocab_block = max(1, HEAD_GRAD_BLOCK_BYTES // (4 * spec.hidden_size))
+    opts = _HeadOpts(spec.tie_embeddings, spec.final_softcap, temperature, chunk, entropy_grad,
+                     vocab_block)
     return _head_by_chunks(opts, x_BxTxD, w, tokens_BxT)
 
 
@@ -240,12 +249,22 @@ class _HeadOpts:
     temperature: float
     chunk: int
     entropy_grad: bool
+    vocab_block: int  # vocabulary entries per block of the weight gradient's sum
+
+
+def _chunk_logits(o: _HeadOpts, x_BxCxD, w):
+    """One chunk's logits before the soft-cap, in the weights' dtype (as `head_logits`)."""
+    return linear(x_BxCxD, w.T if o.tied else w)
 
 
 def _chunk_logprobs_entropy(o: _HeadOpts, x_BxCxD, w, tokens_BxC):
     """One chunk's (logprob, entropy), computed as `head_logits` and
     `token_logprobs_and_entropy` compute them."""
-    logits = linear(x_BxCxD, w.T if o.tied else w).astype(jnp.float32)
+    return _logprobs_entropy_of(o, _chunk_logits(o, x_BxCxD, w), tokens_BxC)
+
+
+def _logprobs_entropy_of(o: _HeadOpts, logits_BxCxV, tokens_BxC):
+    logits = logits_BxCxV.astype(jnp.float32)
     logp_BxCxV = tempered_log_softmax(softcap(logits, o.softcap), o.temperature)
     chosen = jnp.take_along_axis(logp_BxCxV, tokens_BxC[..., None], axis=-1)[..., 0]
     if not o.entropy_grad:
@@ -299,13 +318,44 @@ def _head_by_chunks_bwd(o: _HeadOpts, res, cotangents):
     g_ent, _ = _padded(o, cotangents[1])
 
     def one(dw_acc, i):
-        _, pull = jax.vjp(lambda x, w_: _chunk_logprobs_entropy(o, x, w_, _cols(tp, i, o.chunk)),
-                          _cols(xp, i, o.chunk), w)
-        dx, dw = pull((_cols(g_lp, i, o.chunk), _cols(g_ent, i, o.chunk)))
-        return dw_acc + dw.astype(jnp.float32), dx
+        x_BxCxD = _cols(xp, i, o.chunk)
+        logits = _chunk_logits(o, x_BxCxD, w)
+        _, pull = jax.vjp(lambda z: _logprobs_entropy_of(o, z, _cols(tp, i, o.chunk)), logits)
+        (dz_BxCxV,) = pull((_cols(g_lp, i, o.chunk), _cols(g_ent, i, o.chunk)))
+        # The products `linear`'s backward forms, x·Wᵀ's for the tied head: dx = dz·W and, per
+        # vocabulary block, dW = dzᵀ·x (tied, [V, D]) or xᵀ·dz (untied, [D, V]).
+        dx = jax.lax.dot_general(dz_BxCxV, w.astype(dz_BxCxV.dtype),
+                                 (((2,), (0 if o.tied else 1,)), ((), ())))
+        return _add_weight_grad(o, dw_acc, _rows(dz_BxCxV), _rows(x_BxCxD)), dx.astype(xp.dtype)
 
     dw, dx_NxBxCxD = jax.lax.scan(one, jnp.zeros(w.shape, jnp.float32), jnp.arange(n))
     return _unchunk(dx_NxBxCxD, t), dw.astype(w.dtype), None
+
+
+def _rows(a: jax.Array) -> jax.Array:
+    return a.reshape(-1, a.shape[-1])
+
+
+def _add_weight_grad(o: _HeadOpts, dw_acc, dz_RxV, x_RxD):
+    """dw_acc (float32, the head weight's shape) plus this chunk's weight gradient, computed
+    and added one vocabulary block at a time, each block written back in place."""
+    axis = 0 if o.tied else 1  # the vocabulary axis of the weight
+    v, vb = dz_RxV.shape[1], o.vocab_block
+    x_RxD = x_RxD.astype(dz_RxV.dtype)
+
+    def add(acc, start, size):
+        dz_b = jax.lax.dynamic_slice_in_dim(dz_RxV, start, size, axis=1)
+        dims = (((0,), (0,)), ((), ()))
+        g = (jax.lax.dot_general(dz_b, x_RxD, dims) if o.tied
+             else jax.lax.dot_general(x_RxD, dz_b, dims))
+        cur = jax.lax.dynamic_slice_in_dim(acc, start, size, axis=axis)
+        return jax.lax.dynamic_update_slice_in_dim(acc, cur + g.astype(jnp.float32), start,
+                                                   axis=axis)
+
+    full, tail = divmod(v, vb)
+    if full:
+        dw_acc = jax.lax.fori_loop(0, full, lambda j, acc: add(acc, j * vb, vb), dw_acc)
+    return add(dw_acc, full * vb, tail) if tail else dw_acc
 
 
 _head_by_chunks.defvjp(_head_by_chunks_fwd, _head_by_chunks_bwd)

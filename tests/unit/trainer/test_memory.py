@@ -41,10 +41,12 @@ def _rel(a, b) -> float:
 
 @pytest.mark.parametrize("variant", ["tied", "untied-softcap"])
 @pytest.mark.parametrize("chunk", [1, 3, 4, 7, 50])
-def test_chunked_head_equals_the_whole_head_with_gradients(variant, chunk):
+@pytest.mark.parametrize("vocab_block", [10, 97, None])
+def test_chunked_head_equals_the_whole_head_with_gradients(variant, chunk, vocab_block):
     # Chunks that divide T (1, 7), that do not (3, 4) and one longer than T: the same log-probs,
     # entropies and gradients (w.r.t. the hidden states, the head weight and the final norm),
-    # at temperature 0.7, with cotangents on both outputs.
+    # at temperature 0.7, with cotangents on both outputs. The weight's gradient summed by
+    # vocabulary blocks of 10 (nine blocks and a tail of 7), of all 97, or the default.
     spec = _spec(tie_embeddings=variant == "tied",
                  final_softcap=None if variant == "tied" else 5.0)
     k = jax.random.split(jax.random.key(0), 7)
@@ -64,7 +66,8 @@ def test_chunked_head_equals_the_whole_head_with_gradients(variant, chunk):
 
     (_, (lp0, e0)), g0 = objective(
         lambda top, x: token_logprobs_and_entropy(head_logits(spec, top, x), tok, 0.7))
-    (_, (lp1, e1)), g1 = objective(lambda top, x: chunked_head(spec, top, x, tok, 0.7, chunk))
+    (_, (lp1, e1)), g1 = objective(lambda top, x: chunked_head(spec, top, x, tok, 0.7, chunk,
+                                                               vocab_block=vocab_block))
     assert lp1.shape == (B, T) and e1.shape == (B, T)
     assert _rel(lp1, lp0) <= 1e-6 and _rel(e1, e0) <= 1e-6
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
@@ -151,6 +154,29 @@ def test_chunks_shrink_the_compiled_programs_memory():
     whole = _gradient_temp_bytes(spec, 256, chunk=None)
     chunked = _gradient_temp_bytes(spec, 256, chunk=16)
     assert whole >= 2 * (4 * 256 * 32768 * 4) and chunked < whole / 4, (whole, chunked)
+
+
+def test_the_head_weight_gradient_is_summed_in_place():
+    # Tied head at vocabulary 32,768, d=256: the [V, D] weight gradient (32 MiB) is the
+    # program's output; by vocabulary blocks of 1,024 its backward holds no second [V, D] array
+    # (each block's share is 1 MiB), only a chunk's logits and their derivatives. In one block
+    # XLA:CPU computes the chunk's whole share before adding it.
+    v, d, rows, t, chunk = 32768, 256, 4, 64, 8
+    spec = _spec(vocab_size=v, hidden_size=d)
+    top = {"embed": jax.ShapeDtypeStruct((v, d), jnp.float32),
+           "final_norm": {"scale": jax.ShapeDtypeStruct((d,), jnp.float32)}}
+    x = jax.ShapeDtypeStruct((rows, t, d), jnp.float32)
+    tok = jax.ShapeDtypeStruct((rows, t), jnp.int32)
+
+    def temp_bytes(vocab_block):
+        def loss(top, x, tok):
+            return jnp.sum(chunked_head(spec, top, x, tok, 1.0, chunk, False, vocab_block)[0])
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(top, x, tok).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    weight, chunk_logits = v * d * 4, rows * chunk * v * 4
+    whole, blocked = temp_bytes(v), temp_bytes(1024)
+    assert whole >= weight and blocked < weight and blocked < 4 * chunk_logits, (whole, blocked)
 
 
 def test_attention_chunks_shrink_the_compiled_programs_memory():
