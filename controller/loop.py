@@ -141,7 +141,9 @@ class AdapterSync:
         self.base: Any = None  # the base on the sampler's devices, after the first push
         # vLLM with its LoRA support: only the adapters move after the first push.
         self.vllm_adapters = (isinstance(sampler, VllmSampler) and mode == "unmerged"
-                              and sampler.enable_adapters(trainer.mdef))
+                              and sampler.enable_adapters(
+                                  trainer.mdef, lora.split,
+                                  lora.peft_writer(self.spec, sampler.model_dir)))
         if sampler.shardings is None:  # vLLM: it takes host arrays by HF name
             return
         self.base_shardings, self.adapter_shardings = lora.split(

@@ -30,12 +30,13 @@ LoRA (`model.lora`), by `model.lora.sampler`:
   job may override). `load_weights` then takes the policy's params (base and adapters), loads
   the base only when its arrays are not the ones it loaded last (in a job: once, at the
   start), and hands vLLM each adapter set through `LLM.llm_engine.add_lora`, written as a PEFT
-  directory (trainer/lora.py's `peft_named_arrays` and `peft_config`) in a temporary
-  directory removed as soon as vLLM has read it. Each set gets a new id and name (vLLM loads
-  an id it already holds only once, and its prefix cache keys KV blocks by adapter name),
-  every generate names it in its `LoRARequest`, and the set before is removed: one set is
-  held at a time. After the first push only the adapters' bytes move (`reshard/bytes`);
-  `sampler/adapter_loads` counts the sets, `sampler/weight_loads` the whole-weight loads.
+  directory (by the caller's functions: trainer/lora.py's `split` and `peft_writer`, which
+  this package does not import) in a temporary directory removed as soon as vLLM has read
+  it. Each set gets a new id and name (vLLM loads an id it already holds only once, and its
+  prefix cache keys KV blocks by adapter name), every generate names it in its
+  `LoRARequest`, and the set before is removed: one set is held at a time. After the first
+  push only the adapters' bytes move (`reshard/bytes`); `sampler/adapter_loads` counts the
+  sets, `sampler/weight_loads` the whole-weight loads.
   vLLM computes the adapters in the model's dtype (its `lora_dtype` has no float32); on the
   float32 test model its logprobs match the trainer's to ~2e-6.
 - Where vLLM cannot serve the adapters (a rank above its largest, an engine that refuses LoRA
@@ -98,7 +99,6 @@ import numpy as np
 
 from controller.config import ConfigError, SamplingConfig
 from sampler.base import Completions, check_weights
-from trainer import lora
 
 log = logging.getLogger(__name__)
 
@@ -254,15 +254,22 @@ def lora_slot_rank(rank: int) -> int | None:
     return min((r for r in typing.get_args(MaxLoRARanks) if r >= rank), default=None)
 
 
-def write_peft_dir(path: str, spec: Any, adapters: Any, base_model: str) -> None:
+# LoRA params as the sampler needs them, given by the caller (trainer/lora.py's `split` and
+# `peft_writer`): params -> (base, adapters); adapters -> (PEFT-named arrays, its config).
+SplitAdapters = Callable[[Any], tuple[Any, Any]]
+PeftFiles = Callable[[Any], tuple[dict[str, Any], dict[str, Any]]]
+
+
+def write_peft_dir(path: str, peft: PeftFiles, adapters: Any) -> None:
     """`adapters` as a PEFT adapter directory: adapter_config.json and
     adapter_model.safetensors, with PEFT's names (what vLLM's LoRA loader reads)."""
     from safetensors.torch import save_file
 
-    tensors = {n: to_torch(a) for n, a in lora.peft_named_arrays(spec, adapters).items()}
-    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    arrays, config = peft(adapters)
+    save_file({n: to_torch(a) for n, a in arrays.items()},
+              os.path.join(path, "adapter_model.safetensors"))
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump(lora.peft_config(spec, base_model), f)
+        json.dump(config, f)
 
 
 def _mentions_lora(error: BaseException) -> bool:
@@ -328,6 +335,8 @@ class VllmSampler:
         # Under enable_adapters: the adapters' ModelSpec, the request every generate names (the
         # adapter set vLLM holds), the ids handed out so far, and the base leaves last loaded.
         self._lora_spec: Any = None
+        self._split: SplitAdapters | None = None
+        self._peft: PeftFiles | None = None
         self._lora_request: Any = None
         self._lora_ids = 0
         self._base_leaves: list[Any] | None = None
@@ -352,11 +361,12 @@ class VllmSampler:
         # are) or runs in its own (VLLM_ENABLE_V1_MULTIPROCESSING=1: weights go as bytes).
         self._in_process = type(self._llm.llm_engine.engine_core).__name__ == "InprocClient"
 
-    def enable_adapters(self, policy: Any) -> bool:
+    def enable_adapters(self, policy: Any, split: SplitAdapters, peft: PeftFiles) -> bool:
         """Starts the engine with vLLM's LoRA support for the adapters of `policy` (a ModelDef
         whose spec has a LoRA rank); `load_weights` then takes the policy's params, base and
-        adapters (`lora.combine`), loads the base into the engine only when its arrays are not
-        the ones last loaded, and hands vLLM the adapters as a new adapter set each time.
+        adapters, cuts them apart with `split`, loads the base into the engine only when its
+        arrays are not the ones last loaded, and hands vLLM the adapters, written by `peft`
+        as a PEFT directory, as a new adapter set each time.
 
         Returns False, with one warning saying why, where vLLM cannot serve these adapters
         (the rank is above vLLM's largest, the engine refuses LoRA for this model or platform,
@@ -389,9 +399,8 @@ class VllmSampler:
             return False
         # A trial set of zero adapters (the base's forward) checks, before any push, that vLLM
         # takes every targeted module; it stays the served set until the first push.
-        self._lora_spec = spec
-        zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
-                             lora.split(policy.shapes())[1])
+        self._lora_spec, self._split, self._peft = spec, split, peft
+        zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), split(policy.shapes())[1])
         try:
             self._add_adapters(zeros)
         except Exception as e:  # a module vLLM has no LoRA layer for, a rank it rejects, ...
@@ -416,7 +425,7 @@ class VllmSampler:
         if self._lora_spec is None:
             self._load_hf(params)
             return
-        base, adapters = lora.split(params)
+        base, adapters = self._split(params)
         leaves = jax.tree.leaves(base)
         if self._base_leaves is None or any(
                 a is not b for a, b in zip(leaves, self._base_leaves, strict=True)):
@@ -449,7 +458,7 @@ class VllmSampler:
         self._lora_ids += 1
         engine = self.llm.llm_engine
         with tempfile.TemporaryDirectory(prefix=ADAPTER_PREFIX) as path:
-            write_peft_dir(path, self._lora_spec, adapters, self.model_dir)
+            write_peft_dir(path, self._peft, adapters)
             request = LoRARequest(f"{ADAPTER_PREFIX}{self._lora_ids}", self._lora_ids, path)
             engine.add_lora(request)
         old, self._lora_request = self._lora_request, request

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -146,6 +147,13 @@ def peft_named_arrays(spec: ModelSpec, adapters: Params) -> dict[str, np.ndarray
             out[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.T)
             out[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.T)
     return out
+
+
+def peft_writer(spec: ModelSpec, base_model: str | None
+                ) -> Callable[[Params], tuple[dict[str, np.ndarray], dict[str, Any]]]:
+    """adapters -> (their PEFT-named arrays, adapter_config.json): what a sampler that loads
+    PEFT adapters (vLLM's LoRA support) writes."""
+    return lambda adapters: (peft_named_arrays(spec, adapters), peft_config(spec, base_model))
 
 
 def peft_config(spec: ModelSpec, base_model: str | None) -> dict[str, Any]:

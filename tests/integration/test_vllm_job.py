@@ -195,7 +195,7 @@ def _lora_backend(tmp_path, engine_args=None):
 def test_vllm_lora_adapters_follow_each_push(tmp_path):
     mdef, pdef, base, vs = _lora_backend(tmp_path)
     dirs = _adapter_dirs()
-    assert vs.enable_adapters(pdef)
+    assert vs.enable_adapters(pdef, lora.split, lora.peft_writer(pdef.spec, vs.model_dir))
     first, second = _random_adapters(pdef, 1), _random_adapters(pdef, 2)
 
     vs.load_weights(lora.combine(base, first))
@@ -233,7 +233,7 @@ def test_vllm_without_lora_support_falls_back_to_merged_pushes(tmp_path, monkeyp
     mdef, pdef, base, vs = _lora_backend(
         tmp_path, {"max_lora_rank": 1} if refusal == "rank" else None)
     with caplog.at_level(logging.WARNING, logger="sampler.vllm_backend"):
-        assert not vs.enable_adapters(pdef)
+        assert not vs.enable_adapters(pdef, lora.split, lora.peft_writer(pdef.spec, vs.model_dir))
     warnings = [r.getMessage() for r in caplog.records if r.name == "sampler.vllm_backend"]
     assert len(warnings) == 1 and "pushing merged weights" in warnings[0], warnings
 
