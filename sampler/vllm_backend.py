@@ -332,9 +332,9 @@ class VllmSampler:
         self._user_args = user
         self._llm: Any = None
         self._in_process = True
-        # Under enable_adapters: the adapters' ModelSpec, the request every generate names (the
-        # adapter set vLLM holds), the ids handed out so far, and the base leaves last loaded.
-        self._lora_spec: Any = None
+        # Under enable_adapters (None otherwise): how params split into base and adapters, how
+        # adapters become PEFT files, the request every generate names (the adapter set vLLM
+        # holds), the ids handed out so far, and the base leaves last loaded.
         self._split: SplitAdapters | None = None
         self._peft: PeftFiles | None = None
         self._lora_request: Any = None
@@ -399,12 +399,12 @@ class VllmSampler:
             return False
         # A trial set of zero adapters (the base's forward) checks, before any push, that vLLM
         # takes every targeted module; it stays the served set until the first push.
-        self._lora_spec, self._split, self._peft = spec, split, peft
+        self._split, self._peft = split, peft
         zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), split(policy.shapes())[1])
         try:
             self._add_adapters(zeros)
         except Exception as e:  # a module vLLM has no LoRA layer for, a rank it rejects, ...
-            self._lora_spec = self._lora_request = None
+            self._split = self._peft = self._lora_request = None
             log.warning("vLLM LoRA adapters: vLLM rejected the adapters (%s); pushing merged "
                         "weights instead", e)
             return False
@@ -422,7 +422,7 @@ class VllmSampler:
         import jax
 
         check_weights(params, self._expected, None)  # vLLM places shards itself
-        if self._lora_spec is None:
+        if self._split is None:
             self._load_hf(params)
             return
         base, adapters = self._split(params)

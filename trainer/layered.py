@@ -33,7 +33,7 @@ from trainer.logprobs import (
     with_attention_chunk,
 )
 from trainer.loss import aggregation_weights
-from trainer.model import Params, lora_dropout_key, top_params
+from trainer.model import Params, top_params
 from trainer.step import Batch, UpdateStep
 
 # The smallest model (in parameters) whose update runs as per-layer programs by default. The
@@ -187,7 +187,7 @@ class LayeredUpdate:
         key = None
         if dropout is not None:  # (update count, layer)
             count, layer = dropout
-            key = lora_dropout_key(step.dropout_key(count, 0, 0), layer)
+            key = step.dropout_key(count, 0, 0, layer)
         return self._constrain_hidden(block_rows(
             mdef, sliding, params_l, h, b.prompt_mask_BxP, b.completion_mask_BxT, group, key))
 

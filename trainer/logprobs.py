@@ -34,6 +34,7 @@ from trainer.model import (
     lora_dropout_key,
     positions_from_mask,
     rms_norm,
+    rows_2d,
     softcap,
     to_rows,
     top_params,
@@ -326,14 +327,11 @@ def _head_by_chunks_bwd(o: _HeadOpts, res, cotangents):
         # vocabulary block, dW = dzᵀ·x (tied, [V, D]) or xᵀ·dz (untied, [D, V]).
         dx = jax.lax.dot_general(dz_BxCxV, w.astype(dz_BxCxV.dtype),
                                  (((2,), (0 if o.tied else 1,)), ((), ())))
-        return _add_weight_grad(o, dw_acc, _rows(dz_BxCxV), _rows(x_BxCxD)), dx.astype(xp.dtype)
+        return (_add_weight_grad(o, dw_acc, rows_2d(dz_BxCxV), rows_2d(x_BxCxD)),
+                dx.astype(xp.dtype))
 
     dw, dx_NxBxCxD = jax.lax.scan(one, jnp.zeros(w.shape, jnp.float32), jnp.arange(n))
     return _unchunk(dx_NxBxCxD, t), dw.astype(w.dtype), None
-
-
-def _rows(a: jax.Array) -> jax.Array:
-    return a.reshape(-1, a.shape[-1])
 
 
 def _add_weight_grad(o: _HeadOpts, dw_acc, dz_RxV, x_RxD):

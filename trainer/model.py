@@ -196,7 +196,7 @@ def _linear_fwd(x, w):
     return x @ w, (x, w)
 
 
-def _rows(a: jax.Array) -> jax.Array:
+def rows_2d(a: jax.Array) -> jax.Array:
     """[..., N] -> [rows, N] (free for a row-major array): a 2-D dot that contracts its rows
     reads both operands in place, where one contracting several leading axes gets a transposed
     copy of an operand first."""
@@ -206,7 +206,7 @@ def _rows(a: jax.Array) -> jax.Array:
 def _linear_bwd(res, dy):
     x, w = res
     dx = jax.lax.dot_general(dy, w.astype(dy.dtype), (((dy.ndim - 1,), (1,)), ((), ())))
-    dw = jax.lax.dot_general(_rows(x).astype(dy.dtype), _rows(dy), (((0,), (0,)), ((), ())))
+    dw = jax.lax.dot_general(rows_2d(x).astype(dy.dtype), rows_2d(dy), (((0,), (0,)), ((), ())))
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -225,7 +225,7 @@ def dot_out_major(x: jax.Array, w_OxI: jax.Array) -> jax.Array:
     """x [..., I] · w_OxIᵀ -> float32 [..., O], as one 2-D product: with x of more than two
     axes XLA:CPU rewrites the product with the weight transposed to [I, O], and copies every
     weight to that layout before the products run."""
-    y = jax.lax.dot_general(_rows(x).astype(w_OxI.dtype), w_OxI, (((1,), (1,)), ((), ())),
+    y = jax.lax.dot_general(rows_2d(x).astype(w_OxI.dtype), w_OxI, (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)
     return y.reshape(*x.shape[:-1], w_OxI.shape[0])
 
@@ -373,9 +373,9 @@ _LORA_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 def lora_dropout_key(key: jax.Array | None, *path: int) -> jax.Array | None:
     """`key` folded with each index of `path` (None stays None): the dropout key of one layer,
     one call of a block, or one adapter, drawn from the update's key."""
+    if key is None:
+        return None
     for i in path:
-        if key is None:
-            return None
         key = jax.random.fold_in(key, i)
     return key
 

@@ -158,8 +158,9 @@ class UpdateStep:
 
     def dropout_key(self, count: jax.Array, *path: Any) -> jax.Array | None:
         """The LoRA dropout key of update number `count` (the state's "step"), folded with
-        `path` (optimizer step, microbatch): a pure function of the run's seed and the update,
-        so a resumed run draws the masks it would have drawn. None without dropout."""
+        `path` (optimizer step, microbatch, then layer for one block's key): a pure function
+        of the run's seed and the update, so a resumed run draws the masks it would have drawn.
+        None without dropout."""
         if not self.dropout:
             return None
         return lora_dropout_key(jax.random.fold_in(jax.random.key(self.seed), count), *path)
