@@ -77,3 +77,13 @@ def gcs():
     gcs_emulator.use_in_this_process(emulator)
     yield emulator
     emulator.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that used the GCS emulator reports what the emulator printed."""
+    report = yield
+    emulator = getattr(item, "funcargs", {}).get("gcs")
+    if report.failed and emulator is not None:
+        report.sections.append(("GCS emulator log (tail)", emulator.log_tail()))
+    return report

@@ -16,7 +16,8 @@ from helpers.gcs_emulator import BUCKET, forget_listings
 from controller.config import as_path
 from controller.topology import simulation_env
 
-pytestmark = pytest.mark.e2e  # each test runs whole jobs
+pytestmark = [pytest.mark.e2e,  # each test runs whole jobs
+              pytest.mark.timeout(360)]  # a stalled emulator fails these, not the whole run
 
 ROOT = Path(__file__).parents[2]
 SMALL = ["data.prompts_per_step=4", "sampling.group_size=4", "run.progress=false"]
@@ -28,7 +29,7 @@ def _env(gcs, **extra: str) -> dict[str, str]:
     return {**os.environ, **simulation_env(8), **gcs.env, **extra}
 
 
-def _tandem(gcs, *args: str, env: dict[str, str] | None = None, timeout: float = 600
+def _tandem(gcs, *args: str, env: dict[str, str] | None = None, timeout: float = 240
             ) -> subprocess.CompletedProcess:
     out = subprocess.run([sys.executable, "-m", "controller.cli", *args], cwd=ROOT,
                          env=env or _env(gcs), capture_output=True, text=True, timeout=timeout)

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -25,7 +26,11 @@ BUCKET = "tandem-test"
 class Emulator:
     proc: subprocess.Popen
     url: str
+    log: Path  # the server's stderr: a file, so a chatty server never blocks on a full pipe
     env: dict[str, str] = field(default_factory=dict)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -44,12 +49,17 @@ def _free_port() -> int:
 def start(timeout_s: float = 30.0) -> Emulator:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "helpers.gcs_emulator_server", "start", "--host", "127.0.0.1",
-         "--port", str(port), "--in-memory", "--default-bucket", BUCKET, "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(Path(__file__).parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])})
+    log = Path(tempfile.mkstemp(prefix="gcs-emulator-", suffix=".log")[1])
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "helpers.gcs_emulator_server", "start", "--host",
+             "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", BUCKET,
+             "--quiet"],
+            stdout=subprocess.DEVNULL, stderr=stderr,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                [str(Path(__file__).parents[1]),
+                 *filter(None, [os.environ.get("PYTHONPATH")])])})
+    emulator = Emulator(proc, url, log)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -58,10 +68,10 @@ def start(timeout_s: float = 30.0) -> Emulator:
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"the GCS emulator did not start: {proc.stderr.read()}"
+                raise RuntimeError(f"the GCS emulator did not start: {emulator.log_tail()}"
                                    ) from None
             time.sleep(0.1)
-    env = {
+    emulator.env = {
         "STORAGE_EMULATOR_HOST": url,  # gcsfs
         "FSSPEC_GCS_TOKEN": "anon",  # gcsfs: no Application Default Credentials to look up
         # gcsfs's hierarchical-namespace probe speaks gRPC, which the emulator does not.
@@ -69,7 +79,7 @@ def start(timeout_s: float = 30.0) -> Emulator:
         "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore (orbax's arrays)
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # tensorstore's credentials
     }
-    return Emulator(proc, url, env)
+    return emulator
 
 
 def use_in_this_process(emulator: Emulator) -> None:

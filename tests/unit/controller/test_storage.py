@@ -2,6 +2,9 @@
 
 import json
 import os
+import socket
+import struct
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,24 @@ from helpers.gcs_emulator import BUCKET
 from controller.config import absolute_path, as_path, load_config
 from controller.metrics import MetricsLog
 from controller.storage import STAGING_ENV, append_text, stage, staged_inputs, upload_dir
+
+pytestmark = pytest.mark.timeout(180)  # a stalled emulator fails these, not the whole run
+
+
+def test_the_emulator_answers_after_printing_more_than_a_pipe_holds(gcs):
+    """Clients that drop connections (as gcsfs and tensorstore do) make the emulator print a
+    traceback each; more than a pipe's 64 KiB of them must not stall it."""
+    host, port = gcs.url.removeprefix("http://").rsplit(":", 1)
+    start = gcs.log.stat().st_size
+    for _ in range(200):
+        if gcs.log.stat().st_size - start > 80 * 1024:
+            break
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+            s.sendall(f"GET /storage/v1/b/{BUCKET}/o HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert gcs.log.stat().st_size - start > 64 * 1024
+    with urllib.request.urlopen(f"{gcs.url}/storage/v1/b/{BUCKET}", timeout=10) as answer:
+        assert json.load(answer)["name"] == BUCKET
 
 
 def test_gs_paths_stay_urls_through_config_and_joins(monkeypatch, tmp_path):
