@@ -723,10 +723,10 @@ class TrainerConfig(_Section):
     outputs and recomputes the rest (attention scores, norms, activations). "auto": "none" when
     the estimated activations fit in a quarter of a trainer device's memory, else "block"."""
     attention_chunk: int | None = Field(None, ge=1)
-    """Queries whose attention scores exist at once in a block of the update ([rows, heads,
-    chunk, keys] float32 instead of [rows, heads, length, keys]); each chunk is recomputed in
-    the backward. None: all queries while their scores take at most 256 MiB per device, else
-    the largest chunk that does."""
+    """Queries a block of the update runs at once: their attention scores ([rows, heads,
+    chunk, keys] float32 instead of [rows, heads, length, keys]), output projection and MLP;
+    each chunk is recomputed in the backward. None: all queries while their scores take at
+    most 256 MiB per device, else the largest chunk that does."""
 
 
 class ReshardConfig(_Section):

@@ -17,8 +17,9 @@ from typing import Any
 # cacheability: a smaller heap is reused by malloc instead of mapped and faulted in on every
 # call, but XLA cannot write a program with several heaps to the persistent compile cache.
 # 16 MB is below glibc's 32 MB ceiling, so every heap is reusable, and above the temporaries of
-# a small model's update or of one of the layered update's per-block programs, which therefore
-# keep one heap and stay cached; only a large monolithic update is split.
+# a small model's update, which therefore keeps one heap and stays cached; only a large
+# monolithic update is split. The layered update (trainer/layered.py) does not split its
+# per-block programs: past a heap's size, heaps stop buffers from sharing memory.
 CPU_HEAP_LIMIT_BYTES = 16 << 20
 
 

@@ -60,7 +60,10 @@ class LayeredUpdate:
 
     def __init__(self, step: UpdateStep):
         self.step = step
-        opts = step.compiler_options
+        # No CPU heap split (trainer/cpu_heap.py): a program's temporaries here are one
+        # block's, and where they outgrow a heap, each large buffer gets a heap of its own that
+        # no other buffer shares, which at long sequences doubles what the program holds.
+        opts: dict[str, Any] = {}
         # One compile per program and kind of layer (sliding or global attention).
         self._head_logps_j = jax.jit(self._head_logps, static_argnames=("group",),
                                      compiler_options=opts)

@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 
 from trainer.model import (
+    CausalMask,
     ModelDef,
     ModelSpec,
     Params,
     apply_block,
     cache_shapes,
-    causal_mask,
     embed_tokens,
     group_firsts,
     group_kv_to_rows,
@@ -166,17 +166,17 @@ def block_rows(mdef: ModelDef, sliding: bool, params_l: Params, h: Hidden, promp
     mask_BxL = jnp.concatenate([prompt_mask_BxP, completion_mask_BxT], axis=1).astype(bool)
     if group == 1:
         x, _ = apply_block(spec, sliding, params_l, h[0], positions_from_mask(mask_BxL),
-                           causal_mask(mask_BxL, 0, p + t), dropout_key=dropout_key)
+                           CausalMask(mask_BxL, 0, p + t), dropout_key=dropout_key)
         return (x,)
     x_NxPxD, x_BxTxD = h
     pmask_NxP = group_firsts(prompt_mask_BxP, group).astype(bool)
     empty = tuple(jnp.zeros(shape, x_NxPxD.dtype)
                   for shape in cache_shapes(spec, x_NxPxD.shape[0], p))
     x_NxPxD, kv = apply_block(spec, sliding, params_l, x_NxPxD, positions_from_mask(pmask_NxP),
-                              causal_mask(pmask_NxP, 0, p), empty, 0,
+                              CausalMask(pmask_NxP, 0, p), empty, 0,
                               lora_dropout_key(dropout_key, 0))
     x_BxTxD, _ = apply_block(spec, sliding, params_l, x_BxTxD,
-                             positions_from_mask(mask_BxL)[:, p:], causal_mask(mask_BxL, p, t),
+                             positions_from_mask(mask_BxL)[:, p:], CausalMask(mask_BxL, p, t),
                              group_kv_to_rows(spec, kv, group, t), p,
                              lora_dropout_key(dropout_key, 1))
     return x_NxPxD, x_BxTxD

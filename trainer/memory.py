@@ -90,9 +90,27 @@ def block_activation_bytes(spec: ModelSpec, rows: int, length: int, policy: str,
     proj = (h + 2 * k) * dh + h * dh + 2 * f + d  # q, k, v, attention out, gate, up, down
     if policy == "matmuls":
         return tokens * (proj + d) * item
+    return tokens * (proj + 4 * d + 2 * f) * item + _scores_bytes(spec, rows, length, attn_chunk)
+
+
+def _scores_bytes(spec: ModelSpec, rows: int, length: int, attn_chunk: int | None) -> int:
+    """One chunk's attention scores and probabilities, float32."""
     queries = length if attn_chunk is None else min(attn_chunk, length)
-    scores = rows * h * queries * length * 4 * 2  # scores and probabilities, float32
-    return tokens * (proj + 4 * d + 2 * f) * item + scores
+    return rows * spec.num_heads * queries * length * 4 * 2
+
+
+def recomputed_block_bytes(spec: ModelSpec, rows: int, length: int,
+                           attn_chunk: int | None = None) -> int:
+    """Bytes one block's activations take while it is recomputed for its backward. By chunks
+    of queries (`Block._by_chunks`) the whole sequence's input, normed input, queries, keys,
+    values and output exist with their gradients, and one chunk's activations besides."""
+    if attn_chunk is None or attn_chunk >= length:
+        return block_activation_bytes(spec, rows, length, "none", attn_chunk)
+    qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+    whole = 2 * rows * length * (3 * spec.hidden_size + qkv) * np.dtype(spec.dtype).itemsize
+    chunk = (block_activation_bytes(spec, rows, attn_chunk, "none", attn_chunk)
+             - _scores_bytes(spec, rows, attn_chunk, attn_chunk))
+    return whole + chunk + _scores_bytes(spec, rows, length, attn_chunk)
 
 
 def activation_bytes(spec: ModelSpec, rows: int, length: int, policy: str,
@@ -101,7 +119,7 @@ def activation_bytes(spec: ModelSpec, rows: int, length: int, policy: str,
     activations exist in full while it is recomputed (policies other than "none")."""
     kept = spec.num_layers * block_activation_bytes(spec, rows, length, policy, attn_chunk)
     if policy != "none":
-        kept += block_activation_bytes(spec, rows, length, "none", attn_chunk)
+        kept += recomputed_block_bytes(spec, rows, length, attn_chunk)
     return kept
 
 

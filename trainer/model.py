@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -96,8 +96,9 @@ class ModelSpec:
     sliding_layers: tuple[bool, ...] = ()  # per layer: True = sliding window; () = none
     local_rope_theta: float | None = None  # RoPE base of sliding layers (Gemma 3); None: same
     hf_model_type: str | None = None  # HF `model_type` this spec was read from ("qwen3", ...)
-    # Attention over at most this many queries at a time (the trainer's long sequences): the
-    # scores of one chunk exist at once; None: all queries together.
+    # Blocks over at most this many queries at a time (the trainer's long sequences): the
+    # scores and MLP activations of one chunk exist at once (`Block._by_chunks`); None: all
+    # queries together.
     attn_query_chunk: int | None = None
     # LoRA (trainer/lora.py): each projection named in lora_targets (q, k, v, o, gate, up,
     # down) gets y += (alpha / rank) · (x·A)·B with A [in, rank], B [rank, out] in lora_dtype.
@@ -447,6 +448,25 @@ class Attention(nnx.Module):
         A sliding layer also masks keys W or more columns behind the query (HF's window counts
         cache columns too; rows are left-padded, so within a row columns and positions agree).
         """
+        q, k, v, kv = self.project(x_BxLxD, positions_BxL, mask_BxLxS, kv, cache_index,
+                                   dropout_key)
+        l_ = x_BxLxD.shape[1]
+        start = 0 if cache_index is None else cache_index
+        chunk = self.spec.attn_query_chunk
+        if chunk is None or l_ <= chunk:
+            rows = (mask_BxLxS.rows(0, l_) if isinstance(mask_BxLxS, CausalMask)
+                    else mask_BxLxS)
+            out = self.attend(q, k, v, rows, start + jnp.arange(l_), kv is not None)
+        else:
+            out = self._attend_by_chunks(q, k, v, mask_BxLxS, start + jnp.arange(l_),
+                                         kv is not None, chunk)
+        return self.output(out, dropout_key), kv
+
+    def project(self, x_BxLxD, positions_BxL, mask_BxLxS, kv=None, cache_index=None,
+                dropout_key=None):
+        """(q [B, K, G, L, Dh], keys, values, new cache or None): the projections with their
+        biases, norms and rotary embedding; with `kv` the keys and values are the cache's with
+        the new columns written at cache_index."""
         spec = self.spec
         b, l_ = x_BxLxD.shape[:2]
 
@@ -487,22 +507,20 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype),
                                                     cache_index, axis=2)
             kv = (k, v)
-        # Query column c = cache_index + i of the cache (or of the rows).
-        q_cols_L = (0 if cache_index is None else cache_index) + jnp.arange(l_)
-        mask_BxLxS = mask_BxLxS.astype(bool)
-        chunk = spec.attn_query_chunk
-        if chunk is None or l_ <= chunk:
-            out = self._attend(q, k, v, mask_BxLxS, q_cols_L, kv is not None)
-        else:
-            out = self._attend_by_chunks(q, k, v, mask_BxLxS, q_cols_L, kv is not None, chunk)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(b, l_, h * dh)
+        return q, k, v, kv
+
+    def output(self, out_BxKxGxLxDh, dropout_key=None):
+        """The heads' outputs [B, K, G, L, Dh] through the output projection: [B, L, D]."""
+        spec = self.spec
+        b, kh, g, l_, dh = out_BxKxGxLxDh.shape
+        out = out_BxKxGxLxDh.transpose(0, 3, 1, 2, 4).reshape(b, l_, kh * g * dh)
         out = lora_update(self, spec, "o", out, dense(spec, out, self.o_proj[...], 2),
                           dropout_key)
         if spec.o_bias:
             out = out + self.o_bias[...][None, None]
-        return out, kv
+        return out
 
-    def _attend(self, q, k, v, mask_BxLxS, q_cols_L, cached: bool):
+    def attend(self, q, k, v, mask_BxLxS, q_cols_L, cached: bool):
         """softmax(q·kᵀ · scale, masked) · v for queries q [B, K, G, L, Dh] at columns q_cols_L,
         keys k [B, K, S, Dh] ([B, K, Dh, S] from a cache) and values v [B, K, S, Dh]."""
         spec = self.spec
@@ -510,6 +528,7 @@ class Attention(nnx.Module):
         scores = jnp.einsum("bkgld,bkds->bkgls" if cached else "bkgld,bksd->bkgls", q, k)
         scores = scores.astype(jnp.float32) * scale
         scores = softcap(scores, spec.attn_softcap)
+        mask_BxLxS = mask_BxLxS.astype(bool)
         if self.sliding and spec.sliding_window is not None:
             # Query column c sees key column s only if c - s < W.
             s_len = mask_BxLxS.shape[-1]
@@ -520,28 +539,47 @@ class Attention(nnx.Module):
         return jnp.einsum("bkgls,bksd->bkgld", probs, v)
 
     def _attend_by_chunks(self, q, k, v, mask_BxLxS, q_cols_L, cached: bool, chunk: int):
-        """`_attend`, `chunk` queries at a time, each chunk recomputed in the backward: the
+        """`attend`, `chunk` queries at a time, each chunk recomputed in the backward: the
         [B, K, G, chunk, S] scores of one chunk exist at once instead of all L rows'. Every
-        query's softmax still spans all its keys, so the values are `_attend`'s."""
-        b, kh, g, l_, dh = q.shape
-        n = -(-l_ // chunk)
-        pad = n * chunk - l_
-        q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
-        # Padded queries see key 0 only, so their softmax stays finite; their rows are dropped.
-        mask_BxLxS = jnp.pad(mask_BxLxS, ((0, 0), (0, pad), (0, 0)))
-        mask_BxLxS = mask_BxLxS.at[:, l_:, 0].set(True)
-        q_cols_L = jnp.pad(q_cols_L, (0, pad))
-        attend = jax.checkpoint(lambda qc, mc, cc: self._attend(qc, k, v, mc, cc, cached))
+        query's softmax still spans all its keys, so the values are `attend`'s."""
+        l_ = q.shape[3]
+        rows = query_chunk_rows(mask_BxLxS, l_, chunk)
+        attend = jax.checkpoint(lambda qc, start, cc: self.attend(qc, k, v, rows(start), cc,
+                                                                  cached))
+        q, q_cols_L = pad_to_chunks(q, 3, chunk), pad_to_chunks(q_cols_L, 0, chunk)
+        return map_chunks(lambda start: attend(
+            jax.lax.dynamic_slice_in_dim(q, start, chunk, axis=3), start,
+            jax.lax.dynamic_slice_in_dim(q_cols_L, start, chunk, axis=0)), l_, chunk, axis=3)
 
-        def one(i):
-            start = i * chunk
-            return attend(jax.lax.dynamic_slice_in_dim(q, start, chunk, axis=3),
-                          jax.lax.dynamic_slice_in_dim(mask_BxLxS, start, chunk, axis=1),
-                          jax.lax.dynamic_slice_in_dim(q_cols_L, start, chunk, axis=0))
 
-        out_NxBxKxGxCxD = jax.lax.map(one, jnp.arange(n))
-        out = jnp.moveaxis(out_NxBxKxGxCxD, 0, 3).reshape(b, kh, g, n * chunk, dh)
-        return out[:, :, :, :l_]
+def pad_to_chunks(x: jax.Array, axis: int, chunk: int) -> jax.Array:
+    """x with zeros appended along `axis` up to a multiple of chunk."""
+    pad = -x.shape[axis] % chunk
+    return jnp.pad(x, [(0, pad if i == axis else 0) for i in range(x.ndim)])
+
+
+def map_chunks(fn: Callable[[jax.Array], jax.Array], length: int, chunk: int, axis: int
+               ) -> jax.Array:
+    """fn(start) for start = 0, chunk, 2·chunk, ... < length (one program, a loop), the
+    results joined along `axis` and cut to `length` there."""
+    n = -(-length // chunk)
+    out = jax.lax.map(fn, jnp.arange(n) * chunk)
+    out = jnp.moveaxis(out, 0, axis)
+    shape = (*out.shape[:axis], n * chunk, *out.shape[axis + 2:])
+    return jax.lax.slice_in_dim(out.reshape(shape), 0, length, axis=axis)
+
+
+def query_chunk_rows(mask_BxLxS: Any, length: int, chunk: int
+                     ) -> Callable[[jax.Array], jax.Array]:
+    """rows(start): the [B, chunk, S] mask of queries start .. start + chunk - 1, for chunks
+    that run past the last query too. A `CausalMask` builds them in the chunk's program."""
+    if isinstance(mask_BxLxS, CausalMask):
+        return lambda start: mask_BxLxS.rows(start, chunk)
+    # Padded queries see key 0 only, so their softmax stays finite; their rows are dropped.
+    pad = -length % chunk
+    mask = jnp.pad(mask_BxLxS.astype(bool), ((0, 0), (0, pad), (0, 0)))
+    mask = mask.at[:, length:, 0].set(True)
+    return lambda start: jax.lax.dynamic_slice_in_dim(mask, start, chunk, axis=1)
 
 
 class MLP(nnx.Module):
@@ -592,12 +630,46 @@ class Block(nnx.Module):
         self.sandwich = spec.sandwich_norm
 
     def __call__(self, x, positions, mask, kv=None, cache_index=None, dropout_key=None):
+        chunk = self.attn.spec.attn_query_chunk
+        if chunk is not None and x.shape[1] > chunk and dropout_key is None:
+            return self._by_chunks(x, positions, mask, kv, cache_index, chunk)
         h, kv = self.attn(self.input_norm(x), positions, mask, kv, cache_index, dropout_key)
+        return self._after_attention(x, h, dropout_key), kv
+
+    def _after_attention(self, x, h, dropout_key=None):
+        """The residual add of the attention output h, then the MLP and its residual."""
         if self.sandwich:
             x = x + self.post_attn_norm(h)
-            return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x), dropout_key)), kv
+            return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x), dropout_key))
         x = x + h
-        return x + self.mlp(self.post_attn_norm(x), dropout_key), kv
+        return x + self.mlp(self.post_attn_norm(x), dropout_key)
+
+    def _by_chunks(self, x, positions, mask, kv, cache_index, chunk: int):
+        """The block `chunk` queries at a time (the trainer's long sequences): the keys and
+        values of every column first, then each chunk's attention, output projection and MLP
+        as one program that the backward recomputes. Besides one chunk's temporaries, the
+        backward then holds [B, L, ·] arrays only for the block's input, its queries, keys and
+        values and their gradients, not the MLP's [B, L, F] activations. The values are the
+        whole block's: every token goes through the same operations."""
+        attn, l_ = self.attn, x.shape[1]
+        q, k, v, kv = attn.project(self.input_norm(x), positions, mask, kv, cache_index)
+        cached = kv is not None
+        rows = query_chunk_rows(mask, l_, chunk)
+        cols = pad_to_chunks((0 if cache_index is None else cache_index) + jnp.arange(l_), 0,
+                             chunk)
+        q, x = pad_to_chunks(q, 3, chunk), pad_to_chunks(x, 1, chunk)
+
+        # The chunk's slices are taken inside the recomputed program, so the loop keeps no
+        # per-chunk copies of x and q for the backward.
+        @jax.checkpoint
+        def part(start):
+            h = attn.output(attn.attend(jax.lax.dynamic_slice_in_dim(q, start, chunk, axis=3),
+                                        k, v, rows(start),
+                                        jax.lax.dynamic_slice_in_dim(cols, start, chunk, 0),
+                                        cached))
+            return self._after_attention(jax.lax.dynamic_slice_in_dim(x, start, chunk, 1), h)
+
+        return map_chunks(part, l_, chunk, axis=1), kv
 
 
 class Decoder(nnx.Module):
@@ -745,10 +817,31 @@ def positions_from_mask(mask_BxL: jax.Array) -> jax.Array:
 
 def causal_mask(valid_BxS: jax.Array, query_offset: int | jax.Array, length: int) -> jax.Array:
     """[B, L, S] mask: query i (at absolute column query_offset + i) sees valid keys <= it."""
-    s = valid_BxS.shape[1]
-    q_cols = query_offset + jnp.arange(length)[:, None]
-    causal_LxS = jnp.arange(s)[None, :] <= q_cols
-    return causal_LxS[None] & valid_BxS[:, None, :].astype(bool)
+    return CausalMask(valid_BxS, query_offset, length).rows(0, length)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class CausalMask:
+    """`causal_mask(valid_BxS, query_offset, length)` kept as its factors, [B, S] and an
+    offset, so that attention by chunks of queries builds one chunk's [B, chunk, S] rows at a
+    time: the whole [B, L, S] mask grows with the square of the sequence."""
+
+    valid_BxS: jax.Array
+    query_offset: int | jax.Array
+    length: int = field(metadata={"static": True})
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.valid_BxS.shape[0], self.length, self.valid_BxS.shape[1])
+
+    def rows(self, start: int | jax.Array, size: int) -> jax.Array:
+        """The [B, size, S] mask of queries start .. start + size - 1 (past the last query,
+        rows as the causal rule extends them)."""
+        s = self.valid_BxS.shape[1]
+        q_cols = self.query_offset + start + jnp.arange(size)[:, None]
+        causal_LxS = jnp.arange(s)[None, :] <= q_cols
+        return causal_LxS[None] & self.valid_BxS[:, None, :].astype(bool)
 
 
 def cache_shapes(spec: ModelSpec, batch: int, length: int

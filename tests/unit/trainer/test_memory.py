@@ -189,6 +189,52 @@ def test_attention_chunks_shrink_the_compiled_programs_memory():
     assert whole >= 2 * scores and chunked < whole / 4, (whole, chunked)
 
 
+def _block_backward_temp_bytes(spec: ModelSpec, length: int, group: int,
+                               attention: int | None) -> int:
+    """XLA's temporaries of one block's backward program as the layered update runs it: the
+    pullback of the block under "block" checkpointing (the block recomputed, then its
+    backward), for 4 rows of 8 prompt and `length` completion columns."""
+    from trainer.logprobs import block_rows, rematerialized, with_attention_chunk
+
+    mdef = with_attention_chunk(define_model(spec), attention)
+    layer = jax.eval_shape(lambda: init_params(spec, 0))["layers"][0]
+    pmask, cmask = jnp.ones((4, 8), bool), jnp.ones((4, length), bool)
+    d = spec.hidden_size
+    h = ((jax.ShapeDtypeStruct((4 // group, 8, d), jnp.float32),
+          jax.ShapeDtypeStruct((4, length, d), jnp.float32)) if group > 1
+         else (jax.ShapeDtypeStruct((4, 8 + length, d), jnp.float32),))
+
+    def block(p, x):
+        return block_rows(mdef, False, p, x, pmask, cmask, group)
+
+    _, pullback = jax.eval_shape(lambda p, x: jax.vjp(rematerialized(block, "block"), p, x),
+                                 layer, h)
+    compiled = jax.jit(lambda pb, dh: pb(dh)).lower(pullback, h).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_a_chunked_blocks_backward_grows_linearly_with_the_sequence(group):
+    # By chunks of 64 queries, a block's backward holds [rows, length, ·] arrays and one
+    # chunk's [rows, heads, 64, length] scores: doubling the sequence about doubles it. A
+    # [rows, length, length] mask (4 MB at 1,032 columns, 16 MB at 2,056) would quadruple.
+    spec = _spec(num_layers=1)
+    short, long = (_block_backward_temp_bytes(spec, n, group, 64) for n in (1024, 2048))
+    assert long < 2.2 * short, (short, long)
+
+
+def test_a_chunked_block_keeps_no_whole_sequence_mlp_activations():
+    # A wide MLP (F = 1,024 at D = 16): the whole block's backward holds [4, 1032, 1024]
+    # float32 activations (4.2 MB each) several times; by chunks of 64 queries the MLP runs
+    # one chunk at a time, and what the backward holds is a few [4, 1032, 16] arrays and one
+    # chunk's activations and scores.
+    spec = _spec(num_layers=1, mlp_dim=1024)
+    mlp_activation = 4 * 1032 * 1024 * 4
+    whole = _block_backward_temp_bytes(spec, 1024, 1, None)
+    chunked = _block_backward_temp_bytes(spec, 1024, 1, 64)
+    assert whole > 2 * mlp_activation and chunked < mlp_activation, (whole, chunked)
+
+
 def test_checkpointing_shrinks_what_a_block_keeps_for_its_backward(model):
     # The residuals of one block's forward: what the layered update holds between a block's
     # forward and backward programs, for every layer at once. At 512 columns the attention
