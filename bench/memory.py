@@ -30,7 +30,9 @@ Then the largest completion length each framework fits in 16 GiB (`--fit-gib`, o
 when that is lower): from the measured lengths, double until a run does not fit, then bisect
 to 12.5%, each probe a child of 1 warm-up + 1 timed step with the watchdog at the limit (a run
 stopped there does not fit). The search stops at `--fit-max` tokens and after `--fit-budget-s`
-seconds per framework and then reports ">= X".
+seconds per framework and then reports ">= X". Without the search (`--skip-fit`), a line under
+the table extrapolates each framework's peak linearly from its two longest measured lengths to
+the same limit: an estimate, labelled as one.
 
 On an accelerator (`--platform default`, JAX's default backend) Tandem's runner also reports
 the device's peak memory in use, and that is the peak its fit is judged by; TRL stays on CPU
@@ -387,12 +389,33 @@ def print_table(cells: list[dict], fit: dict[str, dict], ns: argparse.Namespace,
         if plan:
             print(f"{label}: trainer's plan: {plan['estimate']}")
 
+    lines = {k: extrapolated_fit(cells, k, limit_fit) for k in LABELS}
+    if all(lines.values()):
+        ts = {k: f"{v:,.0f}" for k, v in lines.items()}
+        print(f"{limit_fit:g} GiB reached, extrapolating each peak linearly from its two longest "
+              f"lengths (an estimate, not a run; the fit search measures it): "
+              + ", ".join(f"{LABELS[k]} T ~ {t}" for k, t in ts.items())
+              + f" (Tandem / TRL ~ {lines['tandem'] / lines['trl']:.1f}x)")
     if fit:
         print(f"largest completion length that fits in {limit_fit:g} GiB (bisected to "
               f"{100 * (FIT_RESOLUTION - 1):.1f}%, capped at {ns.fit_max:,} tokens): "
               + ", ".join(f"{LABELS[k]} {fit_text(v)}" for k, v in fit.items()))
     print(f"machine: {machine()}")
     return verdicts(by, fit, limit_fit)
+
+
+def extrapolated_fit(cells: list[dict], framework: str, limit_gib: float) -> float | None:
+    """The completion length at which the line through the peaks of `framework`'s two longest
+    measured lengths reaches `limit_gib`; None without two measured lengths or without growth
+    between them."""
+    ok = sorted((c["T"], peak_of(c)) for c in cells
+                if c["framework"] == framework and c["status"] == "ok")
+    if len(ok) < 2:
+        return None
+    (t0, p0), (t1, p1) = ok[-2:]
+    if t1 == t0 or p1 <= p0:
+        return None
+    return t1 + (limit_gib - p1) * (t1 - t0) / (p1 - p0)
 
 
 def ratio_text(tandem: dict, trl: dict, what: str) -> str:

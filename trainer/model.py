@@ -451,7 +451,7 @@ class Attention(nnx.Module):
         q, k, v, kv = self.project(x_BxLxD, positions_BxL, mask_BxLxS, kv, cache_index,
                                    dropout_key)
         l_ = x_BxLxD.shape[1]
-        start = 0 if cache_index is None else cache_index
+        start = 0 if cache_index is None else cache_index  # query i is at column start + i
         chunk = self.spec.attn_query_chunk
         if chunk is None or l_ <= chunk:
             rows = (mask_BxLxS.rows(0, l_) if isinstance(mask_BxLxS, CausalMask)
