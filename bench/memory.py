@@ -30,7 +30,7 @@ Then the largest completion length each framework fits in 16 GiB (`--fit-gib`, o
 when that is lower): from the measured lengths, double until a run does not fit, then bisect
 to 12.5%, each probe a child of 1 warm-up + 1 timed step with the watchdog at the limit (a run
 stopped there does not fit). The search stops at `--fit-max` tokens and after `--fit-budget-s`
-seconds per framework and then reports ">= X". Without the search (`--skip-fit`), a line under
+seconds per framework and then reports ">= X". Whether the search runs or not, a line under
 the table extrapolates each framework's peak linearly from its two longest measured lengths to
 the same limit: an estimate, labelled as one.
 
