@@ -389,13 +389,14 @@ def print_table(cells: list[dict], fit: dict[str, dict], ns: argparse.Namespace,
         if plan:
             print(f"{label}: trainer's plan: {plan['estimate']}")
 
-    lines = {k: extrapolated_fit(cells, k, limit_fit) for k in LABELS}
-    if all(lines.values()):
-        ts = {k: f"{v:,.0f}" for k, v in lines.items()}
+    measured = {k for k in LABELS
+                if len({c["T"] for c in cells if c["framework"] == k and c["status"] == "ok"}) > 1}
+    if measured:
+        lines = {k: extrapolated_fit(cells, k, limit_fit) for k in sorted(measured)}
         print(f"{limit_fit:g} GiB reached, extrapolating each peak linearly from its two longest "
               f"lengths (an estimate, not a run; the fit search measures it): "
-              + ", ".join(f"{LABELS[k]} T ~ {t}" for k, t in ts.items())
-              + f" (Tandem / TRL ~ {lines['tandem'] / lines['trl']:.1f}x)")
+              + ", ".join(f"{LABELS[k]} " + (f"T ~ {t:,.0f}" if t else "no growth between them")
+                          for k, t in lines.items()))
     if fit:
         print(f"largest completion length that fits in {limit_fit:g} GiB (bisected to "
               f"{100 * (FIT_RESOLUTION - 1):.1f}%, capped at {ns.fit_max:,} tokens): "
