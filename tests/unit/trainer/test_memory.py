@@ -225,7 +225,7 @@ def test_a_chunked_blocks_backward_grows_linearly_with_the_sequence(group):
 
 def test_a_chunked_block_keeps_no_whole_sequence_mlp_activations():
     # A wide MLP (F = 1,024 at D = 16): the whole block's backward holds [4, 1032, 1024]
-    # float32 activations (4.2 MB each) several times; by chunks of 64 queries the MLP runs
+    # float32 activations (16.9 MB each) several times; by chunks of 64 queries the MLP runs
     # one chunk at a time, and what the backward holds is a few [4, 1032, 16] arrays and one
     # chunk's activations and scores.
     spec = _spec(num_layers=1, mlp_dim=1024)
