@@ -60,27 +60,21 @@ class LayeredUpdate:
 
     def __init__(self, step: UpdateStep):
         self.step = step
-        # No CPU heap split (trainer/cpu_heap.py): a program's temporaries here are one
-        # block's, and where they outgrow a heap, each large buffer gets a heap of its own that
-        # no other buffer shares, which at long sequences doubles what the program holds.
-        opts: dict[str, Any] = {}
-        # One compile per program and kind of layer (sliding or global attention).
-        self._head_logps_j = jax.jit(self._head_logps, static_argnames=("group",),
-                                     compiler_options=opts)
-        self._embed_j = jax.jit(self._embed, static_argnames=("group",), compiler_options=opts)
-        self._block_fwd_j = jax.jit(self._block_fwd, static_argnames=("sliding", "group"),
-                                    compiler_options=opts)
-        self._block_j = jax.jit(self._block, static_argnames=("sliding", "group", "adapters_off"),
-                                compiler_options=opts)
-        self._block_bwd_j = jax.jit(self._block_bwd, compiler_options=opts)
-        self._head_j = jax.jit(self._head, static_argnames=("group",), compiler_options=opts)
+        # One compile per program and kind of layer (sliding or global attention), without
+        # the trainer's CPU heap split (trainer/cpu_heap.py): a program's temporaries here are
+        # one block's, and where they outgrow a heap, each large buffer gets a heap of its own
+        # that no other buffer shares, which at long sequences doubles what the program holds.
+        self._head_logps_j = jax.jit(self._head_logps, static_argnames=("group",))
+        self._embed_j = jax.jit(self._embed, static_argnames=("group",))
+        self._block_fwd_j = jax.jit(self._block_fwd, static_argnames=("sliding", "group"))
+        self._block_j = jax.jit(self._block, static_argnames=("sliding", "group", "adapters_off"))
+        self._block_bwd_j = jax.jit(self._block_bwd)
+        self._head_j = jax.jit(self._head, static_argnames=("group",))
         self._embed_grad_j = jax.jit(self._embed_grad, donate_argnums=(0,),
                                      static_argnames=("group",),
-                                     out_shardings=top_params(step.shardings),
-                                     compiler_options=opts)
+                                     out_shardings=top_params(step.shardings))
         self._finish_j = jax.jit(self._finish, donate_argnums=(0,), static_argnames=("group",),
-                                 out_shardings=(step.state_shardings, step.submesh.replicated()),
-                                 compiler_options=opts)
+                                 out_shardings=(step.state_shardings, step.submesh.replicated()))
 
     def __call__(self, state, ref_params, b: Batch, off_policy, group: int = 1,
                  run: Callable[..., Any] = call):

@@ -458,8 +458,8 @@ class Attention(nnx.Module):
                     else mask_BxLxS)
             out = self.attend(q, k, v, rows, start + jnp.arange(l_), kv is not None)
         else:
-            out = self._attend_by_chunks(q, k, v, mask_BxLxS, start + jnp.arange(l_),
-                                         kv is not None, chunk)
+            out = self.attend_by_chunks(q, k, v, mask_BxLxS, start + jnp.arange(l_),
+                                        kv is not None, chunk)
         return self.output(out, dropout_key), kv
 
     def project(self, x_BxLxD, positions_BxL, mask_BxLxS, kv=None, cache_index=None,
@@ -538,18 +538,29 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("bkgls,bksd->bkgld", probs, v)
 
-    def _attend_by_chunks(self, q, k, v, mask_BxLxS, q_cols_L, cached: bool, chunk: int):
-        """`attend`, `chunk` queries at a time, each chunk recomputed in the backward: the
-        [B, K, G, chunk, S] scores of one chunk exist at once instead of all L rows'. Every
-        query's softmax still spans all its keys, so the values are `attend`'s."""
+    def attend_by_chunks(self, q, k, v, mask_BxLxS, q_cols_L, cached: bool, chunk: int,
+                         then: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+                         axis: int = 3):
+        """`attend`, `chunk` queries at a time, each chunk one program that the backward
+        recomputes: the [B, K, G, chunk, S] scores of one chunk exist at once instead of all
+        L rows'. Every query's softmax still spans all its keys, so the values are `attend`'s.
+
+        then(out, start): what else each chunk's program does with its [B, K, G, chunk, Dh]
+        output (queries start .. start + chunk - 1); the results are joined along `axis`.
+        The chunk's slices are taken inside its program, so the loop keeps no per-chunk
+        copies for the backward."""
         l_ = q.shape[3]
         rows = query_chunk_rows(mask_BxLxS, l_, chunk)
-        attend = jax.checkpoint(lambda qc, start, cc: self.attend(qc, k, v, rows(start), cc,
-                                                                  cached))
         q, q_cols_L = pad_to_chunks(q, 3, chunk), pad_to_chunks(q_cols_L, 0, chunk)
-        return map_chunks(lambda start: attend(
-            jax.lax.dynamic_slice_in_dim(q, start, chunk, axis=3), start,
-            jax.lax.dynamic_slice_in_dim(q_cols_L, start, chunk, axis=0)), l_, chunk, axis=3)
+
+        @jax.checkpoint
+        def part(start):
+            out = self.attend(jax.lax.dynamic_slice_in_dim(q, start, chunk, axis=3), k, v,
+                              rows(start), jax.lax.dynamic_slice_in_dim(q_cols_L, start, chunk,
+                                                                         axis=0), cached)
+            return out if then is None else then(out, start)
+
+        return map_chunks(part, l_, chunk, axis)
 
 
 def pad_to_chunks(x: jax.Array, axis: int, chunk: int) -> jax.Array:
@@ -653,23 +664,15 @@ class Block(nnx.Module):
         whole block's: every token goes through the same operations."""
         attn, l_ = self.attn, x.shape[1]
         q, k, v, kv = attn.project(self.input_norm(x), positions, mask, kv, cache_index)
-        cached = kv is not None
-        rows = query_chunk_rows(mask, l_, chunk)
-        cols = pad_to_chunks((0 if cache_index is None else cache_index) + jnp.arange(l_), 0,
-                             chunk)
-        q, x = pad_to_chunks(q, 3, chunk), pad_to_chunks(x, 1, chunk)
+        cols = (0 if cache_index is None else cache_index) + jnp.arange(l_)
+        x = pad_to_chunks(x, 1, chunk)
 
-        # The chunk's slices are taken inside the recomputed program, so the loop keeps no
-        # per-chunk copies of x and q for the backward.
-        @jax.checkpoint
-        def part(start):
-            h = attn.output(attn.attend(jax.lax.dynamic_slice_in_dim(q, start, chunk, axis=3),
-                                        k, v, rows(start),
-                                        jax.lax.dynamic_slice_in_dim(cols, start, chunk, 0),
-                                        cached))
-            return self._after_attention(jax.lax.dynamic_slice_in_dim(x, start, chunk, 1), h)
+        def rest(out, start):  # the chunk's output projection, residuals and MLP
+            return self._after_attention(jax.lax.dynamic_slice_in_dim(x, start, chunk, 1),
+                                         attn.output(out))
 
-        return map_chunks(part, l_, chunk, axis=1), kv
+        return attn.attend_by_chunks(q, k, v, mask, cols, kv is not None, chunk, rest,
+                                     axis=1), kv
 
 
 class Decoder(nnx.Module):
